@@ -1,0 +1,1 @@
+"""Generated gRPC API package (code generated from protos/ by the build)."""

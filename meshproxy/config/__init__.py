@@ -1,0 +1,1 @@
+"""Configuration: the immutable snapshot model (model.py) and its loader (load.py)."""

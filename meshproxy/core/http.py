@@ -1,0 +1,102 @@
+"""One HTTP message model for HTTP/1.1 and HTTP/2 (gRPC is HTTP/2 plus trailers).
+
+Owns: the frozen request/response head types every layer above the codecs
+uses (routing, retries, telemetry), and hop-by-hop header handling.
+
+Invariants:
+  * Header names are lower-case ``str``; values are ``str`` (latin-1 decoded
+    from the wire, so bytes round-trip exactly). Order and repeats are kept.
+  * ``authority`` is the HTTP/1 ``Host`` header or the HTTP/2 ``:authority``
+    pseudo-header; ``headers`` never contains pseudo-headers or ``host``.
+  * Hop-by-hop headers (RFC 9110 7.6.1 and those named in ``Connection``) are
+    stripped by ``end_to_end`` before a message is forwarded; codecs add their
+    own framing headers (``content-length``/``transfer-encoding``) as needed.
+
+Concurrency: none; plain data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+Headers = tuple[tuple[str, str], ...]
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "http2-settings",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    path: str  # origin-form, with query string
+    authority: str  # host[:port]
+    headers: Headers
+    scheme: str = "http"
+    version: str = "1.1"  # "1.0", "1.1" or "2"
+
+    def header(self, name: str) -> str | None:
+        return get_header(self.headers, name)
+
+    def with_headers(self, headers: Headers) -> RequestHead:
+        return replace(self, headers=headers)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers
+    version: str = "1.1"
+    reason: str = ""
+
+    def header(self, name: str) -> str | None:
+        return get_header(self.headers, name)
+
+
+def get_header(headers: Headers, name: str) -> str | None:
+    """First value of ``name`` (lower-case), or None."""
+    for k, v in headers:
+        if k == name:
+            return v
+    return None
+
+
+def end_to_end(headers: Headers, *, keep_te_trailers: bool = False) -> Headers:
+    """Drop hop-by-hop headers, including any listed in ``Connection``.
+
+    ``keep_te_trailers`` keeps ``te: trailers`` (required by gRPC over HTTP/2).
+    """
+    named: set[str] = set()
+    for k, v in headers:
+        if k == "connection":
+            named.update(t.strip().lower() for t in v.split(",") if t.strip())
+    out: list[tuple[str, str]] = []
+    for k, v in headers:
+        if k in named:
+            continue
+        if k in HOP_BY_HOP:
+            if keep_te_trailers and k == "te" and v.strip().lower() == "trailers":
+                out.append((k, v))
+            continue
+        out.append((k, v))
+    return tuple(out)
+
+
+def set_header(headers: Headers, name: str, value: str) -> Headers:
+    """Replace every ``name`` header with one ``name: value``."""
+    return (*((k, v) for k, v in headers if k != name), (name, value))
+
+
+def remove_header(headers: Headers, name: str) -> Headers:
+    return tuple((k, v) for k, v in headers if k != name)

@@ -1,0 +1,1 @@
+"""The asyncio shell: the only package that awaits sockets, owns tasks and schedules timers."""

@@ -1,0 +1,1 @@
+"""Telemetry: OpenTelemetry spans, Prometheus metrics, access logs."""

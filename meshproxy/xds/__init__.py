@@ -1,0 +1,1 @@
+"""Control-plane client: the gRPC config stream (client.py) and proto conversion (convert.py)."""
