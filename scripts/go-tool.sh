@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Builds one pinned Go program from its module into the cache (outside the repo)
+# and prints the binary's path. Reuses the binary when it is already there.
+#   scripts/go-tool.sh fortio      -> $CACHE/go/bin/fortio-<version>
+# Pinned versions live here, in one table.
+set -euo pipefail
+CACHE=${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}
+declare -A PKG=(
+  [fortio]="fortio.org/fortio@v1.66.5"
+  [jaeger]="github.com/jaegertracing/jaeger/cmd/jaeger@v1.76.0"
+)
+name=${1:?usage: go-tool.sh NAME}
+spec=${PKG[$name]:?unknown tool $name}
+version=${spec##*@}
+out="$CACHE/go/bin/$name-$version"
+if [ ! -x "$out" ]; then
+  mkdir -p "$CACHE/go/bin" "$CACHE/go/mod" "$CACHE/go/build"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  echo "go-tool: building $spec (cached in $out)" >&2
+  GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOBIN="$tmp" GOFLAGS=-mod=mod CGO_ENABLED=0 \
+    go install "$spec" >&2
+  mv "$tmp/$(basename "${spec%@*}")" "$out"
+fi
+echo "$out"
