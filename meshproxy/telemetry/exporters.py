@@ -1,0 +1,155 @@
+"""Span exporters: which backends get our spans, and counting what never arrives.
+
+Owns: turning ``model.Tracing`` (and the standard ``OTEL_*`` environment
+variables) into OpenTelemetry ``SpanExporter`` objects, and the wrapper that
+counts spans an exporter failed to deliver.
+
+Selection (first that applies):
+  1. Endpoints in the config snapshot: ``otlp_grpc_endpoint``,
+     ``otlp_http_endpoint``, ``zipkin_endpoint`` (any combination).
+  2. Otherwise the environment, as every OpenTelemetry SDK reads it:
+     ``OTEL_TRACES_EXPORTER`` (``otlp``, ``zipkin``, ``none``; comma list),
+     ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``
+     (``grpc`` or ``http/protobuf``), ``OTEL_EXPORTER_ZIPKIN_ENDPOINT``,
+     ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT``. With no exporter named, ``otlp`` is
+     chosen only if an OTLP endpoint is set: a proxy without a backend exports nothing.
+  Headers, compression and TLS files are read from the environment by the
+  OpenTelemetry exporters themselves.
+
+Invariants:
+  * Exporters run on the batch processor's worker thread, never on the event loop.
+  * A failed or raising export never propagates: the batch is counted as
+    dropped (``meshproxy_spans_dropped_total{reason="export_failed"}``).
+
+Concurrency: ``CountingExporter`` is called from one worker thread; its counter
+of handed-over spans is read by the event-loop thread (an int, read atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+from meshproxy.config.model import Tracing
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPORT_TIMEOUT = 10.0  # seconds; the OpenTelemetry default, bounded by the batch worker
+
+
+class CountingExporter(SpanExporter):
+    """Delegates to ``inner``; counts batches it could not deliver via ``on_failed(n)``."""
+
+    def __init__(self, inner: SpanExporter, on_failed: Callable[[int], None], name: str) -> None:
+        self.inner = inner
+        self.name = name
+        self._on_failed = on_failed
+        self.handed_over = 0  # spans taken off the batch queue so far
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.handed_over += len(spans)
+        try:
+            result = self.inner.export(spans)
+        except Exception:
+            log.warning("span exporter %s raised; dropping %d spans", self.name, len(spans), exc_info=True)
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self._on_failed(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def _timeout(env: Mapping[str, str]) -> float:
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    if not raw:
+        return DEFAULT_EXPORT_TIMEOUT
+    try:
+        # The spec says milliseconds; the Python exporters' argument is seconds.
+        return max(0.001, float(raw) / 1000.0)
+    except ValueError:
+        log.warning("ignoring invalid OTLP timeout %r", raw)
+        return DEFAULT_EXPORT_TIMEOUT
+
+
+def otlp_grpc(endpoint: str, timeout: float) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    # "http://" means plaintext (in-cluster collectors usually are); "https://" means TLS.
+    insecure = not endpoint.startswith("https://")
+    return OTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
+
+
+def otlp_http(endpoint: str, timeout: float) -> SpanExporter:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=endpoint, timeout=timeout)
+
+
+def zipkin(endpoint: str, timeout: float) -> SpanExporter:
+    from opentelemetry.exporter.zipkin.json import ZipkinExporter
+
+    return ZipkinExporter(endpoint=endpoint, timeout=max(1, round(timeout)))
+
+
+def describe(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``(kind, endpoint)`` pairs to export to; kinds: ``otlp_grpc``, ``otlp_http``, ``zipkin``."""
+    out: list[tuple[str, str]] = []
+    if settings.otlp_grpc_endpoint:
+        out.append(("otlp_grpc", settings.otlp_grpc_endpoint))
+    if settings.otlp_http_endpoint:
+        out.append(("otlp_http", settings.otlp_http_endpoint))
+    if settings.zipkin_endpoint:
+        out.append(("zipkin", settings.zipkin_endpoint))
+    if out:
+        return out
+
+    traces_ep = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    base_ep = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
+    if not names:
+        names = ["otlp"] if (traces_ep or base_ep) else []
+    for name in names:
+        if name == "none":
+            return []
+        if name == "otlp":
+            protocol = (
+                env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+                or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+                or "grpc"
+            )
+            if protocol == "grpc":
+                out.append(("otlp_grpc", traces_ep or base_ep or "http://localhost:4317"))
+            elif protocol.startswith("http"):
+                # The signal-specific endpoint is used as is; the base one gets the signal path.
+                ep = traces_ep or (base_ep.rstrip("/") + "/v1/traces" if base_ep else None)
+                out.append(("otlp_http", ep or "http://localhost:4318/v1/traces"))
+            else:
+                log.warning("unsupported OTLP protocol %r; ignoring", protocol)
+        elif name == "zipkin":
+            out.append(
+                ("zipkin", env.get("OTEL_EXPORTER_ZIPKIN_ENDPOINT", "http://localhost:9411/api/v2/spans"))
+            )
+        else:
+            log.warning("unsupported OTEL_TRACES_EXPORTER entry %r; ignoring", name)
+    return out
+
+
+_FACTORIES: dict[str, Callable[[str, float], SpanExporter]] = {
+    "otlp_grpc": otlp_grpc,
+    "otlp_http": otlp_http,
+    "zipkin": zipkin,
+}
+
+
+def build(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, SpanExporter]]:
+    """Named exporters for ``settings`` (see the module docstring for the selection)."""
+    timeout = _timeout(env)
+    return [(f"{kind}:{ep}", _FACTORIES[kind](ep, timeout)) for kind, ep in describe(settings, env)]

@@ -1,0 +1,647 @@
+"""Per-hop telemetry: the one API the request pipeline calls.
+
+Owns: ``Telemetry`` (built once per proxy), ``HttpHop`` (one per HTTP/gRPC
+request through this proxy) and ``TcpHop`` (one per opaque TCP connection).
+Each hop produces, from one set of facts, a span, the Prometheus series and
+optionally an access-log line, so the three always agree.
+
+How the pipeline (``meshproxy.io.proxy``) uses it::
+
+    tel = Telemetry.build(snapshot.telemetry, snapshot.workload)   # at start-up
+    tel.reconfigure(new.telemetry, new.workload)                  # on every applied snapshot
+
+    hop = tel.start_http(direction="outbound", head=head, peer=(ip, port),
+                         destination_service=str(service.key))    # when the request head is parsed
+    upstream_head = head.with_headers(hop.upstream_headers(head))    # trace context + x-request-id
+    hop.annotate(route=route.name, backend=str(backend.key),
+                 destination_workload=endpoint.workload)          # as decisions are made (any time)
+    hop.annotate(retries=2) / hop.annotate(decision="circuit_open")
+    hop.finish(status=200, flag=None, request_bytes=n_in, response_bytes=n_out,
+               grpc_status="0")                                   # exactly once, when the response ended
+
+    tcp = tel.tcp_opened(direction="outbound", destination_service=key)
+    tcp.finish(bytes_sent=a, bytes_received=b, flag=None)
+
+    tel.metrics.set_breaker_state(dest, "open"); tel.metrics.retry(dest); ...   # see ProxyMetrics
+    await tel.shutdown()                                          # flushes exporters, with a deadline
+
+Conventions:
+  * ``direction="outbound"`` (app -> mesh) makes a CLIENT span and metrics with
+    ``reporter="source"``; ``"inbound"`` (mesh -> app) a SERVER span and
+    ``reporter="destination"``.
+  * ``destination_service``: outbound, the ``Service.key`` routed to; inbound, the
+    ``InboundPort.service`` name (or None if unknown).
+  * ``flag``: the response flag (``UF``, ``UR``, ``UT``, ``UO``, ``RL``, ...), None if fine.
+  * The outbound hop tells the next sidecar who is calling with
+    ``x-meshproxy-source-workload``/``-namespace`` headers; the inbound hop uses
+    them for ``source_workload`` labels (validated, cardinality-capped) and strips
+    them before the request reaches the app.
+
+Invariants:
+  * ``start_http`` and ``finish`` never block and never raise because of a
+    telemetry backend: export is batched on worker threads, access-log lines go
+    through a bounded queue, and both count what they drop.
+  * The span of an inbound hop is the child of the incoming trace context; the
+    context injected upstream is the hop's own span, so the chain across
+    sidecars is client span -> server span -> (app) -> client span -> ...
+  * When a span is not sampled no attributes are built; when the access log is
+    off no record is built; ``finish`` is idempotent (a second call is ignored).
+  * ``reconfigure`` swaps the tracing pipeline in one assignment; hops already
+    started keep the span they have (a span ended after its old pipeline was
+    shut down is dropped by the SDK, which is accepted at a config change).
+
+Concurrency: everything here runs on the event-loop thread; the only threads
+are the exporters' batch workers and the access-log writer, reached through
+thread-safe queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
+
+from meshproxy.config import model
+from meshproxy.core.http import Headers, RequestHead
+from meshproxy.telemetry import propagation
+from meshproxy.telemetry.accesslog import AccessLog
+from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.telemetry.tracing import TracingPipeline
+
+log = logging.getLogger(__name__)
+
+SOURCE_WORKLOAD_HEADER = "x-meshproxy-source-workload"
+SOURCE_NAMESPACE_HEADER = "x-meshproxy-source-namespace"
+_SOURCE_HEADERS = frozenset({SOURCE_WORKLOAD_HEADER, SOURCE_NAMESPACE_HEADER})
+# A DNS-1123 name: what Kubernetes allows for workloads and namespaces.
+_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+# Distinct caller identities accepted as label values before new ones become "unknown":
+# the headers come from the network, so they must not be able to grow the series count.
+MAX_SOURCES = 256
+UNKNOWN = "unknown"
+NO_FLAG = "-"
+
+Clock = Callable[[], float]
+
+
+def _split_authority(authority: str) -> tuple[str, int | None]:
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, _, port = authority.rpartition(":") if authority.count(":") == 1 else (authority, "", "")
+    return host, int(port) if port.isdigit() else None
+
+
+def _grpc_method(head: RequestHead) -> tuple[str, str] | None:
+    """``(service, method)`` when the request is gRPC (``/pkg.Service/Method``), else None."""
+    ct = head.header("content-type")
+    if ct is None or not ct.startswith("application/grpc"):
+        return None
+    parts = head.path.split("/")
+    if len(parts) != 3 or parts[0]:
+        return ("", "")
+    return (parts[1], parts[2])
+
+
+class HttpHop:
+    """One HTTP/gRPC request through this proxy. Created by ``Telemetry.start_http``."""
+
+    __slots__ = (
+        "_backend",
+        "_decision",
+        "_dest_workload",
+        "_finished",
+        "_grpc",
+        "_retries",
+        "_route",
+        "_span",
+        "_start",
+        "_start_wall",
+        "_tel",
+        "destination_service",
+        "direction",
+        "head",
+        "peer",
+        "request_id",
+        "sampled",
+        "source_namespace",
+        "source_workload",
+    )
+
+    def __init__(
+        self,
+        tel: Telemetry,
+        *,
+        direction: str,
+        head: RequestHead,
+        peer: tuple[str, int],
+        destination_service: str | None,
+        source_workload: str,
+        source_namespace: str,
+        span: trace.Span,
+        request_id: str,
+    ) -> None:
+        self._tel = tel
+        self.direction = direction
+        self.head = head
+        self.peer = peer
+        self.destination_service = destination_service or UNKNOWN
+        self.source_workload = source_workload
+        self.source_namespace = source_namespace
+        self._span = span
+        self.request_id = request_id
+        self.sampled = span.get_span_context().trace_flags.sampled
+        self._start = tel.clock()
+        self._start_wall = tel.wall_clock()
+        self._grpc = _grpc_method(head)
+        self._route: str | None = None
+        self._backend: str | None = None
+        self._retries = 0
+        self._decision: str | None = None
+        self._dest_workload: str | None = None
+        self._finished = False
+
+    @property
+    def trace_id(self) -> str:
+        return f"{self._span.get_span_context().trace_id:032x}"
+
+    @property
+    def span_id(self) -> str:
+        return f"{self._span.get_span_context().span_id:016x}"
+
+    @property
+    def span(self) -> trace.Span:
+        """The hop's span (non-recording when unsampled). For callers that add events."""
+        return self._span
+
+    def upstream_headers(self, head: RequestHead) -> Headers:
+        """``head.headers`` as they should go upstream: this hop's trace context in the
+        configured formats (incoming trace headers replaced), ``x-request-id`` added if
+        absent, the caller-identity headers added (outbound) or stripped (inbound)."""
+        ctx = trace.set_span_in_context(self._span, Context())
+        headers = propagation.inject(head.headers, ctx, self._tel.tracing.formats)
+        if propagation.request_id(headers) is None:
+            headers = (
+                *(kv for kv in headers if kv[0] != propagation.REQUEST_ID),
+                (propagation.REQUEST_ID, self.request_id),
+            )
+        if self.direction == "outbound":
+            w = self._tel.workload
+            headers = (
+                *(kv for kv in headers if kv[0] not in _SOURCE_HEADERS),
+                (SOURCE_WORKLOAD_HEADER, w.name),
+                (SOURCE_NAMESPACE_HEADER, w.namespace),
+            )
+        else:
+            headers = tuple(kv for kv in headers if kv[0] not in _SOURCE_HEADERS)
+        return headers
+
+    def annotate(
+        self,
+        *,
+        route: str | None = None,
+        backend: str | None = None,
+        retries: int | None = None,
+        decision: str | None = None,
+        destination_workload: str | None = None,
+    ) -> None:
+        """Record routing/resilience facts as they become known; any subset, any number of times."""
+        span = self._span
+        recording = span.is_recording()
+        if route is not None:
+            self._route = route
+            if recording:
+                span.set_attribute("mesh.route", route)
+                span.set_attribute("http.route", route)
+                if self._grpc is None:
+                    span.update_name(f"{self.head.method} {route}")
+        if backend is not None:
+            self._backend = backend
+            if recording:
+                span.set_attribute("mesh.backend", backend)
+        if retries is not None:
+            self._retries = retries
+            if recording:
+                span.set_attribute("mesh.retries", retries)
+        if decision is not None:
+            self._decision = decision
+            if recording:
+                span.set_attribute("mesh.decision", decision)
+        if destination_workload is not None:
+            self._dest_workload = destination_workload
+            if recording:
+                span.set_attribute("mesh.destination.workload", destination_workload)
+
+    def finish(
+        self,
+        *,
+        status: int,
+        flag: str | None,
+        request_bytes: int,
+        response_bytes: int,
+        grpc_status: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """End the hop: span status and end, metrics, access log. Exactly once; later calls are ignored.
+
+        ``status`` is the status sent downstream (a local reply's status when the
+        proxy answered itself); ``error`` a short error kind, e.g. ``"timeout"``.
+        """
+        if self._finished:
+            return
+        self._finished = True
+        tel = self._tel
+        duration = tel.clock() - self._start
+        if self.direction == "outbound":
+            reporter, dest_workload = "source", self._dest_workload or UNKNOWN
+        else:
+            reporter, dest_workload = "destination", tel.workload.name
+        if self._grpc is not None and grpc_status is None:
+            grpc_status = "2" if status >= 400 else None  # gRPC maps a non-200 HTTP status to UNKNOWN
+        if tel.metrics_enabled:
+            labels = (
+                reporter,
+                self.source_workload,
+                self.source_namespace,
+                self.destination_service,
+                dest_workload,
+                str(status),
+                grpc_status or "",
+                self._route or "",
+                self._backend or "",
+                flag or NO_FLAG,
+            )
+            c = tel.metrics.http_children(labels)
+            c.requests.inc()
+            if self.sampled:
+                c.duration.observe(duration, {"trace_id": self.trace_id, "span_id": self.span_id})
+            else:
+                c.duration.observe(duration)
+            if request_bytes:
+                c.request_bytes.inc(request_bytes)
+            if response_bytes:
+                c.response_bytes.inc(response_bytes)
+
+        span = self._span
+        is_error = (
+            error is not None
+            or status >= 500
+            or (self.direction == "outbound" and status >= 400)
+            or (grpc_status is not None and grpc_status != "0")
+        )
+        error_type = (error or flag or (str(status) if status >= 400 else None)) if is_error else None
+        if span.is_recording():
+            span.set_attribute("http.response.status_code", status)
+            if flag:
+                span.set_attribute("mesh.response_flag", flag)
+            if grpc_status is not None and grpc_status.isdigit():
+                span.set_attribute("rpc.grpc.status_code", int(grpc_status))
+            if error_type is not None:
+                span.set_attribute("error.type", error_type)
+                span.set_status(Status(StatusCode.ERROR, error_type))
+        span.end()
+
+        mode = tel.access_log_mode
+        if mode is model.AccessLogMode.ON or (mode is model.AccessLogMode.SAMPLED and self.sampled):
+            tel.access_log().log(
+                self._record(
+                    reporter,
+                    dest_workload,
+                    status,
+                    flag,
+                    grpc_status,
+                    error_type,
+                    duration,
+                    request_bytes,
+                    response_bytes,
+                )
+            )
+
+    def _record(
+        self,
+        reporter: str,
+        dest_workload: str,
+        status: int,
+        flag: str | None,
+        grpc_status: str | None,
+        error_type: str | None,
+        duration: float,
+        request_bytes: int,
+        response_bytes: int,
+    ) -> dict[str, Any]:
+        head = self.head
+        path, _, query = head.path.partition("?")
+        rec: dict[str, Any] = {
+            "timestamp": datetime.fromtimestamp(self._start_wall, UTC).isoformat(timespec="milliseconds"),
+            "direction": self.direction,
+            "reporter": reporter,
+            "http.request.method": head.method,
+            "url.path": path,
+            "url.query": query or None,
+            "server.address": head.authority,
+            "client.address": self.peer[0],
+            "network.protocol.version": head.version,
+            "user_agent.original": head.header("user-agent"),
+            "http.response.status_code": status,
+            "rpc.grpc.status_code": grpc_status,
+            "mesh.response_flag": flag or NO_FLAG,
+            "mesh.source.workload": self.source_workload,
+            "mesh.source.namespace": self.source_namespace,
+            "mesh.destination.service": self.destination_service,
+            "mesh.destination.workload": dest_workload,
+            "mesh.route": self._route,
+            "mesh.backend": self._backend,
+            "mesh.retries": self._retries,
+            "mesh.decision": self._decision,
+            "error.type": error_type,
+            "request_bytes": request_bytes,
+            "response_bytes": response_bytes,
+            "duration_ms": round(duration * 1000.0, 3),
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "sampled": self.sampled,
+            "request_id": self.request_id,
+        }
+        return rec
+
+
+class TcpHop:
+    """One opaque TCP connection. Created by ``Telemetry.tcp_opened`` (which counts it opened)."""
+
+    __slots__ = (
+        "_children",
+        "_finished",
+        "_start",
+        "_start_wall",
+        "_tel",
+        "destination_service",
+        "direction",
+    )
+
+    def __init__(self, tel: Telemetry, *, direction: str, destination_service: str) -> None:
+        self._tel = tel
+        self.direction = direction
+        self.destination_service = destination_service or UNKNOWN
+        w = tel.workload
+        # For inbound TCP there is no header to say who calls: the source is unknown.
+        if direction == "outbound":
+            labels = ("source", w.name, w.namespace, self.destination_service)
+        else:
+            labels = ("destination", UNKNOWN, UNKNOWN, self.destination_service)
+        self._children = tel.metrics.tcp_children(labels)
+        if tel.metrics_enabled:
+            self._children.opened.inc()
+        self._start = tel.clock()
+        self._start_wall = tel.wall_clock()
+        self._finished = False
+
+    def finish(self, *, bytes_sent: int, bytes_received: int, flag: str | None) -> None:
+        """``bytes_sent``: to the upstream; ``bytes_received``: from it. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        tel = self._tel
+        if tel.metrics_enabled:
+            c = self._children
+            c.closed.inc()
+            if bytes_sent:
+                c.sent.inc(bytes_sent)
+            if bytes_received:
+                c.received.inc(bytes_received)
+        if tel.access_log_mode is model.AccessLogMode.ON:
+            tel.access_log().log(
+                {
+                    "timestamp": datetime.fromtimestamp(self._start_wall, UTC).isoformat(
+                        timespec="milliseconds"
+                    ),
+                    "direction": self.direction,
+                    "network.transport": "tcp",
+                    "mesh.destination.service": self.destination_service,
+                    "mesh.response_flag": flag or NO_FLAG,
+                    "bytes_sent": bytes_sent,
+                    "bytes_received": bytes_received,
+                    "duration_ms": round((tel.clock() - self._start) * 1000.0, 3),
+                }
+            )
+
+
+class Telemetry:
+    """Process-wide telemetry of one proxy. Build with ``Telemetry.build``."""
+
+    def __init__(
+        self,
+        settings: model.Telemetry,
+        workload: model.Workload,
+        *,
+        metrics: ProxyMetrics,
+        clock: Clock,
+        wall_clock: Clock,
+        env: Mapping[str, str],
+        access_log_stream: TextIO | None,
+        extra_exporters: Sequence[SpanExporter],
+        schedule_delay_millis: float,
+    ) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self._env = dict(env)
+        self._access_log_stream = access_log_stream
+        self._access_log: AccessLog | None = None
+        self._extra_exporters = tuple(extra_exporters)
+        self._schedule_delay_millis = schedule_delay_millis
+        self._sources: set[tuple[str, str]] = set()
+        self._retired: list[threading.Thread] = []
+        self._closer: threading.Thread | None = None
+        self.settings = settings
+        self.workload = workload
+        self.access_log_mode = settings.access_log
+        self.metrics_enabled = settings.metrics
+        self.tracing = self._pipeline(settings.tracing, workload)
+
+    @classmethod
+    def build(
+        cls,
+        settings: model.Telemetry,
+        workload: model.Workload,
+        *,
+        clock: Clock = time.perf_counter,
+        wall_clock: Clock = time.time,
+        env: Mapping[str, str] | None = None,
+        registry: CollectorRegistry | None = None,
+        access_log_stream: TextIO | None = None,
+        extra_exporters: Sequence[SpanExporter] = (),
+        schedule_delay_millis: float = 1000,
+    ) -> Telemetry:
+        """``env`` defaults to a copy of ``os.environ`` (read once, here: the OTEL_* variables).
+        ``access_log_stream`` defaults to stdout. ``extra_exporters`` are added to the configured
+        ones (tests pass an in-memory exporter)."""
+        return cls(
+            settings,
+            workload,
+            metrics=ProxyMetrics(registry),
+            clock=clock,
+            wall_clock=wall_clock,
+            env=dict(os.environ) if env is None else env,
+            access_log_stream=access_log_stream,
+            extra_exporters=extra_exporters,
+            schedule_delay_millis=schedule_delay_millis,
+        )
+
+    def _pipeline(self, tracing: model.Tracing, workload: model.Workload) -> TracingPipeline:
+        return TracingPipeline(
+            tracing,
+            workload,
+            self.metrics,
+            env=self._env,
+            extra_exporters=self._extra_exporters,
+            schedule_delay_millis=self._schedule_delay_millis,
+        )
+
+    def access_log(self) -> AccessLog:
+        if self._access_log is None:
+            self._access_log = AccessLog(self._access_log_stream, on_drop=self.metrics.access_log_dropped.inc)
+        return self._access_log
+
+    def reconfigure(self, settings: model.Telemetry, workload: model.Workload | None = None) -> None:
+        """Apply a new snapshot's telemetry settings. Cheap when nothing changed."""
+        workload = workload if workload is not None else self.workload
+        self.access_log_mode = settings.access_log
+        self.metrics_enabled = settings.metrics
+        if settings.tracing != self.settings.tracing or workload != self.workload:
+            old = self.tracing
+            self.tracing = self._pipeline(settings.tracing, workload)
+            # The old pipeline flushes on a worker thread; shutdown() waits for it with a deadline.
+            t = threading.Thread(target=old.shutdown, name="meshproxy-tracing-retire", daemon=True)
+            t.start()
+            self._retired = [r for r in self._retired if r.is_alive()] + [t]
+        self.settings = settings
+        self.workload = workload
+
+    def start_http(
+        self,
+        *,
+        direction: str,
+        head: RequestHead,
+        peer: tuple[str, int],
+        destination_service: str | None,
+    ) -> HttpHop:
+        """A request head arrived: start its span (child of any incoming trace context)."""
+        parent = propagation.extract(head.headers)
+        w = self.workload
+        if direction == "outbound":
+            kind = SpanKind.CLIENT
+            src_workload, src_namespace = w.name, w.namespace
+        else:
+            kind = SpanKind.SERVER
+            src_workload, src_namespace = self._caller(head.headers)
+        grpc = _grpc_method(head)
+        name = f"{grpc[0]}/{grpc[1]}" if grpc else head.method
+        span = self.tracing.tracer.start_span(
+            name, context=parent if parent is not None else Context(), kind=kind
+        )
+        request_id = propagation.request_id(head.headers) or propagation.new_request_id()
+        if span.is_recording():
+            host, port = _split_authority(head.authority)
+            attrs: dict[str, str | int] = {
+                "http.request.method": head.method,
+                "url.path": head.path.partition("?")[0],
+                "url.scheme": head.scheme,
+                "server.address": host,
+                "network.protocol.version": head.version,
+                "network.peer.address": peer[0],
+                "network.peer.port": peer[1],
+                "mesh.source.workload": src_workload,
+                "mesh.source.namespace": src_namespace,
+                "mesh.destination.service": destination_service or UNKNOWN,
+                "mesh.request_id": request_id,
+            }
+            if port is not None:
+                attrs["server.port"] = port
+            if kind is SpanKind.SERVER:
+                attrs["client.address"] = peer[0]
+            ua = head.header("user-agent")
+            if ua is not None:
+                attrs["user_agent.original"] = ua
+            if grpc is not None:
+                attrs["rpc.system"] = "grpc"
+                attrs["rpc.service"] = grpc[0]
+                attrs["rpc.method"] = grpc[1]
+            span.set_attributes(attrs)
+        return HttpHop(
+            self,
+            direction=direction,
+            head=head,
+            peer=peer,
+            destination_service=destination_service,
+            source_workload=src_workload,
+            source_namespace=src_namespace,
+            span=span,
+            request_id=request_id,
+        )
+
+    def _caller(self, headers: Headers) -> tuple[str, str]:
+        """Who called, from the client sidecar's identity headers; capped, validated."""
+        wl = ns = None
+        for k, v in headers:
+            if k == SOURCE_WORKLOAD_HEADER:
+                wl = v
+            elif k == SOURCE_NAMESPACE_HEADER:
+                ns = v
+        if wl is None or ns is None or not _NAME_RE.fullmatch(wl) or not _NAME_RE.fullmatch(ns):
+            return UNKNOWN, UNKNOWN
+        key = (wl, ns)
+        if key not in self._sources:
+            if len(self._sources) >= MAX_SOURCES:
+                return UNKNOWN, UNKNOWN
+            self._sources.add(key)
+        return key
+
+    def tcp_opened(self, *, direction: str, destination_service: str) -> TcpHop:
+        return TcpHop(self, direction=direction, destination_service=destination_service)
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Flush access-log lines and spans; give up after ``grace`` seconds (a dead
+        backend must not hold up the proxy's exit: undelivered spans are lost)."""
+        pipeline, access_log, retired = self.tracing, self._access_log, list(self._retired)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def resolve() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                # The access log first: it is local and quick, spans may wait on a network.
+                if access_log is not None:
+                    access_log.close(grace)
+                pipeline.shutdown()
+                for t in retired:
+                    t.join()
+            except Exception:
+                log.warning("telemetry shutdown failed", exc_info=True)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone after a timeout
+                    loop.call_soon_threadsafe(resolve)
+
+        # A daemon thread, not the default executor: if an export is stuck, the process can still exit.
+        self._closer = threading.Thread(target=run, name="meshproxy-telemetry-shutdown", daemon=True)
+        self._closer.start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), grace)
+        except TimeoutError:
+            log.warning("telemetry shutdown did not finish within %.1fs; dropping what is left", grace)
