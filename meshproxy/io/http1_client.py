@@ -1,0 +1,505 @@
+"""HTTP/1.1 upstream client: a keep-alive connection pool per endpoint.
+
+Owns: upstream HTTP/1.1 connections (an ``asyncio.Protocol`` over httptools'
+response parser), the idle pool per ``(address, port)``, request framing,
+streaming both bodies, and the hand-over of a connection after 101 / CONNECT 2xx.
+
+Invariants:
+  * A connection carries one exchange at a time (no upstream pipelining) and goes
+    back to the idle pool only when the request was fully sent, the response fully
+    received, nothing went wrong and neither side said ``connection: close``.
+  * At most ``max_idle_per_endpoint`` idle connections are kept per endpoint; an idle
+    connection is closed after the idle timeout, or as soon as the server closes it.
+  * A request that fails on a *reused* connection before any response byte arrived
+    and before any request body byte was consumed is sent again once on a fresh
+    connection (the server closed the idle connection as we picked it up).
+  * Response bodies are bounded queues: reading the upstream socket pauses above the
+    high-water mark until the consumer catches up.
+  * Interim 1xx responses (other than 101) are dropped; the caller sees the final one.
+
+Concurrency: protocol callbacks on the event loop; one named upload task per
+exchange streams the request body while the caller awaits the response head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import httptools
+
+from meshproxy.config.model import Endpoint
+from meshproxy.core.errors import ProtocolError, UpstreamConnectError, UpstreamResetError
+from meshproxy.core.http import Headers, RequestHead, ResponseHead, get_header
+from meshproxy.io.body import BodyQueue, KnownLength
+from meshproxy.io.exchange import BodyStream, UpstreamResponse
+from meshproxy.io.sockopt import set_nodelay
+
+log = logging.getLogger(__name__)
+
+PoolKey = tuple[str, int]
+
+_BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+_MAX_HEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    # Enough idle connections for a burst of concurrent requests to one pod to be reused;
+    # more would hold file descriptors on both sides for little gain.
+    max_idle_per_endpoint: int = 32
+    # Used when the caller gives no TrafficPolicy.idle_timeout.
+    idle_timeout: float = 60.0
+    body_high_water: int = 64 * 1024
+    write_high_water: int = 64 * 1024
+
+
+class _StaleConnectionError(Exception):
+    """A reused connection died before the request could have been seen: send it again."""
+
+
+class TunnelBody:
+    """The "body" of a 101/CONNECT-2xx response: the raw connection, to be spliced."""
+
+    def __init__(self, conn: _Conn, leftover: bytes) -> None:
+        self._conn = conn
+        self._leftover = leftover
+
+    @property
+    def content_length(self) -> int | None:
+        return 0
+
+    @property
+    def trailers(self) -> Headers | None:
+        return None
+
+    async def read(self) -> bytes:
+        return b""  # a tunnel is spliced with ``detach``, never read as a body
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        assert self._conn.transport is not None
+        self._conn.transport.pause_reading()
+        self._conn.detached = True
+        return self._conn.transport, self._leftover
+
+    def abort(self) -> None:
+        if self._conn.transport is not None and not self._conn.detached:
+            self._conn.transport.abort()
+
+
+class _ResponseBody(BodyQueue):
+    """A response body queue that can abort its connection when the consumer gives up."""
+
+    def __init__(self, conn: _Conn, content_length: int | None) -> None:
+        t = conn.transport
+        assert t is not None
+        super().__init__(
+            high_water=conn.client.settings.body_high_water,
+            pause=t.pause_reading,
+            resume=t.resume_reading,
+            content_length=content_length,
+        )
+        self._conn = conn
+
+    def abort(self) -> None:
+        """Called by the pipeline when it stops reading early: the connection cannot be reused."""
+        if not self.complete:
+            self._conn.close(abort=True)
+
+
+class _Conn(asyncio.Protocol):
+    """One upstream connection."""
+
+    def __init__(self, client: Http1Client, key: PoolKey) -> None:
+        self.client = client
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.detached = False
+        self.reused = False
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self.head_future: asyncio.Future[UpstreamResponse] | None = None
+        self.request_head: RequestHead | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.trailers: list[tuple[str, str]] = []
+        self.in_body = False
+        self.interim = False
+        self.status = 0
+        self.reason = ""
+        self.body: _ResponseBody | None = None
+        self.keep_alive = True
+        self.close_delimited = False
+        self.response_done = False
+        self.upload_done = True
+        self.upload_task: asyncio.Task[None] | None = None
+        self.got_bytes = False
+        self.body_consumed = False
+        self.head_buffer: bytearray | None = None  # CONNECT: bytes up to the end of the head
+        self.tunnel_head: ResponseHead | None = None
+
+    # ---- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.client.settings.write_high_water)
+        set_nodelay(transport.get_extra_info("socket"))
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_future is None:
+            # Bytes on an idle connection: the server is not speaking HTTP/1.1 properly.
+            self.close(abort=True)
+            return
+        self.got_bytes = True
+        if self.head_buffer is not None:
+            # CONNECT: feed the parser only the head; what follows a 2xx is tunnel data.
+            self.head_buffer += data
+            end = self.head_buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.head_buffer) > _MAX_HEAD_BYTES:
+                    self._fail(ProtocolError("upstream response head too large", status=502))
+                return
+            data, rest = bytes(self.head_buffer[: end + 4]), bytes(self.head_buffer[end + 4 :])
+            self.head_buffer = None
+            self._feed(data)
+            if 200 <= self.status < 300 and not self.interim:
+                self._tunnel(rest)
+            elif rest:
+                self._feed(rest)
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            if self.status == 101:
+                self._tunnel(data[offset:])
+            else:
+                self._fail(ProtocolError("upstream sent an unexpected upgrade", status=502))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"malformed upstream response: {exc}", status=502))
+
+    def eof_received(self) -> bool:
+        return False  # close: a half-closed upstream cannot take our next request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.client._forget(self)
+        if self.idle_handle is not None:
+            self.idle_handle.cancel()
+        if self.detached:
+            return
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            if self.reused and not self.got_bytes and not self.body_consumed:
+                fut.set_exception(_StaleConnectionError())
+            else:
+                fut.set_exception(UpstreamResetError(f"upstream closed before the response head: {exc}"))
+        body = self.body
+        if body is not None and not body.complete:
+            if self.close_delimited and exc is None:
+                body.feed_end(None)
+            else:
+                body.feed_error(UpstreamResetError(f"upstream closed mid-body: {exc or 'EOF'}"))
+        if self.upload_task is not None and not self.upload_task.done():
+            self.upload_task.cancel()
+        self.writable.set()
+
+    # ---- httptools callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.reason = ""
+        self.headers = []
+        self.trailers = []
+        self.in_body = False
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason += reason.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
+        (self.trailers if self.in_body else self.headers).append(pair)
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.interim = 100 <= self.status < 200 and self.status != 101
+        if self.interim:
+            self.reason = ""
+            return
+        self.in_body = True
+        self.keep_alive = self.parser.should_keep_alive()
+        headers = tuple(self.headers)
+        head = ResponseHead(
+            status=self.status, headers=headers, version=self.parser.get_http_version(), reason=self.reason
+        )
+        req = self.request_head
+        assert req is not None and self.head_future is not None
+        is_tunnel = self.status == 101 or (req.method == "CONNECT" and 200 <= self.status < 300)
+        if is_tunnel:
+            self.tunnel_head = head  # resolved in _tunnel, which knows the leftover bytes
+            return
+        te = (get_header(headers, "transfer-encoding") or "").lower()
+        cl = get_header(headers, "content-length")
+        no_body = req.method == "HEAD" or self.status in (204, 304)
+        length: int | None
+        if no_body:
+            length = 0
+        elif "chunked" in te:
+            length = None
+        elif cl is not None and cl.isdigit():
+            length = int(cl)
+        else:
+            length, self.close_delimited, self.keep_alive = None, True, False
+        self.body = _ResponseBody(self, length)
+        if not self.head_future.done():
+            self.head_future.set_result(UpstreamResponse(head=head, body=self.body))
+        if no_body:
+            # llhttp would wait for HEAD's announced body; a fresh parser reads the next response.
+            self.parser = httptools.HttpResponseParser(self)
+            self._message_done()
+
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None:
+            self.body.feed(bytes(body))
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.response_done or self.body is None:
+            return
+        self._message_done()
+
+    # ---- exchange -----------------------------------------------------------------------
+
+    def _message_done(self) -> None:
+        self.response_done = True
+        assert self.body is not None
+        self.body.feed_end(tuple(self.trailers) or None)
+        self._maybe_release()
+
+    def _tunnel(self, leftover: bytes) -> None:
+        head = self.tunnel_head
+        assert head is not None
+        self.keep_alive = False
+        self.response_done = True
+        assert self.transport is not None and self.head_future is not None
+        self.transport.pause_reading()
+        if not self.head_future.done():
+            self.head_future.set_result(UpstreamResponse(head=head, body=TunnelBody(self, leftover)))
+
+    def _fail(self, error: Exception) -> None:
+        fut = self.head_future
+        if fut is not None and not fut.done():
+            fut.set_exception(error)
+        if self.body is not None:
+            self.body.feed_error(error)
+        self.close(abort=True)
+
+    def _maybe_release(self) -> None:
+        if not (self.response_done and self.upload_done) or self.detached:
+            return
+        if self.body is not None:
+            self.body.detach_flow_control()
+        if self.keep_alive and not self.closed and self.transport is not None:
+            assert self.transport is not None
+            self.transport.resume_reading()
+            self._reset_exchange()
+            self.reused = True
+            self.client._release(self)
+        else:
+            self.close()
+
+    def close(self, *, abort: bool = False) -> None:
+        if self.transport is not None and not self.closed:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+        self.closed = True
+        self.client._forget(self)
+
+    def idle_expired(self) -> None:
+        self.idle_handle = None
+        self.close()
+
+    async def exchange(self, head: RequestHead, body: BodyStream) -> UpstreamResponse:
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self.head_future = loop.create_future()
+        self.request_head = head
+        if head.method == "CONNECT":
+            self.head_buffer = bytearray()
+        upload, chunked, first, length = await self._framing(head, body)
+        lines = [f"{head.method} {head.path if head.method != 'CONNECT' else head.authority} HTTP/1.1"]
+        lines.append(f"host: {head.authority}")
+        lines.extend(f"{k}: {v}" for k, v in head.headers if k != "host")
+        if chunked:
+            lines.append("transfer-encoding: chunked")
+        elif length is not None:
+            lines.append(f"content-length: {length}")
+        block = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if first:
+            block += (b"%x\r\n%b\r\n" % (len(first), first)) if chunked else first
+        if self.closed or self.transport.is_closing():
+            raise _StaleConnectionError()
+        self.transport.write(block)
+        if upload:
+            self.upload_done = False
+            self.upload_task = loop.create_task(
+                self._upload(body, chunked), name=f"http1-upload-{self.key[0]}:{self.key[1]}"
+            )
+        try:
+            return await self.head_future
+        except asyncio.CancelledError:
+            self.close(abort=True)
+            raise
+
+    async def _framing(self, head: RequestHead, body: BodyStream) -> tuple[bool, bool, bytes, int | None]:
+        """(more body to upload, chunked, first chunk already read, content-length to add)."""
+        if get_header(head.headers, "content-length") is not None:
+            return head.method != "CONNECT", False, b"", None
+        length = body.content_length if isinstance(body, KnownLength) else None
+        if length == 0:
+            return False, False, b"", (0 if head.method not in _BODYLESS_METHODS else None)
+        if length is not None:
+            return True, False, b"", length
+        if head.method in _BODYLESS_METHODS:
+            # Unknown length on a method that rarely has a body: look before announcing chunked.
+            first = await body.read()
+            if not first:
+                return False, False, b"", None
+            self.body_consumed = True
+            return True, True, first, None
+        return True, True, b"", None
+
+    async def _upload(self, body: BodyStream, chunked: bool) -> None:
+        t = self.transport
+        assert t is not None
+        try:
+            while True:
+                data = await body.read()
+                if not data:
+                    break
+                self.body_consumed = True
+                if self.closed:
+                    return
+                t.write((b"%x\r\n%b\r\n" % (len(data), data)) if chunked else data)
+                if not self.writable.is_set():
+                    await self.writable.wait()
+            if chunked and not self.closed:
+                tail = "".join(f"{k}: {v}\r\n" for k, v in body.trailers or ())
+                t.write(b"0\r\n" + tail.encode("latin-1") + b"\r\n")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The downstream body failed (client gone, malformed chunk): the upstream must not
+            # take a truncated request for a complete one, so the connection is aborted.
+            log.info(
+                "request body upload aborted",
+                extra={"upstream": f"{self.key[0]}:{self.key[1]}", "error": str(exc)},
+            )
+            self.close(abort=True)
+            return
+        self.upload_done = True
+        if self.response_done:
+            self._maybe_release()
+
+
+class Http1Client:
+    """``UpstreamClient`` for HTTP/1.1 with a keep-alive pool per endpoint."""
+
+    def __init__(self, settings: PoolSettings | None = None) -> None:
+        self.settings = settings or PoolSettings()
+        self._idle: dict[PoolKey, deque[_Conn]] = {}
+        self._idle_timeouts: dict[PoolKey, float] = {}
+        self._all: set[_Conn] = set()
+        self.connects = 0  # connections opened, for tests and /clusters
+
+    def idle_count(self, key: PoolKey) -> int:
+        return len(self._idle.get(key, ()))
+
+    async def request(
+        self,
+        endpoint: Endpoint,
+        head: RequestHead,
+        body: BodyStream,
+        *,
+        connect_timeout: float,
+        idle_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        key = (endpoint.address, endpoint.port)
+        if idle_timeout is not None:
+            self._idle_timeouts[key] = idle_timeout
+        for _ in range(3):
+            conn = self._take_idle(key) or await self._connect(key, connect_timeout)
+            try:
+                return await conn.exchange(head, body)
+            except _StaleConnectionError:
+                conn.close(abort=True)
+                log.debug("pooled connection was closed by the server; retrying on a fresh one")
+                continue
+        raise UpstreamResetError(f"{key[0]}:{key[1]}: connections keep closing before a response")
+
+    def _take_idle(self, key: PoolKey) -> _Conn | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()  # most recently used first: the least likely to be timed out
+            if conn.idle_handle is not None:
+                conn.idle_handle.cancel()
+                conn.idle_handle = None
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def _connect(self, key: PoolKey, connect_timeout: float) -> _Conn:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Conn(self, key), key[0], key[1])
+        except (OSError, TimeoutError) as exc:
+            raise UpstreamConnectError(f"connect {key[0]}:{key[1]}: {exc or 'timeout'}") from exc
+        self.connects += 1
+        self._all.add(conn)
+        return conn
+
+    def _release(self, conn: _Conn) -> None:
+        idle = self._idle.setdefault(conn.key, deque())
+        if len(idle) >= self.settings.max_idle_per_endpoint:
+            conn.close()
+            return
+        timeout = self._idle_timeouts.get(conn.key, self.settings.idle_timeout)
+        conn.idle_handle = asyncio.get_running_loop().call_later(timeout, conn.idle_expired)
+        idle.append(conn)
+
+    def _forget(self, conn: _Conn) -> None:
+        idle = self._idle.get(conn.key)
+        if idle is not None:
+            with contextlib.suppress(ValueError):
+                idle.remove(conn)
+            if not idle:
+                del self._idle[conn.key]
+        self._all.discard(conn)
+
+    async def close(self) -> None:
+        """Close every connection (idle or busy)."""
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
