@@ -437,3 +437,9 @@ def main(args: argparse.Namespace) -> int:
     what = "installed" if args.action == "install" else ("removed" if done else "nothing to remove")
     print(f"meshproxy iptables {args.action}: {what} ({', '.join(done) or 'no families changed'})")
     return 0
+
+
+if __name__ == "__main__":  # `python -m meshproxy.iptables install` (init containers, the lab)
+    _parser = argparse.ArgumentParser(prog="meshproxy iptables")
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

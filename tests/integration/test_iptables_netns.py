@@ -1,0 +1,178 @@
+"""``meshproxy iptables`` rules on a real kernel, in lab pods, checked with the probe server.
+
+Each pod runs two probe servers standing in for the real processes: the "app" (root) on
+its app ports and the "proxy" (the proxy UID) on 15001/15006. Every connection is answered
+with the listener that accepted it and its SO_ORIGINAL_DST, so a test sees exactly which
+process a connection reached and where the app meant it to go.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from meshproxy.lab.netns import Lab, Pod
+
+pytestmark = [pytest.mark.netns, pytest.mark.usefixtures("iptables_available")]
+
+PROXY_UID = 1357
+APP_PORT = 8080
+SIDE_PORT = 9090  # a second app port, used for exclusions
+VIP = "198.19.0.10"
+
+
+@dataclass
+class Pair:
+    lab: Lab
+    a: Pod
+    b: Pod
+
+    def install(self, pod: Pod, *flags: str) -> None:
+        self.lab.exec(pod, [sys.executable, "-m", "meshproxy.iptables", "install", *flags])
+
+    def connect(
+        self, pod: Pod, host: str, port: int, *, uid: int | None = None, source: str | None = None
+    ) -> Any:
+        argv = [sys.executable, "-m", "meshproxy.lab.probe", "connect", host, str(port), "--timeout", "2"]
+        if source:
+            argv += ["--source", source]
+        done = self.lab.exec(pod, argv, uid=uid, check=False)
+        return json.loads(done.stdout)
+
+
+def _start_probes(lab: Lab, pod: Pod) -> None:
+    app = lab.spawn(
+        pod,
+        [sys.executable, "-m", "meshproxy.lab.probe", "serve", "--name", f"{pod.name}-app", "8080", "9090"],
+        name="app",
+    )
+    admin = lab.spawn(
+        pod,
+        [sys.executable, "-m", "meshproxy.lab.probe", "serve", "--name", f"{pod.name}-admin", "15000"],
+        name="admin",
+        uid=PROXY_UID,
+    )
+    proxy = lab.spawn(
+        pod,
+        [
+            sys.executable,
+            "-m",
+            "meshproxy.lab.probe",
+            "serve",
+            "--name",
+            f"{pod.name}-proxy",
+            "15001",
+            "15006",
+        ],
+        name="proxy",
+        uid=PROXY_UID,
+    )
+    for port, proc in ((APP_PORT, app), (SIDE_PORT, app), (15000, admin), (15001, proxy), (15006, proxy)):
+        lab.wait_listening(pod, port, proc=proc)
+
+
+@pytest.fixture
+def pair(lab: Lab) -> Pair:
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    for pod in (a, b):
+        _start_probes(lab, pod)
+    p = Pair(lab, a, b)
+    p.install(a)
+    p.install(b, "--exclude-inbound-ports", str(SIDE_PORT))
+    return p
+
+
+def reached(reply: Any) -> tuple[str, int, tuple[str, int] | None]:
+    """(who answered, on which listener, original destination if REDIRECT rewrote it else None)."""
+    assert "error" not in reply, reply
+    dst = reply["original_dst"]
+    rewritten = dst is not None and dst != reply["local"]
+    return reply["name"], reply["listener"], (dst[0], dst[1]) if rewritten else None
+
+
+def test_app_outbound_lands_on_15001_with_original_destination(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    assert reached(pair.connect(a, b.ip, APP_PORT)) == ("a-proxy", 15001, (b.ip, APP_PORT))
+    # A service VIP: nothing owns it, the OUTPUT rule catches the connect before routing matters.
+    assert reached(pair.connect(a, VIP, 80)) == ("a-proxy", 15001, (VIP, 80))
+
+
+def test_proxy_uid_is_not_redirected_and_peer_inbound_lands_on_15006(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    # The proxy's upstream connection leaves pod A untouched and is caught by B's inbound rules.
+    reply = pair.connect(a, b.ip, APP_PORT, uid=PROXY_UID)
+    assert reached(reply) == ("b-proxy", 15006, (b.ip, APP_PORT))
+    assert reply["peer"][0] == a.ip
+
+
+def test_admin_and_excluded_inbound_ports_reach_their_listener_directly(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    assert reached(pair.connect(a, b.ip, 15000, uid=PROXY_UID)) == ("b-admin", 15000, None)
+    assert reached(pair.connect(a, b.ip, SIDE_PORT, uid=PROXY_UID)) == ("b-app", SIDE_PORT, None)
+
+
+def test_excluded_outbound_ports_and_cidrs_bypass_the_proxy(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    pair.install(a, "--exclude-outbound-ports", str(SIDE_PORT), "--exclude-outbound-cidrs", f"{b.ip}/32")
+    # Excluded port: straight to B's app (9090 is also excluded inbound on B).
+    assert reached(pair.connect(a, b.ip, SIDE_PORT)) == ("b-app", SIDE_PORT, None)
+    # Excluded CIDR: leaves A unredirected, so B's inbound interception is what answers.
+    assert reached(pair.connect(a, b.ip, APP_PORT)) == ("b-proxy", 15006, (b.ip, APP_PORT))
+    # Other destinations are still intercepted.
+    assert reached(pair.connect(a, VIP, 80)) == ("a-proxy", 15001, (VIP, 80))
+
+
+def test_include_outbound_cidrs_limits_interception(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    pair.install(a, "--include-outbound-cidrs", "198.19.0.0/24")
+    assert reached(pair.connect(a, VIP, 80)) == ("a-proxy", 15001, (VIP, 80))
+    assert reached(pair.connect(a, b.ip, APP_PORT)) == ("b-proxy", 15006, (b.ip, APP_PORT))
+
+
+def test_loopback_and_self_calls(pair: Pair) -> None:
+    b = pair.b
+    # The app talking to itself, on localhost or on its own pod IP, is left alone.
+    assert reached(pair.connect(b, "127.0.0.1", APP_PORT)) == ("b-app", APP_PORT, None)
+    assert reached(pair.connect(b, b.ip, APP_PORT)) == ("b-app", APP_PORT, None)
+    # The proxy forwarding inbound traffic to the app over 127.0.0.1 is not looped back.
+    assert reached(pair.connect(b, "127.0.0.1", APP_PORT, uid=PROXY_UID)) == ("b-app", APP_PORT, None)
+    # App -> own service VIP goes to the outbound listener; the proxy then picks this pod's
+    # own IP as the endpoint, and that hop must enter the inbound side like any peer's would.
+    assert reached(pair.connect(b, VIP, 80)) == ("b-proxy", 15001, (VIP, 80))
+    assert reached(pair.connect(b, b.ip, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip, APP_PORT))
+    # ... except from the inbound passthrough source, which forwards to a non-loopback app address.
+    assert reached(pair.connect(b, b.ip, APP_PORT, uid=PROXY_UID, source="127.0.0.6")) == (
+        "b-app",
+        APP_PORT,
+        None,
+    )
+    # Excluded inbound ports stay excluded on the self-call path too.
+    assert reached(pair.connect(b, b.ip, SIDE_PORT, uid=PROXY_UID)) == ("b-app", SIDE_PORT, None)
+
+
+def _nat_rules(lab: Lab, pod: Pod, tool: str = "iptables-save") -> list[str]:
+    return [
+        line
+        for line in lab.exec(pod, [tool, "-t", "nat"]).stdout.splitlines()
+        if line.startswith(("-A", ":MESH"))
+    ]
+
+
+def test_install_twice_then_cleanup_restores_direct_connectivity(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    once = _nat_rules(pair.lab, a)
+    pair.install(a)
+    assert _nat_rules(pair.lab, a) == once  # no duplicate jumps or rules
+    assert any("MESH_OUTPUT" in line for line in _nat_rules(pair.lab, a, "ip6tables-save"))
+
+    for pod in (a, b):
+        pair.lab.exec(pod, [sys.executable, "-m", "meshproxy.iptables", "cleanup"])
+        assert not [line for line in _nat_rules(pair.lab, pod) if "MESH" in line]
+        assert not [line for line in _nat_rules(pair.lab, pod, "ip6tables-save") if "MESH" in line]
+    assert reached(pair.connect(a, b.ip, APP_PORT)) == ("b-app", APP_PORT, None)
+    done = pair.lab.exec(a, [sys.executable, "-m", "meshproxy.iptables", "cleanup"])
+    assert "nothing to remove" in done.stdout
