@@ -186,8 +186,8 @@ class InjectionTemplate:
             image_pull_policy=_str(data, "imagePullPolicy", d.image_pull_policy),
             proxy_uid=_int(data, "proxyUID", d.proxy_uid, 1, 2**31 - 1),
             log_level=_str(data, "logLevel", d.log_level),
-            control_plane_address=_str(data, "controlPlaneAddress", d.control_plane_address, required=True),
-            mesh_namespace=_str(data, "meshNamespace", d.mesh_namespace, required=True),
+            control_plane_address=_str(data, "controlPlaneAddress", d.control_plane_address, nonempty=True),
+            mesh_namespace=_str(data, "meshNamespace", d.mesh_namespace, nonempty=True),
             native_sidecar=native,
             ports=Ports(
                 admin=_int(ports, "admin", d.ports.admin, 1, 65535, "ports."),
@@ -430,6 +430,12 @@ def admission_response(uid: str, patch: JsonPatch | None, warnings: Sequence[str
     if warnings:
         response["warnings"] = list(warnings)
     return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+def pod_display_name(pod: Mapping[str, Any]) -> str:
+    """The pod's name for logs; ``generateName`` + ``*`` when the API server has not named it yet."""
+    meta = _meta(pod)
+    return str(meta.get("name") or (str(meta.get("generateName") or "") + "*"))
 
 
 # ---- containers ---------------------------------------------------------------------------------------
@@ -681,12 +687,23 @@ def _obj(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def _str(data: Mapping[str, Any], key: str, default: str, *, required: bool = False, prefix: str = "") -> str:
+def _str(
+    data: Mapping[str, Any],
+    key: str,
+    default: str,
+    *,
+    required: bool = False,
+    nonempty: bool = False,
+    prefix: str = "",
+) -> str:
+    if required and key not in data:
+        raise TemplateError(prefix + key, "is required")
+    nonempty = nonempty or required
     value = data.get(key, default)
     if value is None:
         value = ""
-    if not isinstance(value, str) or (required and not value):
-        raise TemplateError(prefix + key, "must be a non-empty string" if required else "must be a string")
+    if not isinstance(value, str) or (nonempty and not value):
+        raise TemplateError(prefix + key, "must be a non-empty string" if nonempty else "must be a string")
     return value
 
 

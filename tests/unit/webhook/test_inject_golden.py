@@ -246,6 +246,7 @@ def test_malformed_reviews_raise_typed_errors(review: Any, message: str) -> None
     [
         ({"image": "x", "imag": "typo"}, "imag"),
         ({"image": ""}, "image"),
+        ({}, "image"),
         ({"image": "x", "proxyUID": 0}, "proxyUID"),
         ({"image": "x", "tracing": {"sampling": 2}}, "tracing.sampling"),
         ({"image": "x", "nativeSidecar": "maybe"}, "nativeSidecar"),
