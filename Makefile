@@ -36,8 +36,8 @@ demo: system-deps install
 	$(BIN)/meshproxy demo
 
 lint: install
-	$(BIN)/ruff check meshproxy controlplane meshctl tests
-	$(BIN)/ruff format --check meshproxy controlplane meshctl tests
+	$(BIN)/ruff check meshproxy controlplane meshctl meshdemo tests
+	$(BIN)/ruff format --check meshproxy controlplane meshctl meshdemo tests
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
