@@ -9,7 +9,7 @@ CACHE  ?= $(HOME)/.cache/meshproxy
 export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-unit test-integration lint proto system-deps clean help
+.PHONY: all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
 
 help:
 	@echo "make demo         install and run the local demo mesh (no cluster needed; root for network namespaces)"
@@ -29,6 +29,12 @@ $(VENV)/.installed: pyproject.toml setup.py
 proto: $(VENV)/.installed
 	$(BIN)/python scripts/gen_protos.py
 
+# kube-apiserver + etcd (pinned Go modules), kubectl, helm, Gateway API CRDs, into
+# $(CACHE); a no-op once built. K8S_BINS_ARGS=--all adds the node binaries (e2e).
+K8S_BINS_ARGS ?=
+k8s-bins: $(VENV)/.installed
+	./scripts/k8s-bins.sh $(K8S_BINS_ARGS)
+
 system-deps:
 	./scripts/system-deps.sh
 
@@ -44,10 +50,10 @@ lint: install
 test-unit: install
 	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 
-test-integration: install system-deps
+test-integration: install system-deps k8s-bins
 	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
-test: lint install system-deps
+test: lint install system-deps k8s-bins
 	$(BIN)/pytest -q tests $(PYTEST_ARGS)
 
 clean:
