@@ -369,7 +369,7 @@ def _validate_policy(p: model.TrafficPolicy, path: str) -> None:
         )
 
 
-def _validate_route(r: model.Route, path: str, keys: set[str]) -> None:
+def _validate_route(r: model.Route, path: str) -> None:
     _check(bool(r.name), _join(path, "name"), "must not be empty")
     for i, m in enumerate(r.matches):
         mp = f"{path}.matches[{i}]"
@@ -393,7 +393,6 @@ def _validate_route(r: model.Route, path: str, keys: set[str]) -> None:
             _join(bp, "service"),
             f"not a service key 'name.namespace:port': {b.service!r}",
         )
-        _check(b.service in keys, _join(bp, "service"), f"unknown service {b.service!r}")
         _check(b.weight >= 0, _join(bp, "weight"), f"must be >= 0, got {b.weight}")
     if r.backends:
         _check(any(b.weight > 0 for b in r.backends), _join(path, "backends"), "weights must not all be 0")
@@ -405,7 +404,7 @@ def _validate_route(r: model.Route, path: str, keys: set[str]) -> None:
     _validate_modifier(r.response_headers, _join(path, "response_headers"))
 
 
-def _validate_service(s: model.Service, path: str, keys: set[str]) -> None:
+def _validate_service(s: model.Service, path: str) -> None:
     _check(bool(_DNS_LABEL.fullmatch(s.name)), _join(path, "name"), f"not a DNS label: {s.name!r}")
     _check(
         bool(_DNS_LABEL.fullmatch(s.namespace)), _join(path, "namespace"), f"not a DNS label: {s.namespace!r}"
@@ -433,7 +432,7 @@ def _validate_service(s: model.Service, path: str, keys: set[str]) -> None:
     names: set[str] = set()
     for i, r in enumerate(s.routes):
         rp = f"{path}.routes[{i}]"
-        _validate_route(r, rp, keys)
+        _validate_route(r, rp)
         _check(r.name not in names, _join(rp, "name"), f"duplicate route name {r.name!r}")
         names.add(r.name)
     _validate_policy(s.policy, _join(path, "policy"))
@@ -445,7 +444,16 @@ def _validate(snap: Snapshot) -> None:
         _check(s.key not in keys, f"services[{i}]", f"duplicate service key {s.key!r}")
         keys.add(s.key)
     for i, s in enumerate(snap.services):
-        _validate_service(s, f"services[{i}]", keys)
+        _validate_service(s, f"services[{i}]")
+    # References last, so a broken service reports its own field rather than "unknown service".
+    for i, s in enumerate(snap.services):
+        for j, r in enumerate(s.routes):
+            for k, b in enumerate(r.backends):
+                _check(
+                    b.service in keys,
+                    f"services[{i}].routes[{j}].backends[{k}].service",
+                    f"unknown service {b.service!r}",
+                )
     ports: set[int] = set()
     for i, ip in enumerate(snap.inbound.ports):
         pp = f"inbound.ports[{i}]"
