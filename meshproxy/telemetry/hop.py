@@ -93,6 +93,10 @@ _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 MAX_SOURCES = 256
 UNKNOWN = "unknown"
 NO_FLAG = "-"
+# gRPC codes that are a server's fault (semantic conventions: the rest, e.g. NOT_FOUND, are the
+# caller's business and only errors on the client side): UNKNOWN, DEADLINE_EXCEEDED,
+# UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+_GRPC_SERVER_ERRORS = frozenset({"2", "4", "12", "13", "14", "15"})
 
 Clock = Callable[[], float]
 
@@ -297,13 +301,14 @@ class HttpHop:
                 c.response_bytes.inc(response_bytes)
 
         span = self._span
-        is_error = (
-            error is not None
-            or status >= 500
-            or (self.direction == "outbound" and status >= 400)
-            or (grpc_status is not None and grpc_status != "0")
+        outbound = self.direction == "outbound"
+        grpc_error = grpc_status is not None and (
+            grpc_status in _GRPC_SERVER_ERRORS if not outbound else grpc_status != "0"
         )
-        error_type = (error or flag or (str(status) if status >= 400 else None)) if is_error else None
+        is_error = error is not None or status >= 500 or (outbound and status >= 400) or grpc_error
+        error_type = (
+            (error or flag or (str(status) if status >= 400 else None) or grpc_status) if is_error else None
+        )
         if span.is_recording():
             span.set_attribute("http.response.status_code", status)
             if flag:

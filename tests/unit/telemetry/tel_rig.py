@@ -35,3 +35,14 @@ def head(
 
 
 MakeRig = Callable[..., Rig]
+
+
+async def eventually(cond: Callable[[], bool], deadline: float = 10.0, step: float = 0.02) -> bool:
+    """Poll ``cond`` (state written by another thread) until it holds or ``deadline`` passes."""
+    import asyncio
+
+    for _ in range(max(1, int(deadline / step))):
+        if cond():
+            return True
+        await asyncio.sleep(step)
+    return cond()
