@@ -392,23 +392,20 @@ class _Connection(asyncio.Protocol):
 
 
 def api_namespace_lookup(core_v1: Any) -> NamespaceLookup:
-    """A lookup backed by ``kubernetes.client.CoreV1Api.read_namespace`` (run in a thread).
+    """A lookup backed by ``kubernetes.client.CoreV1Api`` (run in a thread).
 
     The control plane may pass its informer-backed index instead; this is the simple form
-    for when it has none (and for tests). A 404 means "no such namespace" (None).
+    for when it has none (and for tests). It lists with a field selector rather than
+    reading the namespace so that it needs only the ``list`` verb the chart's ClusterRole
+    grants, not ``get``.
     """
 
     async def lookup(name: str) -> Mapping[str, Any] | None:
         def read() -> Mapping[str, Any] | None:
-            from kubernetes.client.exceptions import ApiException
-
-            try:
-                ns = core_v1.read_namespace(name)
-            except ApiException as e:
-                if e.status == 404:
-                    return None
-                raise
-            result: Mapping[str, Any] = core_v1.api_client.sanitize_for_serialization(ns)
+            found = core_v1.list_namespace(field_selector=f"metadata.name={name}", limit=1)
+            if not found.items:
+                return None
+            result: Mapping[str, Any] = core_v1.api_client.sanitize_for_serialization(found.items[0])
             return result
 
         return await asyncio.to_thread(read)
@@ -424,3 +421,66 @@ async def fetch_cluster_info(version_api: Any) -> inject.ClusterInfo:
         log.warning("webhook: cannot read the API server version (%s); injecting regular sidecars", e)
         return inject.ClusterInfo(None)
     return inject.ClusterInfo.from_version_info(str(info.major), str(info.minor))
+
+
+# ---- standalone entry point -------------------------------------------------------------------------
+# ``python -m controlplane.webhook``: the webhook alone, for development (a control plane
+# outside the cluster, see the chart's webhook.url) and for the chart's integration test.
+# In a deployment the control plane's app wiring starts WebhookServer itself.
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(
+        prog="python -m controlplane.webhook", description=__doc__.splitlines()[0]
+    )
+    d = WebhookSettings()
+    parser.add_argument("--listen-address", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--cert-file", default=d.cert_file)
+    parser.add_argument("--key-file", default=d.key_file)
+    parser.add_argument("--template-file", default=d.template_file)
+    parser.add_argument("--reload-interval", type=float, default=d.reload_interval)
+    parser.add_argument("--kubeconfig", default=None, help="default: in-cluster config")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    async def run() -> None:
+        import kubernetes
+
+        if args.kubeconfig:
+            api = kubernetes.config.new_client_from_config(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
+        else:
+            kubernetes.config.load_incluster_config()  # type: ignore[no-untyped-call]
+            api = kubernetes.client.ApiClient()
+        cluster = await fetch_cluster_info(kubernetes.client.VersionApi(api))
+        settings = WebhookSettings(
+            listen_address=args.listen_address,
+            port=args.port,
+            cert_file=args.cert_file,
+            key_file=args.key_file,
+            template_file=args.template_file,
+            reload_interval=args.reload_interval,
+            cluster=cluster,
+        )
+        server = WebhookServer(settings, api_namespace_lookup(kubernetes.client.CoreV1Api(api)))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+            api.close()
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
