@@ -9,7 +9,7 @@ API:
     load_dict(data: Mapping) -> Snapshot
     dump(snapshot) -> dict               JSON-able, for /config_dump; ``load_dict(dump(s)) == s``
     parse_duration(value) -> float       seconds from a number or "250ms", "2s", "1m", "1h30m"
-    DURATION_FIELDS
+    DURATION_FIELDS, RETRY_CONDITIONS (the latter re-exported from meshproxy.core.retry)
 
 Schema conventions:
   * Field names exactly as in the model; unknown keys are errors (typo protection).
@@ -48,6 +48,7 @@ import yaml
 from meshproxy.config import model
 from meshproxy.config.model import Snapshot, to_plain
 from meshproxy.core.errors import ConfigError
+from meshproxy.core.retry import RETRY_CONDITIONS as RETRY_CONDITIONS  # re-exported: one list for all
 
 DURATION_FIELDS: frozenset[tuple[type, str]] = frozenset(
     {
@@ -67,20 +68,6 @@ DURATION_FIELDS: frozenset[tuple[type, str]] = frozenset(
     }
 )
 
-RETRY_CONDITIONS = frozenset(
-    {
-        "connect-failure",
-        "reset",
-        "5xx",
-        "gateway-error",
-        "retriable-status-codes",
-        "unavailable",
-        "cancelled",
-        "deadline-exceeded",
-        "resource-exhausted",
-        "internal",
-    }
-)
 
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
