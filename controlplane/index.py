@@ -37,6 +37,7 @@ from typing import Any
 
 from controlplane.events import ClusterEvent, Relist, WatchEvent
 from meshproxy.config import model
+from meshproxy.config.load import RETRY_CONDITIONS
 
 ObjKey = tuple[str, str]  # (namespace, name)
 
@@ -653,9 +654,8 @@ class _Reader:
         return value
 
 
-_RETRY_ON = frozenset(
-    {"connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes", "unavailable"}
-)
+# The proxy's own list: a condition it does not know is refused here, with a status.
+_RETRY_ON = RETRY_CONDITIONS
 
 
 def _parse_retry(r: _Reader) -> model.RetryPolicy | None:

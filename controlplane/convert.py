@@ -1,0 +1,315 @@
+"""Model -> protobuf for the discovery server (the control plane's side of the wire).
+
+Owns: building every generated message the control plane sends
+(``DiscoveryResponse`` with a ``Snapshot``, ``ListProxiesResponse``,
+``GetProxyConfigResponse``) and reading the ``Node`` a proxy sends. With
+``meshproxy.xds.convert`` (the reverse direction) it is the only code that
+imports ``discovery_pb2`` (an import-linter contract); ``server.py`` and
+``meshctl`` pass the messages through without looking inside.
+
+Mapping conventions (the ``.proto`` mirrors ``meshproxy/config/model.py``):
+  * float seconds <-> ``google.protobuf.Duration`` (rounded to the nanosecond);
+    ``None`` <-> an unset message field.
+  * ``None`` strings and ports <-> "" and 0; frozensets -> sorted repeated fields;
+    label / header pairs -> maps or repeated ``Header`` in order.
+
+Invariants: pure functions, no I/O. ``snapshot_to_proto`` never mutates its
+input and, for a given snapshot, always produces an equal message.
+Concurrency: none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from google.protobuf.duration_pb2 import Duration
+
+from controlplane.compile import ProxyNode
+from meshapi.discovery.v1 import discovery_pb2 as pb
+from meshproxy.config import model
+
+_PROTOCOL = {
+    model.Protocol.AUTO: pb.PROTOCOL_AUTO,
+    model.Protocol.HTTP1: pb.PROTOCOL_HTTP1,
+    model.Protocol.HTTP2: pb.PROTOCOL_HTTP2,
+    model.Protocol.TCP: pb.PROTOCOL_TCP,
+}
+_LB = {
+    model.LbPolicy.LEAST_REQUEST: pb.LB_LEAST_REQUEST,
+    model.LbPolicy.ROUND_ROBIN: pb.LB_ROUND_ROBIN,
+    model.LbPolicy.RANDOM: pb.LB_RANDOM,
+}
+_PATH = {
+    model.PathMatchKind.PREFIX: pb.PathMatch.PREFIX,
+    model.PathMatchKind.EXACT: pb.PathMatch.EXACT,
+    model.PathMatchKind.REGEX: pb.PathMatch.REGEX,
+}
+_HEADER = {
+    model.HeaderMatchKind.EXACT: pb.HeaderMatch.EXACT,
+    model.HeaderMatchKind.REGEX: pb.HeaderMatch.REGEX,
+}
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def _headers(pairs: Iterable[tuple[str, str]]) -> list[pb.Header]:
+    return [pb.Header(name=n, value=v) for n, v in pairs]
+
+
+def _modifier(m: model.HeaderModifier) -> pb.HeaderModifier:
+    return pb.HeaderModifier(set=_headers(m.set), add=_headers(m.add), remove=list(m.remove))
+
+
+def _retry(r: model.RetryPolicy) -> pb.RetryPolicy:
+    msg = pb.RetryPolicy(
+        attempts=r.attempts,
+        retry_on=sorted(r.retry_on),
+        status_codes=sorted(r.status_codes),
+        backoff_base=_duration(r.backoff_base),
+        backoff_max=_duration(r.backoff_max),
+        budget=pb.RetryBudget(
+            ratio=r.budget.ratio, min_per_second=r.budget.min_per_second, window=_duration(r.budget.window)
+        ),
+        max_body_bytes=r.max_body_bytes,
+    )
+    if r.per_try_timeout is not None:
+        msg.per_try_timeout.CopyFrom(_duration(r.per_try_timeout))
+    return msg
+
+
+def _rate_limit(rl: model.RateLimit) -> pb.RateLimit:
+    return pb.RateLimit(requests_per_second=rl.requests_per_second, burst=rl.burst)
+
+
+def _policy(p: model.TrafficPolicy) -> pb.TrafficPolicy:
+    cb = p.circuit_breaker
+    msg = pb.TrafficPolicy(
+        connect_timeout=_duration(p.connect_timeout),
+        circuit_breaker=pb.CircuitBreaker(
+            max_connections=cb.max_connections,
+            max_pending_requests=cb.max_pending_requests,
+            max_requests=cb.max_requests,
+            max_retries=cb.max_retries,
+            consecutive_failures=cb.consecutive_failures,
+            open_duration=_duration(cb.open_duration),
+            max_open_duration=_duration(cb.max_open_duration),
+        ),
+        lb=_LB[p.lb],
+        idle_timeout=_duration(p.idle_timeout),
+    )
+    if p.timeout is not None:
+        msg.timeout.CopyFrom(_duration(p.timeout))
+    if p.retry is not None:
+        msg.retry.CopyFrom(_retry(p.retry))
+    od = p.outlier_detection
+    if od is not None:
+        msg.outlier_detection.CopyFrom(
+            pb.OutlierDetection(
+                consecutive_5xx=od.consecutive_5xx,
+                consecutive_gateway_errors=od.consecutive_gateway_errors,
+                consecutive_connect_failures=od.consecutive_connect_failures,
+                base_ejection_time=_duration(od.base_ejection_time),
+                max_ejection_time=_duration(od.max_ejection_time),
+                max_ejection_percent=od.max_ejection_percent,
+            )
+        )
+    if p.rate_limit is not None:
+        msg.rate_limit.CopyFrom(_rate_limit(p.rate_limit))
+    if p.fault is not None:
+        f = p.fault
+        msg.fault.CopyFrom(
+            pb.FaultInjection(
+                delay_percent=f.delay_percent,
+                delay=_duration(f.delay),
+                abort_percent=f.abort_percent,
+                abort_status=f.abort_status,
+            )
+        )
+    return msg
+
+
+def _match(m: model.RouteMatch) -> pb.RouteMatch:
+    msg = pb.RouteMatch(
+        method=m.method or "",
+        headers=[pb.HeaderMatch(name=h.name, value=h.value, kind=_HEADER[h.kind]) for h in m.headers],
+    )
+    if m.path is not None:
+        msg.path.CopyFrom(pb.PathMatch(kind=_PATH[m.path.kind], value=m.path.value))
+    return msg
+
+
+def _route(r: model.Route) -> pb.Route:
+    msg = pb.Route(
+        name=r.name,
+        matches=[_match(m) for m in r.matches],
+        backends=[pb.WeightedBackend(service=b.service, weight=b.weight) for b in r.backends],
+        request_headers=_modifier(r.request_headers),
+        response_headers=_modifier(r.response_headers),
+    )
+    if r.timeout is not None:
+        msg.timeout.CopyFrom(_duration(r.timeout))
+    if r.retry is not None:
+        msg.retry.CopyFrom(_retry(r.retry))
+    return msg
+
+
+def _endpoint(e: model.Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        address=e.address,
+        port=e.port,
+        ready=e.ready,
+        serving=e.serving,
+        terminating=e.terminating,
+        weight=e.weight,
+        pod=e.pod,
+        workload=e.workload,
+        zone=e.zone,
+    )
+
+
+def _service(s: model.Service) -> pb.Service:
+    return pb.Service(
+        name=s.name,
+        namespace=s.namespace,
+        port=s.port,
+        protocol=_PROTOCOL[s.protocol],
+        vips=list(s.vips),
+        hostnames=list(s.hostnames),
+        endpoints=[_endpoint(e) for e in s.endpoints],
+        routes=[_route(r) for r in s.routes],
+        policy=_policy(s.policy),
+        target_port=s.target_port or 0,
+    )
+
+
+def snapshot_to_proto(s: model.Snapshot) -> pb.Snapshot:
+    w, t = s.workload, s.telemetry.tracing
+    inbound_ports = []
+    for p in s.inbound.ports:
+        ip = pb.InboundPort(port=p.port, protocol=_PROTOCOL[p.protocol], service=p.service)
+        if p.rate_limit is not None:
+            ip.rate_limit.CopyFrom(_rate_limit(p.rate_limit))
+        inbound_ports.append(ip)
+    return pb.Snapshot(
+        workload=pb.Workload(
+            name=w.name,
+            namespace=w.namespace,
+            service_account=w.service_account,
+            pod=w.pod,
+            labels=dict(w.labels),
+        ),
+        services=[_service(svc) for svc in s.services],
+        inbound=pb.Inbound(
+            ports=inbound_ports,
+            app_address=s.inbound.app_address,
+            opaque_ports=sorted(s.inbound.opaque_ports),
+        ),
+        telemetry=pb.Telemetry(
+            tracing=pb.Tracing(
+                sampling_ratio=t.sampling_ratio,
+                propagation=[p.value for p in t.propagation],
+                otlp_grpc_endpoint=t.otlp_grpc_endpoint or "",
+                otlp_http_endpoint=t.otlp_http_endpoint or "",
+                zipkin_endpoint=t.zipkin_endpoint or "",
+                max_queue_size=t.max_queue_size,
+            ),
+            access_log=s.telemetry.access_log.value,
+            metrics=s.telemetry.metrics,
+        ),
+    )
+
+
+def response(snapshot: pb.Snapshot, version: str, nonce: str) -> pb.DiscoveryResponse:
+    return pb.DiscoveryResponse(version_info=version, nonce=nonce, snapshot=snapshot)
+
+
+# ---------------------------------------------------------------- the proxy's side
+
+
+def node_from_proto(n: pb.Node) -> ProxyNode:
+    return ProxyNode(
+        pod=n.pod,
+        namespace=n.namespace,
+        service_account=n.service_account,
+        labels=tuple(sorted(n.labels.items())),
+        proxy_version=n.proxy_version,
+        pod_ip=n.pod_ip,
+        workload=n.workload,
+    )
+
+
+def _node_to_proto(n: ProxyNode) -> pb.Node:
+    return pb.Node(
+        pod=n.pod,
+        namespace=n.namespace,
+        service_account=n.service_account,
+        labels=dict(n.labels),
+        proxy_version=n.proxy_version,
+        pod_ip=n.pod_ip,
+        workload=n.workload,
+    )
+
+
+# ---------------------------------------------------------------- operator views
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyStatusView:
+    """One row of ``meshctl proxy-status`` (``ProxyStatus`` as plain data)."""
+
+    node: ProxyNode
+    sent_version: str
+    acked_version: str
+    desired_version: str
+    state: str  # SYNCED, STALE, NOT_SENT
+    last_nack: str
+    connected_since: str  # RFC 3339
+
+
+def list_proxies_request() -> pb.ListProxiesRequest:
+    return pb.ListProxiesRequest()
+
+
+def list_proxies_response(rows: Sequence[ProxyStatusView]) -> pb.ListProxiesResponse:
+    return pb.ListProxiesResponse(
+        proxies=[
+            pb.ProxyStatus(
+                node=_node_to_proto(r.node),
+                sent_version=r.sent_version,
+                acked_version=r.acked_version,
+                desired_version=r.desired_version,
+                state=r.state,
+                last_nack=r.last_nack,
+                connected_since=r.connected_since,
+            )
+            for r in rows
+        ]
+    )
+
+
+def proxy_statuses_from_proto(msg: pb.ListProxiesResponse) -> list[ProxyStatusView]:
+    return [
+        ProxyStatusView(
+            node=node_from_proto(p.node),
+            sent_version=p.sent_version,
+            acked_version=p.acked_version,
+            desired_version=p.desired_version,
+            state=p.state,
+            last_nack=p.last_nack,
+            connected_since=p.connected_since,
+        )
+        for p in msg.proxies
+    ]
+
+
+def get_proxy_config_request(pod: str, namespace: str) -> pb.GetProxyConfigRequest:
+    return pb.GetProxyConfigRequest(pod=pod, namespace=namespace)
+
+
+def get_proxy_config_response(version: str, snapshot_json: str) -> pb.GetProxyConfigResponse:
+    return pb.GetProxyConfigResponse(version_info=version, snapshot_json=snapshot_json)

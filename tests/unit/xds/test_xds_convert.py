@@ -1,0 +1,216 @@
+"""The wire format: model -> proto (control plane) -> model (proxy) is lossless,
+keeps the content-hash version, and invalid content is refused with a field path."""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from controlplane.compile import ProxyNode, compile_snapshot
+from controlplane.convert import node_from_proto, response, snapshot_to_proto
+from controlplane.index import ClusterState
+from controlplane.settings import MeshSettings
+from meshproxy.config import model
+from meshproxy.core.errors import ConfigError
+from meshproxy.xds import convert as xconv
+
+FIXTURES = pathlib.Path(__file__).parent.parent / "controlplane" / "fixtures"
+
+
+def rich_snapshot() -> model.Snapshot:
+    """Every optional field set to a non-default value somewhere."""
+    retry = model.RetryPolicy(
+        attempts=4,
+        per_try_timeout=0.3,
+        retry_on=frozenset({"5xx", "retriable-status-codes"}),
+        status_codes=frozenset({409, 429}),
+        backoff_base=0.01,
+        backoff_max=1.5,
+        budget=model.RetryBudget(ratio=0.1, min_per_second=2.5, window=7.0),
+        max_body_bytes=1024,
+    )
+    policy = model.TrafficPolicy(
+        timeout=None,
+        connect_timeout=0.2,
+        retry=None,
+        circuit_breaker=model.CircuitBreaker(1, 2, 3, 4, 5, 0.5, 9.0),
+        outlier_detection=None,
+        lb=model.LbPolicy.RANDOM,
+        rate_limit=model.RateLimit(requests_per_second=12.5, burst=20),
+        fault=model.FaultInjection(delay_percent=10.0, delay=0.05, abort_percent=2.5, abort_status=502),
+        idle_timeout=30.0,
+    )
+    backend = model.Service(
+        name="b",
+        namespace="ns2",
+        port=8443,
+        protocol=model.Protocol.TCP,
+        vips=("fd00::1",),
+        hostnames=("b.ns2",),
+        target_port=9443,
+    )
+    front = model.Service(
+        name="a",
+        namespace="ns1",
+        port=80,
+        protocol=model.Protocol.HTTP1,
+        vips=("198.19.0.1", "fd00::2"),
+        hostnames=("a", "a.ns1", "a.ns1.svc.cluster.local"),
+        endpoints=(
+            model.Endpoint(
+                "198.18.0.1",
+                8080,
+                ready=False,
+                serving=False,
+                terminating=True,
+                weight=3,
+                pod="a-1",
+                workload="a",
+                zone="z1",
+            ),
+            model.Endpoint("fd00::18:1", 8080),
+        ),
+        routes=(
+            model.Route(
+                name="r1",
+                matches=(
+                    model.RouteMatch(
+                        path=model.PathMatch(model.PathMatchKind.REGEX, "/x/[0-9]+"),
+                        method="POST",
+                        headers=(
+                            model.HeaderMatch("x-a", "1"),
+                            model.HeaderMatch("x-b", "^v[0-9]$", model.HeaderMatchKind.REGEX),
+                        ),
+                    ),
+                    model.RouteMatch(path=model.PathMatch(model.PathMatchKind.EXACT, "/y")),
+                ),
+                backends=(
+                    model.WeightedBackend(model.ServiceKey("b.ns2:8443"), 0),
+                    model.WeightedBackend(model.ServiceKey("a.ns1:80"), 7),
+                ),
+                timeout=0.75,
+                retry=retry,
+                request_headers=model.HeaderModifier(
+                    set=(("x-s", "1"),), add=(("x-a", "2"),), remove=("x-r",)
+                ),
+                response_headers=model.HeaderModifier(add=(("x-resp", "y"),)),
+            ),
+            model.Route(name="default"),
+        ),
+        policy=policy,
+    )
+    return model.Snapshot(
+        workload=model.Workload("front", "ns1", "front-sa", "front-0", (("app", "front"), ("v", "2"))),
+        services=(front, backend),
+        inbound=model.Inbound(
+            ports=(
+                model.InboundPort(8080, model.Protocol.HTTP2, "a", model.RateLimit(100.0, 150)),
+                model.InboundPort(9000),
+            ),
+            app_address="127.0.0.2",
+            opaque_ports=frozenset({5432, 3306}),
+        ),
+        telemetry=model.Telemetry(
+            tracing=model.Tracing(
+                sampling_ratio=0.25,
+                propagation=(model.Propagation.B3,),
+                otlp_grpc_endpoint="http://c:4317",
+                otlp_http_endpoint="http://c:4318/v1/traces",
+                zipkin_endpoint="http://z:9411/api/v2/spans",
+                max_queue_size=10,
+            ),
+            access_log=model.AccessLogMode.SAMPLED,
+            metrics=False,
+        ),
+    ).with_version()
+
+
+def compiled_snapshots() -> list[model.Snapshot]:
+    out = []
+    for path in sorted(FIXTURES.glob("*.yaml")):
+        objects = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        state = ClusterState.from_objects(objects)
+        for obj in objects:
+            if obj["kind"] == "Pod":
+                node = ProxyNode(obj["metadata"]["name"], obj["metadata"]["namespace"])
+                out.append(compile_snapshot(state, node, MeshSettings(zipkin_endpoint="http://z:9411")))
+    return out
+
+
+def round_trip(s: model.Snapshot) -> model.Snapshot:
+    wire = snapshot_to_proto(s).SerializeToString()
+    msg = type(snapshot_to_proto(model.Snapshot()))()
+    msg.ParseFromString(wire)
+    return xconv.snapshot_from_proto(msg)
+
+
+@pytest.mark.parametrize(
+    "snapshot", [rich_snapshot(), model.Snapshot().with_version(), *compiled_snapshots()]
+)
+def test_round_trip_is_lossless_and_keeps_the_version(snapshot: model.Snapshot) -> None:
+    back = round_trip(snapshot)
+    assert back == snapshot
+    assert back.version == snapshot.version
+
+
+def test_rich_snapshot_differs_from_defaults_everywhere_it_can() -> None:
+    # Guards the round-trip test itself: if a field were left at its default in the rich
+    # snapshot, a converter that forgot the field would still pass.
+    s = rich_snapshot()
+    assert s.services[0].policy.fault is not None and s.services[0].routes[0].retry is not None
+    assert s.inbound.ports[0].rate_limit is not None and s.inbound.opaque_ports
+
+
+def test_announced_version_must_match_content() -> None:
+    s = rich_snapshot()
+    good = response(snapshot_to_proto(s), s.version, "n1")
+    assert xconv.received_snapshot(good) == s
+    bad = response(snapshot_to_proto(s), "0123456789abcdef", "n2")
+    with pytest.raises(ConfigError) as e:
+        xconv.received_snapshot(bad)
+    assert e.value.path == "version_info"
+
+
+def test_invalid_content_names_the_field() -> None:
+    s = rich_snapshot()
+    route = replace(
+        s.services[0].routes[0], backends=(model.WeightedBackend(model.ServiceKey("gone.ns9:1")),)
+    )
+    broken = replace(s, services=(replace(s.services[0], routes=(route,)), s.services[1]))
+    with pytest.raises(ConfigError) as e:
+        xconv.snapshot_from_proto(snapshot_to_proto(broken))
+    assert e.value.path == "services[0].routes[0].backends[0].service"
+    assert "gone.ns9:1" in e.value.message
+
+
+def test_unknown_enum_value_names_the_field() -> None:
+    msg = snapshot_to_proto(rich_snapshot())
+    msg.services[1].protocol = 42
+    with pytest.raises(ConfigError) as e:
+        xconv.snapshot_from_proto(msg)
+    assert e.value.path == "services[1].protocol"
+
+
+def test_node_identity_round_trip() -> None:
+    node = xconv.ProxyNode(
+        pod="p",
+        namespace="n",
+        service_account="sa",
+        labels=(("a", "1"),),
+        pod_ip="198.18.0.9",
+        workload="w",
+        proxy_version="0.1.0",
+    )
+    got = node_from_proto(xconv.first_request(node, "v1").node)
+    assert (
+        got.pod,
+        got.namespace,
+        got.service_account,
+        got.labels,
+        got.pod_ip,
+        got.workload,
+        got.proxy_version,
+    ) == ("p", "n", "sa", (("a", "1"),), "198.18.0.9", "w", "0.1.0")
