@@ -34,6 +34,7 @@ Concurrency: none; pure functions (``load_file`` reads one file).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import ipaddress
 import math
@@ -181,6 +182,11 @@ def _convert(tp: Any, value: object, path: str, duration: bool = False) -> Any:
             raise ConfigError(path, f"must be finite, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise ConfigError(
+                path,
+                f"expected a string, got a boolean {value!r} (YAML reads bare yes/no/on/off as booleans: quote it)",
+            )
         if not isinstance(value, str):
             raise ConfigError(path, f"expected a string, got {_kind(value)} {value!r}")
         return value
@@ -211,6 +217,9 @@ def _pairs(value: object, path: str) -> tuple[tuple[str, str], ...]:
 
 
 def _enum(tp: type[enum.Enum], value: object, path: str) -> enum.Enum:
+    if isinstance(value, bool) and {"on", "off"} <= {m.value for m in tp}:
+        # YAML 1.1 reads a bare on/off as a boolean; for an enum with those values it meant the word.
+        value = "on" if value else "off"
     for member in tp:
         if member.value == value:
             return member
@@ -225,7 +234,9 @@ def _dataclass(cls: type, value: object, path: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     for k in value:
         if k not in known:
-            raise ConfigError(_join(path, str(k)), f"unknown field (known: {', '.join(sorted(known))})")
+            close = difflib.get_close_matches(str(k), sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(_join(path, str(k)), f"unknown field ({hint}known: {', '.join(sorted(known))})")
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name == "version" and cls is Snapshot:

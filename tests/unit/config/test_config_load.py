@@ -321,7 +321,11 @@ BAD = [
     ("inbound.ports", [{"port": 80}, {"port": 80}], "inbound.ports[1].port: duplicate inbound port 80"),
     ("inbound.opaque_ports", [0], "inbound.opaque_ports: must be 1..65535, got 0"),
     ("telemetry.tracing.sampling_ratio", 2, "telemetry.tracing.sampling_ratio: must be 0..1, got 2"),
-    ("telemetry.access_log", True, "telemetry.access_log: must be one of 'off', 'on', 'sampled', got True"),
+    (
+        "telemetry.access_log",
+        "always",
+        "telemetry.access_log: must be one of 'off', 'on', 'sampled', got 'always'",
+    ),
     ("workload.labels", [["a", 1]], "workload.labels[0]: names and values must be strings"),
     ("extra", 1, "extra: unknown field"),
 ]
@@ -333,6 +337,26 @@ def test_bad_inputs_name_the_field(path: str, value: Any, message: str) -> None:
         load_dict(_set(valid(), path, value))
     assert str(info.value).startswith(message), str(info.value)
     assert info.value.path == message.split(": ")[0]
+
+
+def test_yaml_booleans_are_explained_or_understood() -> None:
+    snap = load_dict({"telemetry": {"access_log": False}})  # YAML 1.1 reads `access_log: off` as false
+    assert snap.telemetry.access_log.value == "off"
+    data = valid()
+    data["services"][0]["routes"][0]["matches"] = [{"headers": [{"name": "x-canary", "value": True}]}]
+    with pytest.raises(
+        ConfigError, match=r"headers\[0\]\.value: expected a string, got a boolean True .*quote it"
+    ):
+        load_dict(data)
+
+
+def test_unknown_field_suggests_the_closest_name() -> None:
+    data = valid()
+    data["services"][0]["policy"] = {"retyr": None}
+    with pytest.raises(
+        ConfigError, match=r"services\[0\]\.policy\.retyr: unknown field \(did you mean 'retry'\?"
+    ):
+        load_dict(data)
 
 
 def test_valid_baseline_loads() -> None:
