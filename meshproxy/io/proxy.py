@@ -1,0 +1,734 @@
+"""The request pipeline: from a parsed request head to an upstream response, in small layers.
+
+Owns: ``Proxy``, the ``RequestHandler`` the HTTP/1 and HTTP/2 codecs call, and
+its TCP counterpart ``Proxy.handle_tcp``; the layers of one hop; the one
+translation of errors into local replies (``reply_for`` over
+``meshproxy.core.flags``).
+
+The stack is composed in exactly one place (``Proxy._compose``); every layer
+has the signature ``async (call, next) -> UpstreamResponse``::
+
+    outbound: route -> fault -> timeout -> retry -> breaker -> balance -> upstream
+    inbound:  route -> rate limit -> balance -> upstream        (balance: the app address)
+
+  * route:     outbound, the destination service by original VIP:port then Host
+               (``RouteTable``); a known service without a matching route is NR (404);
+               an unknown destination is passed through to the original address.
+               Inbound, the app at ``inbound.app_address`` and the original port.
+  * fault / rate limit: ``core.fault.decide`` (FI) / a ``TokenBucket`` (RL, 429).
+  * timeout:   the route's or service's whole-request timeout, until the response head (UT).
+  * retry:     ``core.retry.should_retry`` with the service's budget and backoff; the
+               body is replayable while it stays under ``RetryPolicy.max_body_bytes``.
+  * breaker:   ``Breaker`` limits (UO) and failure accrual (CO); a 5xx or a failed
+               attempt is a failure.
+  * balance:   ``EndpointPool.pick`` (UH when empty); outlier outcome fed back when the
+               response ends.
+
+Invariants:
+  * A request captures ``runtime.active`` once; the whole exchange uses that config.
+  * Every local reply is built by ``core.flags`` from the error's flag, here only.
+  * Per-request runtime accounting (breaker slot, endpoint in-flight count) is
+    released exactly once, when the response body ends, fails or is abandoned.
+  * Hop-by-hop headers never cross the proxy (``end_to_end``), except the
+    ``Upgrade``/``Connection: upgrade`` pair of a WebSocket-style upgrade.
+
+Concurrency: one task per request (the codec's); layers only await, they own no tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from meshproxy.config.model import Endpoint, InboundPort, RetryPolicy, Route, Service, TrafficPolicy
+from meshproxy.core import fault as fault_mod
+from meshproxy.core.errors import (
+    ConfigError,
+    ProtocolError,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamResetError,
+    UpstreamTimeoutError,
+)
+from meshproxy.core.flags import Flag, grpc_local_reply, local_reply
+from meshproxy.core.http import Headers, RequestHead, ResponseHead, end_to_end, get_header
+from meshproxy.core.outlier import Outcome, outcome_for_status
+from meshproxy.core.retry import RetryBudgetState, backoff, should_retry
+from meshproxy.core.routing import apply_header_modifier
+from meshproxy.io.body import Detachable, DownstreamClosedError, KnownLength, NotReplayableError, ReplayBuffer
+from meshproxy.io.exchange import (
+    BodyStream,
+    DownstreamContext,
+    ResponseSink,
+    UpstreamClient,
+    UpstreamResponse,
+)
+from meshproxy.io.http1_client import Http1Client
+from meshproxy.io.runtime import Active, Runtime
+from meshproxy.io.tcp_relay import open_tcp, splice
+from meshproxy.telemetry.hop import HttpHop, Telemetry
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_POLICY = TrafficPolicy()
+_PASSTHROUGH_CONNECT_TIMEOUT = 5.0
+
+
+class LocalReplyError(ProxyError):
+    """The pipeline decided to answer itself (NR, UH, UO, CO, RL, FI, NC...)."""
+
+    def __init__(self, flag: Flag, detail: str = "", status: int | None = None) -> None:
+        super().__init__(f"{flag.value}: {detail}" if detail else flag.value)
+        self.flag = flag.value
+        self.flag_enum = flag
+        self.detail = detail
+        self.status = status
+
+
+def flag_for(exc: BaseException) -> Flag:
+    """The response flag for an error raised below the pipeline."""
+    if isinstance(exc, LocalReplyError):
+        return exc.flag_enum
+    if isinstance(exc, UpstreamConnectError):
+        return Flag.UF
+    if isinstance(exc, UpstreamTimeoutError | TimeoutError):
+        return Flag.UT
+    if isinstance(exc, UpstreamResetError):
+        return Flag.UR
+    if isinstance(exc, ProtocolError):
+        return Flag.DPE if exc.status < 500 else Flag.UR
+    if isinstance(exc, NotReplayableError):
+        return Flag.URX
+    if isinstance(exc, DownstreamClosedError):
+        return Flag.DC
+    if isinstance(exc, ConfigError):
+        return Flag.NC
+    return Flag.UR
+
+
+def reply_for(exc: BaseException, *, grpc: bool = False) -> tuple[ResponseHead, bytes]:
+    """The one translation of an error into the local reply the client gets."""
+    flag = flag_for(exc)
+    status: int | None = None
+    detail = str(exc)
+    if isinstance(exc, LocalReplyError):
+        status, detail = exc.status, exc.detail
+    elif isinstance(exc, ProtocolError) and flag is Flag.DPE:
+        detail = str(exc)
+    reply = (grpc_local_reply if grpc else local_reply)(flag, detail, status)
+    rstatus = reply.status
+    if flag is Flag.DPE and isinstance(exc, ProtocolError) and not grpc:
+        rstatus = exc.status  # 400, 413, 414 or 431: the codec knows which
+    return ResponseHead(status=rstatus, headers=reply.headers), reply.body
+
+
+def local_reply_for(exc: ProxyError) -> tuple[ResponseHead, bytes]:
+    """``LocalReply`` hook for the codecs (malformed requests)."""
+    return reply_for(exc)
+
+
+def _is_grpc(head: RequestHead) -> bool:
+    return (head.header("content-type") or "").startswith("application/grpc")
+
+
+def _outcome(exc: BaseException) -> Outcome:
+    if isinstance(exc, UpstreamConnectError):
+        return Outcome.CONNECT_FAILURE
+    if isinstance(exc, UpstreamTimeoutError | TimeoutError):
+        return Outcome.TIMEOUT
+    if isinstance(exc, UpstreamResetError | ProtocolError):
+        return Outcome.RESET
+    return Outcome.LOCAL
+
+
+class _Tracked:
+    """A response body that runs ``on_end(ok)`` exactly once: at its end, on error or on abort."""
+
+    def __init__(self, inner: BodyStream, on_end: Callable[[bool], None]) -> None:
+        self._inner = inner
+        self._on_end: Callable[[bool], None] | None = on_end
+
+    def _end(self, ok: bool) -> None:
+        cb, self._on_end = self._on_end, None
+        if cb is not None:
+            cb(ok)
+
+    @property
+    def content_length(self) -> int | None:
+        return self._inner.content_length if isinstance(self._inner, KnownLength) else None
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self._inner.trailers
+
+    async def read(self) -> bytes:
+        try:
+            data = await self._inner.read()
+        except BaseException:
+            self._end(False)
+            raise
+        if not data:
+            self._end(True)
+        return data
+
+    def abort(self) -> None:
+        self._end(False)
+        abort = getattr(self._inner, "abort", None)
+        if abort is not None:
+            abort()
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        self._end(True)
+        if not isinstance(self._inner, Detachable):
+            raise TypeError("this response body is not a tunnel")
+        return self._inner.detach()
+
+
+def _abort_body(body: BodyStream) -> None:
+    abort = getattr(body, "abort", None)
+    if abort is not None:
+        abort()
+
+
+def _track(resp: UpstreamResponse, on_end: Callable[[bool], None]) -> UpstreamResponse:
+    return UpstreamResponse(head=resp.head, body=_Tracked(resp.body, on_end))
+
+
+@dataclass(slots=True)
+class Call:
+    """One request's journey through the layers. Layers fill in what they decide."""
+
+    ctx: DownstreamContext
+    active: Active
+    head: RequestHead  # as it goes upstream
+    body: BodyStream
+    hop: HttpHop | None
+    grpc: bool
+    service: Service | None = None  # the destination service (after route splits)
+    route: Route | None = None
+    target: Endpoint | None = None  # a fixed destination (inbound app, passthrough)
+    inbound_port: InboundPort | None = None
+    endpoint: Endpoint | None = None  # chosen for the current try
+    tried: list[Endpoint] = field(default_factory=list)
+    retries: int = 0
+    upstream_version: str = "1.1"
+
+    @property
+    def policy(self) -> TrafficPolicy:
+        return self.service.policy if self.service is not None else _DEFAULT_POLICY
+
+
+Next = Callable[[Call], Awaitable[UpstreamResponse]]
+Layer = Callable[[Call, Next], Awaitable[UpstreamResponse]]
+
+
+class Proxy:
+    """The pipeline (see module doc). ``handle`` is the codecs' ``RequestHandler``."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        clients: Mapping[str, UpstreamClient],
+        *,
+        telemetry: Telemetry | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.clients = clients
+        self.telemetry = telemetry
+        self.rng = rng or random.Random()
+        self._outbound = self._compose(
+            [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
+        )
+        self._inbound = self._compose([self._route_inbound, self._rate_limit, self._balance])
+
+    def _compose(self, layers: list[Layer]) -> Next:
+        handler: Next = self._upstream
+        for layer in reversed(layers):
+            handler = _bind(layer, handler)
+        return handler
+
+    # ---- the RequestHandler ---------------------------------------------------------------
+
+    async def handle(
+        self, ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        active = self.runtime.active  # captured once for the whole exchange
+        grpc = _is_grpc(head)
+        upgrade = _upgrade_token(head)
+        hop = None
+        if self.telemetry is not None:
+            hop = self.telemetry.start_http(
+                direction=ctx.direction,
+                head=head,
+                peer=(ctx.peer_address, ctx.peer_port),
+                destination_service=self._dest_name(ctx, head, active),
+            )
+        counted = _Counting(body)
+        headers = end_to_end(head.headers, keep_te_trailers=head.version == "2")
+        up_head = head.with_headers(headers)
+        if hop is not None:
+            up_head = up_head.with_headers(hop.upstream_headers(up_head))
+        if upgrade:
+            up_head = up_head.with_headers(
+                (*up_head.headers, ("connection", "upgrade"), ("upgrade", upgrade))
+            )
+        if active is None:
+            await self._local(
+                sink, hop, LocalReplyError(Flag.NC, "waiting for the first config"), grpc, counted
+            )
+            return
+        call = Call(
+            ctx=ctx,
+            active=active,
+            head=up_head,
+            body=counted,
+            hop=hop,
+            grpc=grpc,
+            upstream_version="2" if head.version == "2" and "2" in self.clients else "1.1",
+        )
+        stack = self._inbound if ctx.direction == "inbound" else self._outbound
+        try:
+            resp = await stack(call)
+        except asyncio.CancelledError:
+            if hop is not None:
+                hop.finish(status=499, flag=Flag.DC.value, request_bytes=counted.count, response_bytes=0)
+            raise
+        except ProxyError as exc:
+            await self._local(sink, hop, exc, grpc, counted)
+            return
+        await self._respond(call, resp, sink, counted, upgrade)
+
+    def _dest_name(self, ctx: DownstreamContext, head: RequestHead, active: Active | None) -> str | None:
+        if active is None:
+            return None
+        if ctx.direction == "inbound":
+            port = active.inbound_ports.get(ctx.original_dst_port)
+            return port.service if port is not None and port.service else None
+        svc = active.table.service_for(ctx.original_dst_address, ctx.original_dst_port, head.authority)
+        return str(svc.key) if svc is not None else None
+
+    async def _local(
+        self, sink: ResponseSink, hop: HttpHop | None, exc: ProxyError, grpc: bool, counted: _Counting
+    ) -> None:
+        head, data = reply_for(exc, grpc=grpc)
+        log.debug(
+            "local reply", extra={"flag": flag_for(exc).value, "status": head.status, "reason": str(exc)}
+        )
+        try:
+            if data:
+                await sink.send_head(head)
+                await sink.send_data(data)
+                await sink.send_end()
+            else:
+                await sink.send_head(head, end_stream=True)
+        finally:
+            if hop is not None:
+                hop.finish(
+                    status=head.status,
+                    flag=flag_for(exc).value,
+                    request_bytes=counted.count,
+                    response_bytes=len(data),
+                    grpc_status=get_header(head.headers, "grpc-status"),
+                )
+
+    async def _respond(
+        self, call: Call, resp: UpstreamResponse, sink: ResponseSink, counted: _Counting, upgrade: str | None
+    ) -> None:
+        hop = call.hop
+        status = resp.head.status
+        headers = end_to_end(resp.head.headers, keep_te_trailers=False)
+        if call.route is not None:
+            headers = apply_header_modifier(headers, call.route.response_headers)
+        tunnel = (status == 101 and upgrade is not None) or (
+            call.head.method == "CONNECT" and 200 <= status < 300
+        )
+        if status == 101 and upgrade is not None:
+            headers = (
+                *headers,
+                ("connection", "upgrade"),
+                ("upgrade", resp.head.header("upgrade") or upgrade),
+            )
+        head = ResponseHead(
+            status=status, headers=headers, version=resp.head.version, reason=resp.head.reason
+        )
+        sent = 0
+        flag: str | None = None
+        try:
+            if tunnel:
+                await sink.send_head(head)
+                await self._tunnel(call, resp, sink)
+                return
+            body = resp.body
+            empty = isinstance(body, KnownLength) and body.content_length == 0
+            await sink.send_head(head, end_stream=empty)
+            if not empty:
+                while data := await body.read():
+                    sent += len(data)
+                    await sink.send_data(data)
+                await sink.send_end(body.trailers)
+            else:
+                await body.read()  # lets the accounting wrappers see the end
+        except DownstreamClosedError:
+            flag = Flag.DC.value
+            _abort_body(resp.body)
+        except ProxyError as exc:
+            flag = Flag.UC.value if not isinstance(exc, DownstreamClosedError) else Flag.DC.value
+            _abort_body(resp.body)
+            with contextlib.suppress(Exception):
+                await sink.reset()
+        except BaseException:
+            _abort_body(resp.body)
+            raise
+        finally:
+            if hop is not None:
+                trailers = resp.body.trailers
+                grpc_status = get_header(trailers or resp.head.headers, "grpc-status")
+                hop.finish(
+                    status=status,
+                    flag=flag,
+                    request_bytes=counted.count,
+                    response_bytes=sent,
+                    grpc_status=grpc_status,
+                )
+
+    async def _tunnel(self, call: Call, resp: UpstreamResponse, sink: ResponseSink) -> None:
+        body = resp.body
+        if not isinstance(sink, Detachable) or not isinstance(body, Detachable):
+            # An HTTP/2 downstream cannot carry an HTTP/1 upgrade: end it cleanly.
+            _abort_body(body)
+            await sink.reset()
+            return
+        down_t, down_pending = sink.detach()
+        up_t, up_pending = body.detach()
+        await splice(down_t, down_pending, up_t, up_pending)
+
+    # ---- layers (in stack order) ----------------------------------------------------------
+
+    async def _route_outbound(self, call: Call, nxt: Next) -> UpstreamResponse:
+        ctx, table = call.ctx, call.active.table
+        svc = table.service_for(ctx.original_dst_address, ctx.original_dst_port, call.head.authority)
+        if svc is None:
+            # Unknown destination: transparent passthrough to where the app was connecting.
+            call.target = Endpoint(address=ctx.original_dst_address, port=ctx.original_dst_port)
+            if call.hop is not None:
+                call.hop.annotate(route="passthrough")
+            return await nxt(call)
+        decision = table.route(svc, call.head.method, call.head.path, call.head.headers, self.rng)
+        if decision is None:
+            raise LocalReplyError(Flag.NR, f"{svc.key} {call.head.method} {call.head.path}")
+        call.service = decision.backend
+        call.route = decision.route
+        call.head = call.head.with_headers(
+            apply_header_modifier(call.head.headers, decision.route.request_headers)
+        )
+        if call.hop is not None:
+            call.hop.annotate(route=decision.route_name, backend=str(decision.backend.key))
+        return await nxt(call)
+
+    async def _route_inbound(self, call: Call, nxt: Next) -> UpstreamResponse:
+        inbound = call.active.snapshot.inbound
+        call.target = Endpoint(address=inbound.app_address, port=call.ctx.original_dst_port)
+        call.inbound_port = call.active.inbound_ports.get(call.ctx.original_dst_port)
+        return await nxt(call)
+
+    async def _rate_limit(self, call: Call, nxt: Next) -> UpstreamResponse:
+        port = call.inbound_port
+        policy = port.rate_limit if port is not None else None
+        name = f"inbound:{call.ctx.original_dst_port}"
+        if policy is None and port is not None and port.service:
+            for svc in call.active.snapshot.services:
+                if svc.name == port.service and svc.policy.rate_limit is not None:
+                    policy, name = svc.policy.rate_limit, f"service:{svc.name}.{svc.namespace}"
+                    break
+        if policy is not None and not self.runtime.bucket(name, policy).try_acquire():
+            if self.telemetry is not None:
+                self.telemetry.metrics.rate_limited(port.service if port and port.service else name)
+            raise LocalReplyError(Flag.RL, f"{name}: {policy.requests_per_second}/s, burst {policy.burst}")
+        return await nxt(call)
+
+    async def _fault(self, call: Call, nxt: Next) -> UpstreamResponse:
+        if call.service is None or call.policy.fault is None:
+            return await nxt(call)
+        decision = fault_mod.decide(call.policy.fault, self.rng)
+        if decision.delay > 0:
+            if call.hop is not None:
+                call.hop.annotate(decision="fault_delay")
+            await asyncio.sleep(decision.delay)
+        if decision.abort_status is not None:
+            raise LocalReplyError(Flag.FI, str(call.service.key), decision.abort_status)
+        return await nxt(call)
+
+    async def _timeout(self, call: Call, nxt: Next) -> UpstreamResponse:
+        if call.service is None:
+            return await nxt(call)
+        limit = call.route.timeout if call.route is not None and call.route.timeout else call.policy.timeout
+        if limit is None:
+            return await nxt(call)
+        try:
+            async with asyncio.timeout(limit) as cm:
+                return await nxt(call)
+        except TimeoutError as exc:
+            if cm.expired():
+                raise UpstreamTimeoutError(f"{call.service.key}: no response within {limit}s") from exc
+            raise
+
+    async def _retry(self, call: Call, nxt: Next) -> UpstreamResponse:
+        svc = call.service
+        policy = (call.route.retry if call.route is not None else None) or call.policy.retry
+        if svc is None or policy is None:
+            return await nxt(call)
+        budget = self.runtime.budget(svc)
+        if budget is not None:
+            budget.deposit()
+        breaker = self.runtime.breaker(svc)
+        replay = ReplayBuffer(call.body, policy.max_body_bytes)
+        attempt = 1
+        while True:
+            call.body = replay.stream()  # NotReplayableError (URX) once a retried body overflowed
+            try:
+                if policy.per_try_timeout is not None:
+                    try:
+                        async with asyncio.timeout(policy.per_try_timeout) as cm:
+                            resp = await nxt(call)
+                    except TimeoutError as exc:
+                        if cm.expired():
+                            raise UpstreamTimeoutError(
+                                f"{svc.key}: try {attempt} got no response within {policy.per_try_timeout}s"
+                            ) from exc
+                        raise
+                else:
+                    resp = await nxt(call)
+            except (UpstreamConnectError, UpstreamResetError, UpstreamTimeoutError, ProtocolError) as exc:
+                if not self._may_retry(call, policy, _outcome(exc), None, None, attempt, replay, budget):
+                    raise
+                err: BaseException | None = exc
+            else:
+                status = resp.head.status
+                grpc_status = get_header(resp.head.headers, "grpc-status")
+                grpc_code = int(grpc_status) if grpc_status and grpc_status.isdigit() else None
+                if not self._may_retry(
+                    call, policy, Outcome.SUCCESS, status, grpc_code, attempt, replay, budget
+                ):
+                    return resp
+                _abort_body(resp.body)
+                err = None
+            retry_slot = breaker.try_acquire_retry()
+            if not retry_slot:
+                if err is not None:
+                    raise err
+                raise LocalReplyError(Flag.UO, retry_slot.reason)
+            try:
+                call.retries += 1
+                if self.telemetry is not None:
+                    self.telemetry.metrics.retry(str(svc.key))
+                if call.hop is not None:
+                    call.hop.annotate(retries=call.retries)
+                await asyncio.sleep(backoff(policy, attempt, self.rng))
+            finally:
+                breaker.release_retry()
+            attempt += 1
+
+    def _may_retry(
+        self,
+        call: Call,
+        policy: RetryPolicy,
+        outcome: Outcome,
+        status: int | None,
+        grpc_status: int | None,
+        attempt: int,
+        replay: ReplayBuffer,
+        budget: RetryBudgetState | None,
+    ) -> bool:
+        return should_retry(
+            policy, call.head.method, outcome, status, grpc_status, attempt, replay.replayable, budget
+        )
+
+    async def _breaker(self, call: Call, nxt: Next) -> UpstreamResponse:
+        svc = call.service
+        if svc is None:
+            return await nxt(call)
+        breaker = self.runtime.breaker(svc)
+        admission = breaker.try_acquire_request()
+        if not admission:
+            if self.telemetry is not None:
+                self.telemetry.metrics.breaker_rejected(
+                    str(svc.key), admission.limit.value if admission.limit else "circuit_open"
+                )
+            raise LocalReplyError(admission.flag or Flag.UO, admission.reason)
+        try:
+            resp = await nxt(call)
+        except asyncio.CancelledError:
+            breaker.release_request(admission, None)
+            raise
+        except LocalReplyError:
+            breaker.release_request(admission, None)
+            raise
+        except BaseException:
+            breaker.release_request(admission, False)
+            self._breaker_gauge(svc)
+            raise
+        success = resp.head.status < 500
+
+        def done(ok: bool) -> None:
+            breaker.release_request(admission, success and ok)
+            self._breaker_gauge(svc)
+
+        return _track(resp, done)
+
+    def _breaker_gauge(self, svc: Service) -> None:
+        if self.telemetry is not None:
+            self.telemetry.metrics.set_breaker_state(str(svc.key), self.runtime.breaker(svc).state.value)
+
+    async def _balance(self, call: Call, nxt: Next) -> UpstreamResponse:
+        if call.target is not None:
+            call.endpoint = call.target
+            return await nxt(call)
+        svc = call.service
+        assert svc is not None
+        pool = self.runtime.pool(svc)
+        ep = pool.pick(exclude=call.tried)
+        if ep is None:
+            raise LocalReplyError(Flag.UH, str(svc.key))
+        call.endpoint = ep
+        call.tried.append(ep)
+        if call.hop is not None and ep.workload:
+            call.hop.annotate(destination_workload=ep.workload)
+        pool.on_request_start(ep)
+        try:
+            resp = await nxt(call)
+        except BaseException as exc:
+            pool.on_request_end(ep, _outcome(exc))
+            raise
+        outcome = outcome_for_status(resp.head.status)
+        return _track(resp, lambda ok: pool.on_request_end(ep, outcome if ok else Outcome.RESET))
+
+    async def _upstream(self, call: Call) -> UpstreamResponse:
+        ep = call.endpoint
+        assert ep is not None
+        client = self.clients.get(call.upstream_version) or self.clients["1.1"]
+        connect_timeout = call.policy.connect_timeout if call.service else _PASSTHROUGH_CONNECT_TIMEOUT
+        if isinstance(client, Http1Client) and call.service is not None:
+            return await client.request(
+                ep,
+                call.head,
+                call.body,
+                connect_timeout=connect_timeout,
+                idle_timeout=call.policy.idle_timeout,
+            )
+        return await client.request(ep, call.head, call.body, connect_timeout=connect_timeout)
+
+    # ---- opaque TCP -------------------------------------------------------------------------
+
+    async def handle_tcp(
+        self, ctx: DownstreamContext, transport: asyncio.Transport, pending: bytes, eof: bool
+    ) -> None:
+        """Relay one opaque TCP connection (its first bytes already read into ``pending``)."""
+        active = self.runtime.active
+        svc: Service | None = None
+        candidates: list[Endpoint] = []
+        connect_timeout = _PASSTHROUGH_CONNECT_TIMEOUT
+        dest_name = "unknown"
+        if ctx.direction == "inbound":
+            app = active.snapshot.inbound.app_address if active is not None else "127.0.0.1"
+            candidates = [Endpoint(address=app, port=ctx.original_dst_port)]
+            port = active.inbound_ports.get(ctx.original_dst_port) if active is not None else None
+            dest_name = port.service if port is not None and port.service else dest_name
+        elif active is not None:
+            svc = active.table.service_for(ctx.original_dst_address, ctx.original_dst_port, None)
+        if ctx.direction == "outbound" and svc is None:
+            candidates = [Endpoint(address=ctx.original_dst_address, port=ctx.original_dst_port)]
+        hop = None
+        if svc is not None:
+            dest_name = str(svc.key)
+            connect_timeout = svc.policy.connect_timeout
+        if self.telemetry is not None:
+            hop = self.telemetry.tcp_opened(direction=ctx.direction, destination_service=dest_name)
+        pool = self.runtime.pool(svc) if svc is not None else None
+        upstream: asyncio.Transport | None = None
+        chosen: Endpoint | None = None
+        last: Exception | None = None
+        for _ in range(3 if pool is not None else 1):
+            if pool is not None:
+                chosen = pool.pick(exclude=[e for e in candidates])
+                if chosen is None:
+                    break
+                candidates.append(chosen)
+                pool.on_request_start(chosen)
+            else:
+                chosen = candidates[0]
+            try:
+                upstream = await open_tcp(chosen.address, chosen.port, connect_timeout=connect_timeout)
+                break
+            except UpstreamConnectError as exc:
+                last = exc
+                if pool is not None:
+                    pool.on_request_end(chosen, Outcome.CONNECT_FAILURE)
+        if upstream is None or chosen is None:
+            transport.abort()
+            log.info(
+                "tcp upstream unavailable",
+                extra={
+                    "direction": ctx.direction,
+                    "destination": dest_name,
+                    "error": str(last or "no endpoint"),
+                },
+            )
+            if hop is not None:
+                hop.finish(bytes_sent=0, bytes_received=0, flag=(Flag.UF if last else Flag.UH).value)
+            return
+        stats = None
+        try:
+            stats = await splice(transport, pending, upstream, b"", a_eof=eof)
+        finally:
+            if pool is not None:
+                pool.on_request_end(chosen, Outcome.SUCCESS if stats is not None else Outcome.LOCAL)
+            if hop is not None:
+                hop.finish(
+                    bytes_sent=stats.a_to_b if stats else 0,
+                    bytes_received=stats.b_to_a if stats else 0,
+                    flag=Flag.UC.value if stats is not None and stats.reset else None,
+                )
+
+
+def _bind(layer: Layer, nxt: Next) -> Next:
+    async def bound(call: Call) -> UpstreamResponse:
+        return await layer(call, nxt)
+
+    return bound
+
+
+def _upgrade_token(head: RequestHead) -> str | None:
+    """The Upgrade protocol of an HTTP/1.1 upgrade request we pass through (never h2c)."""
+    if head.version != "1.1":
+        return None
+    up = head.header("upgrade")
+    conn = (head.header("connection") or "").lower()
+    if up is None or "upgrade" not in conn or up.strip().lower().startswith("h2c"):
+        return None
+    return up
+
+
+class _Counting:
+    """Counts request body bytes for telemetry while passing the stream through."""
+
+    def __init__(self, inner: BodyStream) -> None:
+        self._inner = inner
+        self.count = 0
+
+    @property
+    def content_length(self) -> int | None:
+        return self._inner.content_length if isinstance(self._inner, KnownLength) else None
+
+    @property
+    def trailers(self) -> Headers | None:
+        return self._inner.trailers
+
+    async def read(self) -> bytes:
+        data = await self._inner.read()
+        self.count += len(data)
+        return data

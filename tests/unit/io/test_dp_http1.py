@@ -1,0 +1,196 @@
+"""HTTP/1.1 through the sidecar on loopback: codecs, pool and pipeline against a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from dp_rig import VIP, Sidecar, Upstream, service, snapshot
+
+from meshproxy.config.model import (
+    Endpoint,
+    LbPolicy,
+    PathMatch,
+    PathMatchKind,
+    RetryPolicy,
+    Route,
+    RouteMatch,
+    TrafficPolicy,
+)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as u:
+        yield u
+
+
+@pytest.fixture
+async def passthrough(upstream: Upstream) -> AsyncIterator[Sidecar]:
+    """No service matches: the request goes to the original destination (the upstream)."""
+    async with Sidecar(snapshot(), ("127.0.0.1", upstream.port)) as sc:
+        yield sc
+
+
+async def test_keepalive_reuses_one_upstream_connection(upstream: Upstream) -> None:
+    async with (
+        Sidecar(snapshot(service(upstream.port)), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url) as client,
+    ):
+        for i in range(5):
+            r = await client.get(f"/hello?i={i}")
+            assert r.status_code == 200
+            assert r.text == "hello\n"
+    assert upstream.server.requests == 5
+    assert len(upstream.server.connections) == 1
+    assert sc.client.connects == 1
+
+
+async def test_chunked_upload_and_download_stream_through(passthrough: Sidecar) -> None:
+    parts = [bytes([i]) * 3000 for i in range(40)]
+
+    async def gen() -> AsyncIterator[bytes]:
+        for p in parts:
+            yield p
+
+    async with httpx.AsyncClient(base_url=passthrough.url) as client:
+        r = await client.post("/echo", content=gen())
+        assert r.status_code == 200
+        assert r.content == b"".join(parts)
+
+        async with client.stream("GET", "/stream?n=20&size=1000") as resp:
+            assert resp.headers.get("transfer-encoding") == "chunked"
+            got = b"".join([c async for c in resp.aiter_raw()])
+        assert got == b"".join(bytes([65 + i % 26]) * 1000 for i in range(20))
+
+
+async def test_trailers_of_a_chunked_response_are_forwarded(passthrough: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(b"GET /stream?n=2&size=3 HTTP/1.1\r\nHost: up\r\n\r\n")
+    await writer.drain()
+    data = b""
+    while not data.endswith(b"0\r\nx-checksum: done\r\n\r\n"):
+        chunk = await asyncio.wait_for(reader.read(65536), 5)
+        assert chunk, f"connection closed early: {data!r}"
+        data += chunk
+    assert b"AAA" in data and b"BBB" in data
+    writer.close()
+
+
+async def test_malformed_request_gets_400_and_close_and_proxy_keeps_serving(passthrough: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost a\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)  # read() to EOF: the proxy closes
+    head = raw.split(b"\r\n\r\n", 1)[0].decode()
+    assert head.startswith("HTTP/1.1 400 ")
+    assert "x-meshproxy-flag: DPE" in head
+    assert "connection: close" in head
+    writer.close()
+    async with httpx.AsyncClient(base_url=passthrough.url) as client:
+        assert (await client.get("/hello")).status_code == 200
+
+
+async def test_dead_backend_is_503_uf_and_proxy_keeps_serving(upstream: Upstream) -> None:
+    dead = Endpoint(address="127.0.0.1", port=1)  # nothing listens on port 1
+    snap = snapshot(service(upstream.port, endpoints=(dead,), policy=TrafficPolicy(retry=None)))
+    async with Sidecar(snap, (VIP, 80)) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        r = await client.get("/hello")
+        assert r.status_code == 503
+        assert r.headers["x-meshproxy-flag"] == "UF"
+        # The same connection and the proxy still work: a live service next.
+        sc.runtime.apply(snapshot(service(upstream.port)))
+        r = await client.get("/hello")
+        assert r.status_code == 200
+
+
+async def test_unknown_host_on_known_vip_without_matching_route_is_404_nr(upstream: Upstream) -> None:
+    only_api = Route(name="api", matches=(RouteMatch(path=PathMatch(PathMatchKind.PREFIX, "/api")),))
+    async with (
+        Sidecar(snapshot(service(upstream.port, routes=(only_api,))), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url) as client,
+    ):
+        r = await client.get("/other")
+        assert r.status_code == 404
+        assert r.headers["x-meshproxy-flag"] == "NR"
+        r = await client.get("/api/x")
+        assert r.status_code == 200
+    assert upstream.server.paths == ["/api/x"]
+
+
+async def test_retries_mask_a_flaky_endpoint(upstream: Upstream) -> None:
+    upstream.server.flaky_failures = 2
+    retry = RetryPolicy(attempts=2, retry_on=frozenset({"5xx"}), backoff_base=0.001, backoff_max=0.002)
+    snap = snapshot(service(upstream.port, policy=TrafficPolicy(retry=retry, outlier_detection=None)))
+    async with Sidecar(snap, (VIP, 80)) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        r = await client.get("/flaky")
+        assert r.status_code == 200
+        assert r.text == "flaky-ok\n"
+    assert upstream.server.requests == 3
+
+
+async def test_retried_post_body_is_replayed(upstream: Upstream) -> None:
+    # A connect failure is retried for any method; the body read by the failed try is replayed.
+    dead = Endpoint(address="127.0.0.1", port=1)
+    live = Endpoint(address="127.0.0.1", port=upstream.port)
+    retry = RetryPolicy(attempts=2, backoff_base=0.001, backoff_max=0.002)
+    policy = TrafficPolicy(retry=retry, outlier_detection=None, lb=LbPolicy.ROUND_ROBIN)
+    snap = snapshot(service(upstream.port, endpoints=(dead, live), policy=policy))
+    async with Sidecar(snap, (VIP, 80)) as sc, httpx.AsyncClient(base_url=sc.url) as client:
+        for i in range(4):  # round robin hits the dead endpoint first at least once
+            r = await client.post("/echo", content=b"payload-%d" % i)
+            assert r.status_code == 200
+            assert r.content == b"payload-%d" % i
+
+
+async def test_expect_100_continue(passthrough: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: up\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    await writer.drain()
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100 Continue")
+    writer.write(b"hello")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    body = await asyncio.wait_for(reader.readexactly(5), 5)
+    assert body == b"hello"
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(passthrough: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(
+        b"GET /status/201 HTTP/1.1\r\nHost: up\r\n\r\n"
+        b"POST /echo HTTP/1.1\r\nHost: up\r\nContent-Length: 3\r\n\r\nabc"
+        b"GET /status/202 HTTP/1.1\r\nHost: up\r\nConnection: close\r\n\r\n"
+    )
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)
+    assert statuses == [b"201", b"200", b"202"]
+    assert b"\r\n\r\nabc" in raw
+    writer.close()
+
+
+async def test_hop_by_hop_headers_are_not_forwarded(passthrough: Sidecar) -> None:
+    async with httpx.AsyncClient(base_url=passthrough.url) as client:
+        r = await client.get(
+            "/headers", headers={"connection": "keep-alive, x-secret", "x-secret": "1", "x-keep": "2"}
+        )
+    names = {k for k, _ in r.json()}
+    assert "x-keep" in names
+    assert "x-secret" not in names
+    assert "keep-alive" not in names
+
+
+async def test_head_response_keeps_the_connection_usable(passthrough: Sidecar) -> None:
+    async with httpx.AsyncClient(base_url=passthrough.url) as client:
+        r = await client.head("/hello")
+        assert r.status_code == 200
+        assert r.headers["content-length"] == "6"
+        r = await client.get("/hello")
+        assert r.text == "hello\n"
