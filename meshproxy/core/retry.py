@@ -16,11 +16,15 @@ API:
 Rules of ``should_retry`` (``attempt`` is the 1-based number of the try that
 just failed; there are at most ``policy.attempts`` retries, so a retry is
 allowed while ``attempt <= policy.attempts``):
-  * ``connect-failure``: any method, and even a non-replayable body, because
-    nothing was sent (the caller must not have consumed the body yet).
-  * ``reset``, ``5xx``, ``gateway-error`` (502/503/504; a per-try TIMEOUT counts as 504),
-    ``retriable-status-codes``: idempotent methods only (GET HEAD OPTIONS PUT
-    DELETE TRACE), because the upstream may have acted on the request.
+  * CONNECT_FAILURE (under ``connect-failure``, ``5xx`` or ``gateway-error``):
+    any method, and even a non-replayable body, because nothing was sent (the
+    caller must not have consumed the body yet).
+  * Idempotent methods only (GET HEAD OPTIONS PUT DELETE TRACE), because the
+    upstream may have acted on the request: RESET (under ``reset`` or ``5xx``),
+    a per-try TIMEOUT (under ``reset``, ``5xx`` or ``gateway-error``), and
+    statuses: ``5xx`` (500-599), ``gateway-error`` (502/503/504),
+    ``retriable-status-codes`` (``policy.status_codes``). As in Envoy, ``5xx``
+    includes "no response at all".
   * gRPC conditions ``unavailable`` (14) and also ``cancelled`` (1),
     ``deadline-exceeded`` (4), ``resource-exhausted`` (8), ``internal`` (13) if
     listed: any method (gRPC is always POST; the condition is the user's opt-in).
@@ -55,6 +59,12 @@ GRPC_CONDITIONS: dict[str, int] = {
 RETRY_CONDITIONS = frozenset(
     {"connect-failure", "reset", "5xx", "gateway-error", "retriable-status-codes", *GRPC_CONDITIONS}
 )
+
+# Which conditions cover failures without an upstream status (Envoy's reading: "5xx" also means
+# "did not respond at all"; a connect failure is answered as 503, so gateway-error covers it).
+_ON_CONNECT_FAILURE = frozenset({"connect-failure", "5xx", "gateway-error"})
+_ON_RESET = frozenset({"reset", "5xx"})
+_ON_TIMEOUT = frozenset({"reset", "5xx", "gateway-error"})
 
 _SLOTS = 10
 
@@ -149,7 +159,7 @@ def should_retry(
     idempotent = method.upper() in IDEMPOTENT_METHODS
     wanted = False
     if outcome is Outcome.CONNECT_FAILURE:
-        wanted = "connect-failure" in on
+        wanted = bool(on & _ON_CONNECT_FAILURE)
     elif body_replayable:
         if grpc_status is not None and any(
             GRPC_CONDITIONS[c] == grpc_status for c in on if c in GRPC_CONDITIONS
@@ -157,9 +167,9 @@ def should_retry(
             wanted = True
         elif idempotent:
             if outcome is Outcome.RESET:
-                wanted = "reset" in on
+                wanted = bool(on & _ON_RESET)
             elif outcome is Outcome.TIMEOUT:
-                wanted = _status_condition(policy, 504)
+                wanted = bool(on & _ON_TIMEOUT)
             elif status is not None:
                 wanted = _status_condition(policy, status)
     if not wanted:

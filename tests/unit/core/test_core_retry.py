@@ -41,8 +41,24 @@ def test_status_retries_only_for_idempotent_methods() -> None:
 
 def test_connect_failure_retries_any_method_even_unreplayable() -> None:
     assert decide(method="POST", outcome=Outcome.CONNECT_FAILURE, status=None, replayable=False)
-    no_cf = RetryPolicy(retry_on=frozenset({"5xx"}))
+    no_cf = RetryPolicy(retry_on=frozenset({"reset", "retriable-status-codes", "unavailable"}))
     assert not decide(no_cf, outcome=Outcome.CONNECT_FAILURE, status=None)
+    # Envoy's reading: 5xx and gateway-error also cover a connection that could not be made.
+    for cond in ("5xx", "gateway-error"):
+        assert decide(RetryPolicy(retry_on=frozenset({cond})), outcome=Outcome.CONNECT_FAILURE, status=None)
+
+
+def test_no_response_conditions() -> None:
+    def on(*conds: str) -> RetryPolicy:
+        return RetryPolicy(retry_on=frozenset(conds))
+
+    assert decide(on("reset"), outcome=Outcome.RESET, status=None)
+    assert decide(on("5xx"), outcome=Outcome.RESET, status=None)
+    assert not decide(on("gateway-error"), outcome=Outcome.RESET, status=None)
+    for cond in ("reset", "5xx", "gateway-error"):
+        assert decide(on(cond), outcome=Outcome.TIMEOUT, status=None), cond
+    assert not decide(on("connect-failure"), outcome=Outcome.TIMEOUT, status=None)
+    assert not decide(on("reset"), method="POST", outcome=Outcome.TIMEOUT, status=None)
 
 
 def test_conditions_select_statuses() -> None:
