@@ -62,6 +62,7 @@ class EndpointStats:
     in_flight: int
     consecutive_failures: int
     pod: str = ""
+    ejection_remaining: float | None = None  # seconds until the ejection ends (for humans)
 
 
 @dataclass(slots=True)
@@ -280,6 +281,11 @@ class EndpointPool:
                     in_flight=st.in_flight,
                     consecutive_failures=st.outlier.consecutive_failures,
                     pod=ep.pod,
+                    ejection_remaining=(
+                        st.outlier.ejected_until - now
+                        if st.outlier.ejected_until is not None and st.outlier.is_ejected(now)
+                        else None
+                    ),
                 )
             )
         return out

@@ -137,6 +137,8 @@ def test_connect_failures_eject_and_endpoint_returns_after_its_time() -> None:
     assert st.ejected_until == 30.0 and st.times_ejected == 1 and not st.healthy
     clock.advance(29.9)
     assert A not in {pool.pick() for _ in range(30)}
+    remaining = {s.address: s for s in pool.stats()}[A.address].ejection_remaining
+    assert remaining == pytest.approx(0.1)
     clock.advance(0.1)
     assert A in {pool.pick() for _ in range(30)}
     assert {s.address: s for s in pool.stats()}[A.address].ejected_until is None
