@@ -223,32 +223,20 @@ class HttpHop:
         decision: str | None = None,
         destination_workload: str | None = None,
     ) -> None:
-        """Record routing/resilience facts as they become known; any subset, any number of times."""
-        span = self._span
-        recording = span.is_recording()
+        """Record routing/resilience facts as they become known; any subset, any number of times.
+
+        Only stored here: they reach the span in one batch at ``finish`` (each attribute set on
+        an SDK span takes a lock and a validation pass, so batching is markedly cheaper)."""
         if route is not None:
             self._route = route
-            if recording:
-                span.set_attribute("mesh.route", route)
-                span.set_attribute("http.route", route)
-                if self._grpc is None:
-                    span.update_name(f"{self.head.method} {route}")
         if backend is not None:
             self._backend = backend
-            if recording:
-                span.set_attribute("mesh.backend", backend)
         if retries is not None:
             self._retries = retries
-            if recording:
-                span.set_attribute("mesh.retries", retries)
         if decision is not None:
             self._decision = decision
-            if recording:
-                span.set_attribute("mesh.decision", decision)
         if destination_workload is not None:
             self._dest_workload = destination_workload
-            if recording:
-                span.set_attribute("mesh.destination.workload", destination_workload)
 
     def finish(
         self,
@@ -310,14 +298,27 @@ class HttpHop:
             (error or flag or (str(status) if status >= 400 else None) or grpc_status) if is_error else None
         )
         if span.is_recording():
-            span.set_attribute("http.response.status_code", status)
+            attrs: dict[str, str | int] = {"http.response.status_code": status}
+            if self._route is not None:
+                attrs["mesh.route"] = attrs["http.route"] = self._route
+                if self._grpc is None:
+                    span.update_name(f"{self.head.method} {self._route}")
+            if self._backend is not None:
+                attrs["mesh.backend"] = self._backend
+            if self._retries:
+                attrs["mesh.retries"] = self._retries
+            if self._decision is not None:
+                attrs["mesh.decision"] = self._decision
+            if self._dest_workload is not None:
+                attrs["mesh.destination.workload"] = self._dest_workload
             if flag:
-                span.set_attribute("mesh.response_flag", flag)
+                attrs["mesh.response_flag"] = flag
             if grpc_status is not None and grpc_status.isdigit():
-                span.set_attribute("rpc.grpc.status_code", int(grpc_status))
+                attrs["rpc.grpc.status_code"] = int(grpc_status)
             if error_type is not None:
-                span.set_attribute("error.type", error_type)
+                attrs["error.type"] = error_type
                 span.set_status(Status(StatusCode.ERROR, error_type))
+            span.set_attributes(attrs)
         span.end()
 
         mode = tel.access_log_mode
