@@ -25,7 +25,7 @@ Behaviour the pipeline relies on (``meshproxy.io.exchange.UpstreamClient``):
 Abandoning a response (the pipeline's task was cancelled, a timeout fired): the
 upstream stream is reset with RST_STREAM(CANCEL) when (a) ``request`` is cancelled while
 waiting for the head, (b) ``Http2ResponseBody.read`` is cancelled, (c) the pipeline calls
-``await body.aclose()`` (call it in a ``finally``), or (d) as a last resort, when the
+``body.abort()`` or ``await body.aclose()``, or (d) as a last resort, when the
 ``Http2ResponseBody`` is garbage-collected before the stream finished.
 
 Invariants: ``h2`` is touched only on the event loop; every buffer is bounded (inbound by
@@ -107,6 +107,19 @@ class Http2ResponseBody:
     @property
     def trailers(self) -> Headers | None:
         return self._stream.body.trailers
+
+    @property
+    def content_length(self) -> int | None:
+        """``0`` when the response already ended with no data and no trailers (``KnownLength``).
+
+        Lets the pipeline answer with one HEADERS+END_STREAM frame, which keeps a gRPC
+        trailers-only response what it was. ``None`` (unknown) otherwise.
+        """
+        return 0 if self._stream.body.empty_and_ended else None
+
+    def abort(self) -> None:
+        """Give up on the response: RST_STREAM(CANCEL) if the stream is still open."""
+        self._stream.abandon()
 
     async def aclose(self) -> None:
         self._stream.abandon()
@@ -546,6 +559,10 @@ class Http2Client:
         """Usable connections to ``endpoint`` (for /clusters-style introspection and tests)."""
         pool = self._pools.get((endpoint.address, endpoint.port))
         return len(pool.conns) if pool is not None else 0
+
+    async def close(self) -> None:
+        """Same as ``aclose`` (the name ``Http1Client`` uses)."""
+        await self.aclose()
 
     async def aclose(self) -> None:
         """Close every connection (GOAWAY + FIN) and wait until they are gone."""

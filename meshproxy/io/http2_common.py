@@ -32,9 +32,9 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from meshproxy.core.errors import ProxyError
 from meshproxy.core.h2util import GoAway, GoAwaySplitter
 from meshproxy.core.http import Headers
+from meshproxy.io.body import DownstreamClosedError
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,12 @@ CANCEL = 0x8
 _READ_COALESCE = 64 * 1024  # one read() joins buffered chunks up to this many bytes
 
 
-class StreamClosedError(ProxyError):
-    """The HTTP/2 stream (or its connection) is gone: reset by the peer, or connection lost."""
+class StreamClosedError(DownstreamClosedError):
+    """The HTTP/2 stream (or its connection) is gone: reset by the peer, or connection lost.
 
-    flag = "DC"
+    A ``DownstreamClosedError`` because that is what the pipeline sees of it (the server
+    side's sink and request body); the client side only uses it internally.
+    """
 
 
 class InboundBody:
@@ -76,6 +78,11 @@ class InboundBody:
     @property
     def finished(self) -> bool:
         return self._done or self._error is not None
+
+    @property
+    def empty_and_ended(self) -> bool:
+        """Ended normally (END_STREAM, no error) with nothing left to read and no trailers."""
+        return self._done and self._error is None and not self._chunks and self._trailers is None
 
     def push(self, data: bytes, flow_len: int) -> None:
         if self._done or self._error is not None:
