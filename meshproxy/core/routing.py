@@ -214,7 +214,8 @@ class RouteTable:
 
     def service_for(self, dst_ip: str | None, dst_port: int | None, authority: str | None) -> Service | None:
         if dst_ip and dst_port is not None:
-            hit = self._by_vip.get((_norm_ip(dst_ip), dst_port))
+            # Exact string first: the socket layer hands us canonical text, so parsing is rare.
+            hit = self._by_vip.get((dst_ip, dst_port)) or self._by_vip.get((_norm_ip(dst_ip), dst_port))
             if hit is not None:
                 return hit
         if not authority:
