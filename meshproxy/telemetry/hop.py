@@ -47,8 +47,8 @@ Invariants:
   * When a span is not sampled no attributes are built; when the access log is
     off no record is built; ``finish`` is idempotent (a second call is ignored).
   * ``reconfigure`` swaps the tracing pipeline in one assignment; hops already
-    started keep the span they have (a span ended after its old pipeline was
-    shut down is dropped by the SDK, which is accepted at a config change).
+    started keep their span, and the old pipeline stays open ``RETIRE_GRACE``
+    seconds for them before it is flushed and stopped.
 
 Concurrency: everything here runs on the event-loop thread; the only threads
 are the exporters' batch workers and the access-log writer, reached through
@@ -92,6 +92,9 @@ _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # the headers come from the network, so they must not be able to grow the series count.
 MAX_SOURCES = 256
 UNKNOWN = "unknown"
+# Seconds a replaced tracing pipeline stays open for the spans of requests still in flight
+# (the default whole-request timeout is 15 s).
+RETIRE_GRACE = 20.0
 NO_FLAG = "-"
 # gRPC codes that are a server's fault (semantic conventions: the rest, e.g. NOT_FOUND, are the
 # caller's business and only errors on the client side): UNKNOWN, DEADLINE_EXCEEDED,
@@ -471,6 +474,8 @@ class Telemetry:
         self._schedule_delay_millis = schedule_delay_millis
         self._sources: set[tuple[str, str]] = set()
         self._retired: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self.retire_grace = RETIRE_GRACE
         self._closer: threading.Thread | None = None
         self.settings = settings
         self.workload = workload
@@ -530,8 +535,14 @@ class Telemetry:
         if settings.tracing != self.settings.tracing or workload != self.workload:
             old = self.tracing
             self.tracing = self._pipeline(settings.tracing, workload)
-            # The old pipeline flushes on a worker thread; shutdown() waits for it with a deadline.
-            t = threading.Thread(target=old.shutdown, name="meshproxy-tracing-retire", daemon=True)
+
+            def retire() -> None:
+                # Requests already in flight still end their spans on the old pipeline: keep it
+                # open for a grace period (cut short by shutdown()), then flush and stop it.
+                self._stopping.wait(self.retire_grace)
+                old.shutdown()
+
+            t = threading.Thread(target=retire, name="meshproxy-tracing-retire", daemon=True)
             t.start()
             self._retired = [r for r in self._retired if r.is_alive()] + [t]
         self.settings = settings
@@ -623,6 +634,7 @@ class Telemetry:
         """Flush access-log lines and spans; give up after ``grace`` seconds (a dead
         backend must not hold up the proxy's exit: undelivered spans are lost)."""
         pipeline, access_log, retired = self.tracing, self._access_log, list(self._retired)
+        self._stopping.set()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 

@@ -141,3 +141,21 @@ async def test_reconfigure_swaps_sampling(make_rig: MakeRig) -> None:
     same = rig.tel.tracing
     rig.tel.reconfigure(model.Telemetry(tracing=model.Tracing(sampling_ratio=0.0)))
     assert rig.tel.tracing is same
+
+
+async def test_span_in_flight_across_reconfigure_is_still_exported(make_rig: MakeRig) -> None:
+    from meshproxy.config import model
+
+    rig = make_rig(ratio=1.0)
+    old = rig.tel.tracing
+    hop = rig.tel.start_http(
+        direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
+    )
+    rig.tel.reconfigure(model.Telemetry(tracing=model.Tracing(sampling_ratio=0.5)))
+    assert rig.tel.tracing is not old
+    hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
+    old.force_flush()
+    assert [f"{s.context.trace_id:032x}" for s in rig.exporter.get_finished_spans()] == [hop.trace_id]
+    # shutdown() cuts the old pipeline's grace period short instead of waiting it out.
+    await rig.tel.shutdown(grace=5)
+    assert all(not t.is_alive() for t in rig.tel._retired)
