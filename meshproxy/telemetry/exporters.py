@@ -7,7 +7,10 @@ counts spans an exporter failed to deliver.
 Selection (first that applies):
   1. Endpoints in the config snapshot: ``otlp_grpc_endpoint``,
      ``otlp_http_endpoint``, ``zipkin_endpoint`` (any combination).
-  2. Otherwise the environment, as every OpenTelemetry SDK reads it:
+  2. Otherwise the sidecar's injected environment (``controlplane.inject``):
+     ``MESHPROXY_OTLP_GRPC_ENDPOINT``, ``MESHPROXY_OTLP_HTTP_ENDPOINT``,
+     ``MESHPROXY_ZIPKIN_ENDPOINT`` (any combination).
+  3. Otherwise the standard environment, as every OpenTelemetry SDK reads it:
      ``OTEL_TRACES_EXPORTER`` (``otlp``, ``zipkin``, ``none``; comma list),
      ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``, ``OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL``
      (``grpc`` or ``http/protobuf``), ``OTEL_EXPORTER_ZIPKIN_ENDPOINT``,
@@ -99,6 +102,13 @@ def zipkin(endpoint: str, timeout: float) -> SpanExporter:
     return ZipkinExporter(endpoint=endpoint, timeout=max(1, round(timeout)))
 
 
+_MESH_ENV = (
+    ("otlp_grpc", "MESHPROXY_OTLP_GRPC_ENDPOINT"),
+    ("otlp_http", "MESHPROXY_OTLP_HTTP_ENDPOINT"),
+    ("zipkin", "MESHPROXY_ZIPKIN_ENDPOINT"),
+)
+
+
 def describe(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, str]]:
     """``(kind, endpoint)`` pairs to export to; kinds: ``otlp_grpc``, ``otlp_http``, ``zipkin``."""
     out: list[tuple[str, str]] = []
@@ -108,6 +118,11 @@ def describe(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, str]]
         out.append(("otlp_http", settings.otlp_http_endpoint))
     if settings.zipkin_endpoint:
         out.append(("zipkin", settings.zipkin_endpoint))
+    if out:
+        return out
+    for kind, var in _MESH_ENV:
+        if env.get(var):
+            out.append((kind, env[var]))
     if out:
         return out
 

@@ -64,6 +64,18 @@ def test_config_endpoints_win_over_the_environment() -> None:
             [("zipkin", "http://z:9411/api/v2/spans"), ("otlp_grpc", "http://localhost:4317")],
         ),
         ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, []),
+        # The injected sidecar environment comes before the generic OTEL_* variables.
+        (
+            {
+                "MESHPROXY_OTLP_GRPC_ENDPOINT": "http://jaeger-collector.meshproxy-system:4317",
+                "MESHPROXY_ZIPKIN_ENDPOINT": "http://zipkin:9411/api/v2/spans",
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317",
+            },
+            [
+                ("otlp_grpc", "http://jaeger-collector.meshproxy-system:4317"),
+                ("zipkin", "http://zipkin:9411/api/v2/spans"),
+            ],
+        ),
     ],
 )
 def test_environment_selection(env: dict[str, str], expected: list[tuple[str, str]]) -> None:
