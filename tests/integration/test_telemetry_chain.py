@@ -12,21 +12,44 @@ with the mesh attributes set, and the server-side sidecars' metrics must name th
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.lab.demo import Demo
-from meshproxy.lab.netns import Lab, wait_until
+from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason, wait_until
 from meshproxy.lab.spanlog import read_spans
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 
-def test_span_chain_through_three_sidecars(lab: Lab) -> None:
+@pytest.fixture
+def world_readable_lab() -> Iterator[Lab]:
+    """A lab whose workdir the proxy UID can read.
+
+    The shared ``lab`` fixture puts the workdir under pytest's ``tmp_path``, whose parents are
+    mode 0700, so a sidecar running as the proxy UID cannot read its config there. ``Lab()``
+    without a workdir makes its own under /tmp (and removes it on close).
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"network-namespace lab required in CI but unavailable: {reason}")
+        pytest.skip(f"network-namespace lab unavailable: {reason}")
+    if shutil.which("iptables-restore") is None:
+        pytest.skip("needs iptables (make system-deps)")
+    cleanup_stale()
+    with Lab() as lab:
+        yield lab
+
+
+def test_span_chain_through_three_sidecars(world_readable_lab: Lab) -> None:
     if importlib.util.find_spec("meshproxy.io.app") is None:
         pytest.skip("the sidecar (meshproxy.io.app) has not landed yet")
-    demo = Demo(lab)
+    demo = Demo(world_readable_lab)
     demo.start()
     demo.warm_up()
     result = demo.load(3, 1)
