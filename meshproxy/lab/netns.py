@@ -241,7 +241,18 @@ class Lab:
         """The argv that runs ``argv`` inside ``pod`` (as ``uid`` if given)."""
         prefix = ["ip", "netns", "exec", pod.netns]
         if uid is not None:
-            prefix += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            # CAP_DAC_READ_SEARCH (read-only) lets the process read the interpreter and code where
+            # they live on a developer machine (e.g. pyenv under a 0700 /root); without it the
+            # interpreter silently falls back to the system's stdlib. Only file reads are widened:
+            # the iptables owner match still sees ``uid``.
+            prefix += [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--inh-caps=+dac_read_search",
+                "--ambient-caps=+dac_read_search",
+            ]
         return [*prefix, *argv]
 
     def exec(
