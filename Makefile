@@ -9,7 +9,7 @@ CACHE  ?= $(HOME)/.cache/meshproxy
 export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
+.PHONY: bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
 
 help:
 	@echo "make demo         install and run the local demo mesh (no cluster needed; root for network namespaces)"
@@ -58,3 +58,13 @@ test: lint install system-deps k8s-bins
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info meshapi/discovery/v1/*_pb2*.py meshapi/discovery/v1/*_pb2*.pyi
+
+# Benchmarks: fixed-rate load in network namespaces, scenarios interleaved, ratios in the report.
+BENCH_ARGS ?=
+bench: install
+	./scripts/system-deps.sh --bench
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-telemetry: install
+	./scripts/system-deps.sh --bench
+	$(BIN)/python -m bench.run --scenarios direct,nginx,meshproxy-notel,meshproxy --ablation $(BENCH_ARGS)

@@ -1,0 +1,1 @@
+"""Benchmarks (make bench*): scenarios interleaved in one run, reported as ratios."""
