@@ -8,6 +8,8 @@ CACHE=${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}
 declare -A PKG=(
   [fortio]="fortio.org/fortio@v1.66.5"
   [jaeger]="github.com/jaegertracing/jaeger/cmd/jaeger@v1.76.0"
+  [prometheus]="github.com/prometheus/prometheus/cmd/prometheus@v0.316.0"  # e2e: scrapes the sidecars
+  [coredns]="github.com/coredns/coredns@v1.14.7"  # e2e: cluster DNS
 )
 name=${1:?usage: go-tool.sh NAME}
 spec=${PKG[$name]:?unknown tool $name}
