@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from controlplane.index import parse_traffic_policy
+from meshproxy.config.model import LbPolicy, RateLimit
 from tests.support.apiserver import ApiServer
 
 pytestmark = pytest.mark.apiserver
@@ -22,9 +24,10 @@ FULL_SPEC = {
     "retries": {
         "attempts": 3,
         "perTryTimeout": "1.5s",
-        "retryOn": ["connect-failure", "reset", "5xx", "retriable-status-codes"],
+        "retryOn": ["connect-failure", "reset", "5xx", "retriable-status-codes", "unavailable"],
         "statusCodes": [409, 503],
-        "budget": {"ratio": 0.2, "minPerSecond": 10},
+        "budget": {"ratio": 0.2, "minPerSecond": 10, "window": "10s"},
+        "maxBodyBytes": 65536,
         "backoff": {"base": "25ms", "max": "250ms"},
     },
     "circuitBreaker": {
@@ -37,6 +40,7 @@ FULL_SPEC = {
         "maxOpenDuration": "1m",
     },
     "outlierDetection": {
+        "enabled": True,
         "consecutive5xx": 5,
         "consecutiveGatewayErrors": 5,
         "consecutiveConnectFailures": 3,
@@ -80,7 +84,18 @@ def test_full_valid_policy_is_accepted_and_stored_as_written(apiserver: ApiServe
     stored = yaml.safe_load(
         apiserver.kubectl("get", "trafficpolicy", "full", "-n", namespace, "-o", "yaml").stdout
     )
+    # Nothing pruned: every field the control plane reads is in the schema.
     assert stored["spec"] == FULL_SPEC
+    # And the control plane's reference reading understands the stored object.
+    info = parse_traffic_policy(stored)
+    assert info.error is None
+    assert info.target_name == "inventory"
+    assert info.policy.timeout == 15.0
+    assert info.policy.retry is not None
+    assert info.policy.retry.per_try_timeout == 1.5
+    assert info.policy.retry.budget.window == 10.0
+    assert info.policy.lb is LbPolicy.LEAST_REQUEST
+    assert info.policy.rate_limit == RateLimit(requests_per_second=100, burst=20)
 
 
 @pytest.mark.parametrize(
@@ -92,7 +107,8 @@ def test_full_valid_policy_is_accepted_and_stored_as_written(apiserver: ApiServe
         ("retries.attempts", -1, "spec.retries.attempts"),
         ("retries.retryOn", ["sometimes"], "spec.retries.retryOn"),
         ("retries.statusCodes", [700], "spec.retries.statusCodes"),
-        ("retries.budget.ratio", 1.5, "spec.retries.budget.ratio"),
+        ("retries.budget.ratio", -0.5, "spec.retries.budget.ratio"),
+        ("retries.budget.window", "forever", "spec.retries.budget.window"),
         ("loadBalancer", "fastest", "spec.loadBalancer"),
         ("targetRef", ..., "spec.targetRef"),
         ("targetRef.kind", "Deployment", "spec.targetRef.kind"),
