@@ -1,0 +1,381 @@
+"""The gRPC ConfigDiscovery server (port 15010): one config stream per proxy.
+
+Owns: the server side of the stream contract in
+``protos/meshapi/discovery/v1/discovery.proto`` (read it first), per-proxy
+sync status for ``ListProxies`` / ``GetProxyConfig`` (``meshctl``), and the
+grpc.aio server's options (keepalive, message size).
+
+One stream, as implemented:
+  1. The first request must carry ``node.pod`` and ``node.namespace``
+     (else INVALID_ARGUMENT). The node is registered with the reconciler,
+     which compiles for it at once; the stream then always sends the full
+     current snapshot first, with ``version_info`` = its content hash and a
+     fresh nonce.
+  2. A reader task handles ACK/NACKs: a request whose ``response_nonce`` is
+     not the latest sent is stale and ignored (counted). ACK -> ``acked_version``.
+     NACK -> ``last_nack`` and that version is remembered: it is never sent
+     again to this stream; the next different version is.
+  3. The writer waits for new snapshots from the cache. Its send slot is a
+     bounded coalescing queue: it always sends the newest snapshot, and counts
+     how many arrived since its last send. More than ``send_queue_size`` while
+     one write is stuck (the proxy does not read), or one write taking longer
+     than ``send_timeout``, closes the stream with RESOURCE_EXHAUSTED (counted):
+     a slow proxy never blocks the reconciler or other streams.
+  4. When the stream ends, the node is unregistered (unless a newer stream of
+     the same node took over).
+
+Status per proxy: ``NOT_SENT`` (nothing sent yet), ``SYNCED`` (it ACKed the
+version compiled for it now), ``STALE`` (anything else: in flight, NACKed, or
+behind). ``GetProxyConfig`` returns the snapshot the proxy last ACKed.
+
+Concurrency: grpc.aio runs each RPC as a task on the one event loop; each
+stream adds one reader task that it owns and cancels. Shared state (the
+registry of streams, the proto cache) is only touched from the loop, so no
+locks. The only broad ``except`` is per stream (log, count, close).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import itertools
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from controlplane import convert
+from controlplane.cache import SnapshotCache
+from controlplane.compile import ProxyNode
+from controlplane.metrics import ControlPlaneMetrics
+from controlplane.settings import ControlPlaneSettings
+from meshapi.discovery.v1 import discovery_pb2_grpc
+from meshproxy.config.load import dump
+from meshproxy.config.model import Snapshot
+
+log = logging.getLogger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+_EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
+
+
+class NodeRegistry(Protocol):
+    """What the server needs of the reconciler."""
+
+    def add_node(self, node_id: str, node: ProxyNode) -> Snapshot: ...
+
+    def remove_node(self, node_id: str) -> None: ...
+
+
+def grpc_options(settings: ControlPlaneSettings) -> list[tuple[str, Any]]:
+    """Server channel options: keepalive in both directions and large messages."""
+    return [
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # Proxies ping every ~10 s too; a stricter server would answer with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+    ]
+
+
+class _StreamClosed(Exception):
+    """The proxy ended the stream (or it broke)."""
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One proxy's stream: what was sent, what it ACKed, and its send slot."""
+
+    node_id: str
+    node: ProxyNode
+    connected_since: str
+    queue_limit: int
+    latest: Snapshot | None = None  # newest snapshot not sent yet
+    pending: int = 0  # snapshots offered since the last send
+    overflow: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: Snapshot | None = None
+    sent_nonce: str = ""
+    sent_at: float = 0.0
+    acked: Snapshot | None = None
+    # Versions this proxy rejected; never sent to it again on this stream. Bounded: a
+    # proxy that NACKs everything cycles through at most this many distinct versions.
+    nacked: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    last_nack: str = ""
+    reader_done: bool = False
+
+    def offer(self, snapshot: Snapshot) -> None:
+        """Called by the cache on every new version; never blocks."""
+        self.latest = snapshot
+        self.pending += 1
+        if self.pending > self.queue_limit:
+            self.overflow = True
+        self.wake.set()
+
+
+class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
+    """The ConfigDiscovery servicer."""
+
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        cache: SnapshotCache,
+        settings: ControlPlaneSettings,
+        metrics: ControlPlaneMetrics,
+        *,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self._registry = registry
+        self._cache = cache
+        self._settings = settings
+        self._metrics = metrics
+        self._clock = clock
+        self._streams: dict[str, _Stream] = {}
+        self._nonces = itertools.count(1)
+        # Converting a big snapshot to protobuf costs more than sending it; replicas of a
+        # workload share one snapshot, so convert once per version.
+        self._protos: OrderedDict[str, Any] = OrderedDict()
+
+    # ---- the stream
+
+    async def StreamConfig(self, request_iterator: AsyncIterator[Any], context: Ctx) -> None:
+        first = await context.read()
+        if first is _EOF:
+            return
+        node = convert.node_from_proto(first.node)
+        if not node.pod or not node.namespace:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.pod and node.namespace"
+            )
+        stream = _Stream(
+            node_id=node.node_id,
+            node=node,
+            connected_since=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            queue_limit=self._settings.send_queue_size,
+        )
+        previous = self._streams.get(stream.node_id)
+        if previous is not None:
+            log.info("proxy reconnected; replacing its older stream", extra={"node": stream.node_id})
+        self._streams[stream.node_id] = stream
+        cancel_watch = self._cache.watch(stream.node_id, stream.offer)
+        self._metrics.connected_proxies.inc()
+        reader = asyncio.create_task(self._read(stream, context), name=f"discovery-read-{stream.node_id}")
+        try:
+            snapshot = self._registry.add_node(stream.node_id, node)
+            # The cache only wakes watchers on a version change; a reconnecting proxy whose
+            # config did not change still gets its full snapshot first.
+            if stream.latest is None:
+                stream.offer(snapshot)
+            await self._write_loop(stream, context)
+        except _StreamClosed:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("discovery stream failed", extra={"node": stream.node_id})
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            cancel_watch()
+            self._metrics.connected_proxies.dec()
+            if self._streams.get(stream.node_id) is stream:
+                del self._streams[stream.node_id]
+                self._registry.remove_node(stream.node_id)
+
+    async def _write_loop(self, stream: _Stream, context: Ctx) -> None:
+        while True:
+            await stream.wake.wait()
+            stream.wake.clear()
+            if stream.reader_done:
+                raise _StreamClosed
+            if stream.overflow:
+                await self._close_slow(stream, context, "too many updates queued")
+            snapshot, stream.latest, stream.pending = stream.latest, None, 0
+            if snapshot is None:
+                continue
+            if snapshot.version in stream.nacked:
+                continue  # never resend what the proxy rejected
+            if stream.sent is not None and snapshot.version == stream.sent.version:
+                continue
+            nonce = f"{next(self._nonces)}"
+            msg = convert.response(self._proto(snapshot), snapshot.version, nonce)
+            # Record before writing: the ACK can arrive before write() returns.
+            stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
+            await self._write(stream, context, msg)
+            self._metrics.pushes.inc()
+            log.debug(
+                "snapshot sent", extra={"node": stream.node_id, "version": snapshot.version, "nonce": nonce}
+            )
+
+    async def _write(self, stream: _Stream, context: Ctx, msg: Any) -> None:
+        write = asyncio.ensure_future(context.write(msg))
+        deadline = self._clock() + self._settings.send_timeout
+        try:
+            while not write.done():
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    await self._close_slow(
+                        stream, context, f"a write took longer than {self._settings.send_timeout:g}s"
+                    )
+                woken = asyncio.ensure_future(stream.wake.wait())
+                try:
+                    await asyncio.wait({write, woken}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    woken.cancel()
+                if stream.reader_done and not write.done():
+                    raise _StreamClosed
+                if stream.overflow and not write.done():
+                    await self._close_slow(stream, context, "too many updates queued behind a stuck write")
+            write.result()
+        finally:
+            if not write.done():
+                write.cancel()
+
+    async def _close_slow(self, stream: _Stream, context: Ctx, why: str) -> None:
+        self._metrics.slow_closes.inc()
+        log.warning("closing a slow proxy's stream", extra={"node": stream.node_id, "reason": why})
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"proxy too slow: {why}")
+
+    async def _read(self, stream: _Stream, context: Ctx) -> None:
+        try:
+            while True:
+                req = await context.read()
+                if req is _EOF:
+                    return
+                self._on_request(stream, req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the stream broke under the reader: the writer ends it
+            log.debug("discovery read ended", extra={"node": stream.node_id, "error": repr(exc)})
+        finally:
+            stream.reader_done = True
+            stream.wake.set()
+
+    def _on_request(self, stream: _Stream, req: Any) -> None:
+        if not req.response_nonce or req.response_nonce != stream.sent_nonce or stream.sent is None:
+            self._metrics.stale_requests.inc()
+            return
+        sent = stream.sent
+        stream.sent_nonce = ""  # one answer per response
+        if req.HasField("error_detail") and (req.error_detail.message or req.error_detail.code):
+            stream.nacked[sent.version] = None
+            while len(stream.nacked) > 64:
+                stream.nacked.popitem(last=False)
+            stream.last_nack = req.error_detail.message or f"code {req.error_detail.code}"
+            self._metrics.nacks.inc()
+            log.warning(
+                "proxy rejected snapshot",
+                extra={"node": stream.node_id, "version": sent.version, "error": stream.last_nack},
+            )
+            return
+        if req.version_info != sent.version:
+            # An ACK must name what it applied; anything else is a confused proxy. Keep
+            # the old view rather than guess.
+            log.warning(
+                "ACK for an unexpected version", extra={"node": stream.node_id, "version": req.version_info}
+            )
+            return
+        stream.acked = sent
+        stream.last_nack = ""
+        self._metrics.acks.inc()
+        self._metrics.push_latency.observe(max(0.0, self._clock() - stream.sent_at))
+
+    def _proto(self, snapshot: Snapshot) -> Any:
+        msg = self._protos.get(snapshot.version)
+        if msg is None:
+            msg = convert.snapshot_to_proto(snapshot)
+            self._protos[snapshot.version] = msg
+            while len(self._protos) > 256:
+                self._protos.popitem(last=False)
+        else:
+            self._protos.move_to_end(snapshot.version)
+        return msg
+
+    # ---- operator views
+
+    def status_rows(self) -> list[convert.ProxyStatusView]:
+        rows = []
+        for node_id in sorted(self._streams):
+            s = self._streams[node_id]
+            desired = self._cache.get(node_id)
+            desired_version = desired.version if desired else ""
+            acked_version = s.acked.version if s.acked else ""
+            if s.sent is None:
+                state = "NOT_SENT"
+            elif acked_version and acked_version == desired_version:
+                state = "SYNCED"
+            else:
+                state = "STALE"
+            rows.append(
+                convert.ProxyStatusView(
+                    node=s.node,
+                    sent_version=s.sent.version if s.sent else "",
+                    acked_version=acked_version,
+                    desired_version=desired_version,
+                    state=state,
+                    last_nack=s.last_nack,
+                    connected_since=s.connected_since,
+                )
+            )
+        return rows
+
+    async def ListProxies(self, request: Any, context: Ctx) -> Any:
+        return convert.list_proxies_response(self.status_rows())
+
+    async def GetProxyConfig(self, request: Any, context: Ctx) -> Any:
+        stream = self._streams.get(f"{request.pod}.{request.namespace}")
+        if stream is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"no proxy {request.namespace}/{request.pod} is connected"
+            )
+        assert stream is not None
+        if stream.acked is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"proxy {request.namespace}/{request.pod} has not ACKed any config",
+            )
+        assert stream.acked is not None
+        return convert.get_proxy_config_response(
+            stream.acked.version, json.dumps(dump(stream.acked), indent=2, sort_keys=True)
+        )
+
+
+class DiscoveryServer:
+    """The grpc.aio server around ``DiscoveryService``."""
+
+    def __init__(self, service: DiscoveryService, settings: ControlPlaneSettings) -> None:
+        self.service = service
+        self._settings = settings
+        self._server = grpc.aio.server(options=grpc_options(settings))
+        discovery_pb2_grpc.add_ConfigDiscoveryServicer_to_server(service, self._server)  # type: ignore[no-untyped-call]
+        self.port = 0
+
+    async def start(self, host: str | None = None, port: int | None = None) -> int:
+        """Listen (port 0 picks a free one); returns the bound port."""
+        host = host if host is not None else self._settings.listen_address
+        port = port if port is not None else self._settings.grpc_port
+        addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.port = self._server.add_insecure_port(addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {addr}")
+        await self._server.start()
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self._server.stop(self._settings.shutdown_grace if grace is None else grace)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
