@@ -32,6 +32,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+import h2.exceptions
+from h2.utilities import HeaderValidationFlags, validate_headers
 from hyperframe.frame import GoAwayFrame
 
 from meshproxy.core.errors import ProtocolError
@@ -55,16 +57,45 @@ def _enc(s: str) -> bytes:
     return s.encode("latin-1")
 
 
+_REQUEST = HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+_RESPONSE = HeaderValidationFlags(
+    is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False
+)
+_TRAILERS_IN = {
+    side: HeaderValidationFlags(
+        is_client=side, is_trailer=True, is_response_header=False, is_push_promise=False
+    )
+    for side in (False, True)
+}
+
+
+def _validated(headers: H2Headers, flags: HeaderValidationFlags, status: int) -> H2Headers:
+    """RFC 9113 8.2/8.3 field checks, using ``h2``'s own validator.
+
+    The shells configure ``h2`` with ``validate_inbound_headers=False`` and validate here
+    instead: ``h2`` treats a malformed field block as a connection error, while RFC 9113
+    8.1.1 makes it a stream error, and one bad request must not kill its neighbours.
+    Rejects upper-case or illegal names, CR/LF/NUL in values (request smuggling when
+    downgraded to HTTP/1), connection-specific fields, misplaced pseudo-headers.
+    """
+    try:
+        return list(validate_headers(headers, flags))
+    except h2.exceptions.ProtocolError as exc:
+        raise ProtocolError(f"malformed HTTP/2 field block: {exc}", status=status) from None
+
+
 def request_head_from_h2(headers: H2Headers) -> RequestHead:
     """Build a ``RequestHead`` from a request header block.
 
-    Raises ``ProtocolError`` (status 400) for a missing or malformed pseudo-header;
-    ``h2`` has already rejected most malformed blocks (upper-case names, bad order).
+    Raises ``ProtocolError`` (status 400) for a malformed block (see ``_validated``) or a
+    missing pseudo-header.
     """
     method = scheme = authority = path = None
     host: str | None = None
     regular: list[tuple[str, str]] = []
-    for name, value in headers:
+    for name, value in _validated(headers, _REQUEST, 400):
         if name[:1] == b":":
             if name == b":method":
                 method = _dec(value)
@@ -102,7 +133,7 @@ def response_head_from_h2(headers: H2Headers) -> ResponseHead:
     """Build a ``ResponseHead`` from a response header block (``:status`` required)."""
     status: int | None = None
     regular: list[tuple[str, str]] = []
-    for name, value in headers:
+    for name, value in _validated(headers, _RESPONSE, 502):
         if name == b":status":
             try:
                 status = int(value)
@@ -117,9 +148,10 @@ def response_head_from_h2(headers: H2Headers) -> ResponseHead:
     return ResponseHead(status, tuple(regular), version="2")
 
 
-def fields_from_h2(headers: H2Headers) -> Headers:
-    """Trailers (or any field block without pseudo-headers) as model headers."""
-    return tuple((_dec(k), _dec(v)) for k, v in headers if k[:1] != b":")
+def trailers_from_h2(headers: H2Headers, *, client_side: bool) -> Headers:
+    """A received trailer block as model headers (``ProtocolError`` if malformed)."""
+    block = _validated(headers, _TRAILERS_IN[client_side], 502 if client_side else 400)
+    return tuple((_dec(k), _dec(v)) for k, v in block)
 
 
 def _regular_fields(headers: Headers) -> H2Headers:

@@ -54,14 +54,21 @@ from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import ProtocolError, UpstreamConnectError, UpstreamResetError
 from meshproxy.core.h2util import (
     GoAway,
-    fields_from_h2,
     h2_request_headers,
     h2_trailers,
     response_head_from_h2,
+    trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.exchange import BodyStream, UpstreamResponse
-from meshproxy.io.http2_common import CANCEL, NO_ERROR, H2Endpoint, InboundBody, StreamClosedError
+from meshproxy.io.http2_common import (
+    CANCEL,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    H2Endpoint,
+    InboundBody,
+    StreamClosedError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +194,11 @@ class _ClientStream:
 
 class _ClientConnection(H2Endpoint):
     def __init__(self, pool: _EndpointPool, settings: Http2ClientSettings) -> None:
-        config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+        # Field blocks are validated per stream in meshproxy.core.h2util (h2 would make a
+        # malformed response a connection error, failing every stream on it).
+        config = h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_inbound_headers=False
+        )
         super().__init__(
             h2.connection.H2Connection(config=config), client_side=True, name=f"h2-client {pool.label}"
         )
@@ -313,7 +324,7 @@ class _ClientConnection(H2Endpoint):
             try:
                 head = response_head_from_h2(event.headers)
             except ProtocolError as exc:
-                self._reset_stream(event.stream_id, CANCEL)
+                self._reset_stream(event.stream_id, PROTOCOL_ERROR)
                 stream.fail(exc)
                 return
             if not stream.head.done():
@@ -321,7 +332,11 @@ class _ClientConnection(H2Endpoint):
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.body.finish(fields_from_h2(event.headers))
+                try:
+                    stream.body.finish(trailers_from_h2(event.headers, client_side=True))
+                except ProtocolError as exc:
+                    self._reset_stream(event.stream_id, PROTOCOL_ERROR)
+                    stream.fail(exc)
         elif isinstance(event, h2.events.StreamEnded):
             stream = self._streams.get(event.stream_id)
             if stream is not None:

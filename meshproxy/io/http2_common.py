@@ -27,6 +27,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 import h2.connection
 import h2.events
@@ -173,17 +174,19 @@ class H2Endpoint(asyncio.Protocol):
         self._window_waiters: dict[int, asyncio.Future[None]] = {}
         self._flush_scheduled = False
         self._lost = False
+        self._lingering = False  # FIN sent, reading (and dropping) until the peer's FIN
+        self._linger_timer: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self._transport = cast(asyncio.Transport, transport)
         self._loop = asyncio.get_running_loop()
         self._closed = self._loop.create_future()
 
     def data_received(self, data: bytes) -> None:
-        if self._lost:
+        if self._lost or self._lingering:
             return
         try:
             for item in self._splitter.feed(data):
@@ -203,8 +206,13 @@ class H2Endpoint(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
+    def eof_received(self) -> bool:
+        return False  # the peer is done (or answered our FIN): close
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
         self._writable.set()  # release writers; they re-check _lost
         for fut in self._window_waiters.values():
             if not fut.done():
@@ -241,9 +249,29 @@ class H2Endpoint(asyncio.Protocol):
         self._flush()
         self.close_transport()
 
-    def close_transport(self) -> None:
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+    def close_transport(self, linger: float = 2.0) -> None:
+        """Close after a lingering half-close: send FIN, drop input until the peer's FIN.
+
+        Closing with unread input makes the kernel answer with RST, and an RST can destroy
+        our last frames (a response, the GOAWAY saying why) before the peer reads them.
+        ``linger`` bounds the wait; ``0`` closes at once.
+        """
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if linger <= 0 or not t.can_write_eof():
+            t.close()
+            return
+        if self._lingering:
+            return
+        self._lingering = True
+        try:
+            t.write_eof()
+        except (OSError, RuntimeError):
+            t.close()
+            return
+        assert self._loop is not None
+        self._linger_timer = self._loop.call_later(linger, t.close)
 
     def _flush(self) -> None:
         data = self._h2.data_to_send()

@@ -61,11 +61,11 @@ import h2.settings
 from meshproxy.core.errors import ProtocolError
 from meshproxy.core.h2util import (
     GoAway,
-    fields_from_h2,
     goaway_frame,
     h2_response_headers,
     h2_trailers,
     request_head_from_h2,
+    trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.exchange import DownstreamContext, RequestHandler
@@ -186,7 +186,11 @@ class Http2ServerConnection(H2Endpoint):
         settings: Http2ServerSettings | None = None,
     ) -> None:
         self._settings = settings or Http2ServerSettings()
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None)
+        # Field blocks are validated per stream in meshproxy.core.h2util (h2 would make a
+        # malformed request a connection error).
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=False
+        )
         super().__init__(
             h2.connection.H2Connection(config=config),
             client_side=False,
@@ -243,7 +247,7 @@ class Http2ServerConnection(H2Endpoint):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self._h2.close_connection(error_code=NO_ERROR, last_stream_id=self._last_stream_id)
             self._flush()
-            self.close_transport()
+            self.close_transport(linger=0)
             await self.wait_closed()
 
     def start_drain(self) -> None:
@@ -275,7 +279,14 @@ class Http2ServerConnection(H2Endpoint):
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self._streams.get(event.stream_id)
             if stream is not None:
-                stream.body.finish(fields_from_h2(event.headers))
+                try:
+                    stream.body.finish(trailers_from_h2(event.headers, client_side=False))
+                except ProtocolError as exc:
+                    log.info("%s: stream %d: %s", self._name, event.stream_id, exc)
+                    self._reset_stream(event.stream_id, PROTOCOL_ERROR)
+                    stream.body.fail(StreamClosedError(f"stream {event.stream_id}: {exc}"))
+                    if stream.task is not None:
+                        stream.task.cancel()
         elif isinstance(event, h2.events.WindowUpdated):
             self._wake_window(event.stream_id)
         elif isinstance(event, h2.events.RemoteSettingsChanged):

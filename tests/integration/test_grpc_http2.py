@@ -14,10 +14,12 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import grpc.aio
 import pytest
+import uvloop
 
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import UpstreamConnectError, UpstreamResetError
@@ -172,8 +174,7 @@ class _Sniffer(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's do not subclass asyncio's
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -222,6 +223,14 @@ async def mesh() -> AsyncIterator[tuple[Proxy, ServiceState]]:
 async def channel(proxy: Proxy) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{proxy.port}", options=GRPC_OPTIONS) as ch:
         yield ch
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Run every test on both event loops the sidecar supports."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 # --- tests ----------------------------------------------------------------------------------

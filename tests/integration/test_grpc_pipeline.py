@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 import pytest
+import uvloop
 
 from meshproxy.config.model import Endpoint, Inbound, Service, Snapshot
 from meshproxy.core.clock import MonotonicClock
@@ -147,6 +148,14 @@ async def mesh() -> AsyncIterator[tuple[grpc.aio.Channel, Events]]:
             grpc.aio.insecure_channel(f"127.0.0.1:{outbound.port}", options=GRPC_OPTIONS)
         )
         yield ch, events
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Run every test on both event loops the sidecar supports."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 async def test_unary_server_streaming_and_bidi_through_two_sidecars() -> None:

@@ -14,13 +14,13 @@ from meshproxy.core.h2util import (
     PREFACE,
     GoAway,
     GoAwaySplitter,
-    fields_from_h2,
     goaway_frame,
     h2_request_headers,
     h2_response_headers,
     h2_trailers,
     request_head_from_h2,
     response_head_from_h2,
+    trailers_from_h2,
 )
 from meshproxy.core.http import RequestHead, ResponseHead
 
@@ -121,7 +121,31 @@ def test_response_roundtrip_and_trailers() -> None:
     )
     trailers = (("grpc-status", "5"), ("grpc-message", "not%20found"), ("transfer-encoding", "x"))
     assert h2_trailers(trailers) == [(b"grpc-status", b"5"), (b"grpc-message", b"not%20found")]
-    assert fields_from_h2([(b"grpc-status", b"0")]) == (("grpc-status", "0"),)
+    assert trailers_from_h2([(b"grpc-status", b"0")], client_side=True) == (("grpc-status", "0"),)
+    with pytest.raises(ProtocolError):
+        trailers_from_h2([(b":status", b"200")], client_side=True)  # no pseudo-headers in trailers
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        (b"connection", b"close"),  # connection-specific (RFC 9113 8.2.2)
+        (b"te", b"gzip"),  # only "trailers" allowed
+        (b"X-Upper", b"1"),  # field names are lower-case in HTTP/2
+        (b"x-smuggle", b"a\r\nhost: evil"),  # CR/LF would split the request when sent as HTTP/1
+        (b"x-nul", b"a\x00b"),
+    ],
+)
+def test_malformed_fields_are_a_protocol_error_for_that_request(extra: tuple[bytes, bytes]) -> None:
+    block = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a"), (b":path", b"/"), extra]
+    with pytest.raises(ProtocolError) as err:
+        request_head_from_h2(block)
+    assert err.value.status == 400
+
+
+def test_pseudo_header_after_regular_field_is_rejected() -> None:
+    with pytest.raises(ProtocolError):
+        request_head_from_h2([(b":method", b"GET"), (b"a", b"b"), (b":path", b"/"), (b":scheme", b"http")])
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import h2.config
 import h2.connection
 import pytest
+import uvloop
 
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import UpstreamConnectError, UpstreamResetError
@@ -71,7 +72,7 @@ async def upstream(handler: Handler, settings: Http2ServerSettings | None = None
     finally:
         listener.close()
         for conn in up.connections:
-            conn.close_transport()
+            conn.close_transport(linger=0)
             await conn.wait_closed()
 
 
@@ -99,6 +100,14 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
     async with asyncio.timeout(within):
         while not predicate():  # noqa: ASYNC110 - state of sockets/pools, nothing to await
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Run every test on both event loops the sidecar supports."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ async def test_connection_lost_before_head_is_a_reset() -> None:
         ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
     ) -> None:
         for conn in up.connections:
-            conn.close_transport()  # the upstream process dies mid-request
+            conn.close_transport(linger=0)  # the upstream process dies mid-request
         await asyncio.Event().wait()
 
     async with upstream(handler) as up, client() as c:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -13,6 +14,8 @@ import h2.connection
 import h2.events
 import h2.settings
 import httpx
+import pytest
+import uvloop
 
 from meshproxy.core.h2util import GoAway, GoAwaySplitter
 from meshproxy.core.http import RequestHead, ResponseHead
@@ -46,17 +49,23 @@ async def serve(handler: Handler, settings: Http2ServerSettings | None = None) -
     finally:
         listener.close()
         for conn in server.connections:
-            conn.close_transport()
+            conn.close_transport(linger=0)
             await conn.wait_closed()
 
 
 class RawClient:
     """A minimal HTTP/2 client on ``h2``; records every event (GOAWAY split off like ours)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, strict: bool = True
+    ) -> None:
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding=None,
+            validate_outbound_headers=strict,
+            normalize_outbound_headers=strict,
         )
+        self.conn = h2.connection.H2Connection(config)
         self.reader = reader
         self.writer = writer
         self.events: list[h2.events.Event | GoAway] = []
@@ -66,9 +75,9 @@ class RawClient:
         self._task = asyncio.get_running_loop().create_task(self._read(), name="raw-h2-reader")
 
     @classmethod
-    async def connect(cls, port: int) -> RawClient:
+    async def connect(cls, port: int, *, strict: bool = True) -> RawClient:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        client = cls(reader, writer)
+        client = cls(reader, writer, strict=strict)
         client.conn.initiate_connection()
         client.flush()
         return client
@@ -77,6 +86,13 @@ class RawClient:
         self.writer.write(self.conn.data_to_send())
 
     async def _read(self) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            await self._read_frames()
+        async with self._changed:
+            self.eof = True
+            self._changed.notify_all()
+
+    async def _read_frames(self) -> None:
         while data := await self.reader.read(65536):
             new: list[h2.events.Event | GoAway] = []
             for item in self._splitter.feed(data):
@@ -88,9 +104,6 @@ class RawClient:
             async with self._changed:
                 self.events.extend(new)
                 self._changed.notify_all()
-        async with self._changed:
-            self.eof = True
-            self._changed.notify_all()
 
     async def wait_for(self, predicate: Callable[[RawClient], bool], within: float = 5.0) -> None:
         async with asyncio.timeout(within), self._changed:
@@ -128,6 +141,14 @@ async def read_all(body: BodyStream) -> bytes:
     while chunk := await body.read():
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Run every test on both event loops the sidecar supports."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 # --- tests ----------------------------------------------------------------------------------
@@ -345,8 +366,9 @@ async def test_graceful_shutdown_finishes_inflight_and_refuses_new_streams() -> 
         await client.wait_for(lambda c: c.eof)
         assert client.body(1) == b"finished"
         assert client.of_type(h2.events.StreamEnded, 1)
-        await shutdown
-        await client.close()
+        await client.close()  # answers the server's FIN, which ends its lingering close
+        async with asyncio.timeout(1):
+            await shutdown
 
 
 async def test_shutdown_grace_expiry_cancels_streams() -> None:
@@ -403,4 +425,28 @@ async def test_idle_connection_is_closed_with_goaway() -> None:
         assert client.of_type(h2.events.StreamEnded, 1)  # served first, then closed when idle
         assert client.of_type(GoAway)
         assert client.conn.remote_settings.max_concurrent_streams == 7
+        await client.close()
+
+
+async def test_malformed_request_is_a_stream_error_not_a_connection_error() -> None:
+    served: list[str] = []
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        served.append(head.path)
+        await sink.send_head(ResponseHead(204, ()), end_stream=True)
+
+    async with serve(handler) as server:
+        client = await RawClient.connect(server.port, strict=False)
+        client.conn.send_headers(1, [*request("/bad"), (b"x-smuggle", b"a\r\nx-evil: 1")], end_stream=True)
+        client.conn.send_headers(3, [*request("/bad2"), (b"connection", b"close")], end_stream=True)
+        client.conn.send_headers(5, request("/good"), end_stream=True)
+        client.flush()
+        await client.wait_for(lambda c: bool(c.of_type(h2.events.StreamEnded, 5)))
+        await client.wait_for(lambda c: len(c.of_type(h2.events.StreamReset)) == 2)
+        resets = {e.stream_id: e.error_code for e in client.of_type(h2.events.StreamReset)}  # type: ignore[attr-defined]
+        assert resets == {1: 1, 3: 1}  # PROTOCOL_ERROR on those streams only
+        assert served == ["/good"]
+        assert not client.eof
         await client.close()
