@@ -28,6 +28,7 @@ import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
+from typing import cast
 
 import httptools
 
@@ -149,9 +150,9 @@ class _Conn(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=self.client.settings.write_high_water)
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=self.client.settings.write_high_water)
         set_nodelay(transport.get_extra_info("socket"))
 
     def pause_writing(self) -> None:

@@ -31,6 +31,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import cast
 
 import httptools
 
@@ -156,9 +157,9 @@ class Http1ServerProtocol(asyncio.Protocol):
     # ---- connection events --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=self.settings.write_high_water)
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.set_write_buffer_limits(high=self.settings.write_high_water)
         self.task = asyncio.get_running_loop().create_task(
             self._serve(), name=f"http1-conn-{self.ctx.connection_id}"
         )

@@ -69,7 +69,7 @@ from meshproxy.io.exchange import (
 )
 from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.runtime import Active, Runtime
-from meshproxy.io.tcp_relay import open_tcp, splice
+from meshproxy.io.tcp_relay import Parked, open_tcp, splice
 from meshproxy.telemetry.hop import HttpHop, Telemetry
 
 log = logging.getLogger(__name__)
@@ -625,9 +625,16 @@ class Proxy:
     # ---- opaque TCP -------------------------------------------------------------------------
 
     async def handle_tcp(
-        self, ctx: DownstreamContext, transport: asyncio.Transport, pending: bytes, eof: bool
+        self,
+        ctx: DownstreamContext,
+        transport: asyncio.Transport,
+        take_pending: Callable[[], tuple[bytes, bool]],
     ) -> None:
-        """Relay one opaque TCP connection (its first bytes already read into ``pending``)."""
+        """Relay one opaque TCP connection.
+
+        ``take_pending()`` returns the bytes (and EOF) the listener already read; it is
+        called right before the splice, so nothing that arrives meanwhile is lost.
+        """
         active = self.runtime.active
         svc: Service | None = None
         candidates: list[Endpoint] = []
@@ -649,7 +656,7 @@ class Proxy:
         if self.telemetry is not None:
             hop = self.telemetry.tcp_opened(direction=ctx.direction, destination_service=dest_name)
         pool = self.runtime.pool(svc) if svc is not None else None
-        upstream: asyncio.Transport | None = None
+        upstream: Parked | None = None
         chosen: Endpoint | None = None
         last: Exception | None = None
         for _ in range(3 if pool is not None else 1):
@@ -683,7 +690,9 @@ class Proxy:
             return
         stats = None
         try:
-            stats = await splice(transport, pending, upstream, b"", a_eof=eof)
+            pending, eof = take_pending()
+            up_t, up_pending, up_eof = upstream.take()
+            stats = await splice(transport, pending, up_t, up_pending, a_eof=eof, b_eof=up_eof)
         finally:
             if pool is not None:
                 pool.on_request_end(chosen, Outcome.SUCCESS if stats is not None else Outcome.LOCAL)

@@ -30,6 +30,7 @@ import itertools
 import logging
 import socket
 from dataclasses import dataclass, field
+from typing import cast
 
 from meshproxy.config.model import Protocol
 from meshproxy.core.detect import Detected, detect
@@ -77,16 +78,17 @@ class _Sniffer(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.ctx: DownstreamContext | None = None
         self.done = False
+        self.tcp_pending = False  # decided TCP, waiting for the upstream connection
+        self.eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.entry.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
+        self.transport = self.entry.transport = t = cast(asyncio.Transport, transport)
         lst = self.listener
-        sock = transport.get_extra_info("socket")
+        sock = t.get_extra_info("socket")
         set_nodelay(sock)
-        peer = transport.get_extra_info("peername") or ("", 0)
-        local = transport.get_extra_info("sockname") or ("", 0)
+        peer = t.get_extra_info("peername") or ("", 0)
+        local = t.get_extra_info("sockname") or ("", 0)
         dst = original_dst(sock) if sock is not None else None
         if dst is None:
             dst = lst.settings.destination_override or (normalize_address(local[0]), local[1])
@@ -99,7 +101,7 @@ class _Sniffer(asyncio.Protocol):
                     "dst": f"{dst[0]}:{dst[1]}",
                 },
             )
-            transport.abort()
+            t.abort()
             self.done = True
             return
         self.ctx = DownstreamContext(
@@ -122,6 +124,13 @@ class _Sniffer(asyncio.Protocol):
             self.timer = asyncio.get_running_loop().call_later(lst.settings.sniff_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
+        if self.tcp_pending:
+            # Handed to TCP but not spliced yet (uvloop may deliver a read even after
+            # pause_reading in connection_made): keep it, and pause now that reading runs.
+            self.buffer += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
         if self.done:
             return
         self.buffer += data
@@ -130,6 +139,9 @@ class _Sniffer(asyncio.Protocol):
             self._handoff(result, eof=False)
 
     def eof_received(self) -> bool:
+        if self.tcp_pending:
+            self.eof = True
+            return True
         if self.done:
             return False
         if not self.buffer:
@@ -186,9 +198,18 @@ class _Sniffer(asyncio.Protocol):
         else:
             entry.kind = "tcp"
             t.pause_reading()
+            self.tcp_pending = True
+            self.buffer += data
+            self.eof = eof
             entry.task = asyncio.get_running_loop().create_task(
-                self._tcp(ctx, t, data, eof), name=f"tcp-conn-{ctx.connection_id}"
+                self._tcp(ctx, t), name=f"tcp-conn-{ctx.connection_id}"
             )
+
+    def _take_pending(self) -> tuple[bytes, bool]:
+        self.tcp_pending = False
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data, self.eof
 
     async def _await_h2(self, conn: Http2ServerConnection) -> None:
         try:
@@ -196,9 +217,9 @@ class _Sniffer(asyncio.Protocol):
         finally:
             self.listener._unregister(self.entry)
 
-    async def _tcp(self, ctx: DownstreamContext, t: asyncio.Transport, data: bytes, eof: bool) -> None:
+    async def _tcp(self, ctx: DownstreamContext, t: asyncio.Transport) -> None:
         try:
-            await self.listener.proxy.handle_tcp(ctx, t, data, eof)
+            await self.listener.proxy.handle_tcp(ctx, t, self._take_pending)
         except asyncio.CancelledError:
             t.abort()
         except Exception:

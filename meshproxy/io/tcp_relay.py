@@ -24,6 +24,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from meshproxy.core.errors import UpstreamConnectError
 from meshproxy.io.sockopt import set_nodelay
@@ -57,8 +58,8 @@ class _Side(asyncio.Protocol):
 
     # Called by ``_Relay.attach``, not by the loop (the transport already exists).
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self.bytes_read += len(data)
@@ -141,14 +142,15 @@ async def splice(
     b_pending: bytes,
     *,
     a_eof: bool = False,
+    b_eof: bool = False,
     high_water: int = DEFAULT_HIGH_WATER,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> RelayStats:
     """Relay ``a`` <-> ``b`` until both are closed; return the byte counts.
 
     ``a_pending``/``b_pending`` are bytes already read from ``a``/``b`` (by a sniffer or an
-    HTTP codec) that must be forwarded first; they count towards the totals. ``a_eof`` says
-    ``a`` already delivered EOF to its previous protocol. Both transports should be paused
+    HTTP codec) that must be forwarded first; they count towards the totals. ``a_eof``/``b_eof``
+    say that side already delivered EOF to its previous protocol. Both transports should be paused
     for reading by their previous owner; the relay resumes them.
     """
     loop = asyncio.get_running_loop()
@@ -166,6 +168,8 @@ async def splice(
             relay.b.data_received(b_pending)
         if a_eof:
             relay.a.eof_received()
+        if b_eof:
+            relay.b.eof_received()
         # Start in the right flow-control state: a buffer already above the mark pauses the peer.
         for side, peer in ((relay.a, relay.b), (relay.b, relay.a)):
             t, peer_t = side.transport, peer.transport
@@ -188,33 +192,53 @@ async def splice(
     return stats
 
 
-class _Parked(asyncio.Protocol):
-    """Holds a fresh upstream connection, not reading, until it is spliced or given to a codec."""
+class Parked(asyncio.Protocol):
+    """Holds a fresh upstream connection, not reading, until it is spliced.
+
+    uvloop may deliver one read even though ``pause_reading`` was called in
+    ``connection_made``; such bytes (a server-first greeting) are kept for ``take``.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
         self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.pause_reading()
+        # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
+        self.transport = t = cast(asyncio.Transport, transport)
+        t.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
 
+    def take(self) -> tuple[asyncio.Transport, bytes, bool]:
+        assert self.transport is not None
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return self.transport, data, self.eof
 
-async def open_tcp(host: str, port: int, *, connect_timeout: float) -> asyncio.Transport:
-    """Connect to ``host:port`` within ``connect_timeout``; return a transport paused for reading.
+
+async def open_tcp(host: str, port: int, *, connect_timeout: float) -> Parked:
+    """Connect to ``host:port`` within ``connect_timeout``; the connection is parked (not reading).
 
     Raises ``UpstreamConnectError`` (flag UF) on refusal, unreachability or timeout.
     """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
-            transport, _ = await loop.create_connection(_Parked, host, port)
+            transport, parked = await loop.create_connection(Parked, host, port)
     except (OSError, TimeoutError) as exc:
         raise UpstreamConnectError(f"connect {host}:{port}: {exc or 'timeout'}") from exc
-    assert isinstance(transport, asyncio.Transport)
     set_nodelay(transport.get_extra_info("socket"))
-    return transport
+    return parked

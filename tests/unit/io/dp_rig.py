@@ -24,6 +24,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+import uvloop
+
 from meshproxy.config.model import Endpoint, Service, Snapshot
 from meshproxy.core.clock import Clock, MonotonicClock
 from meshproxy.io.http1_client import Http1Client
@@ -191,9 +194,10 @@ class RawServer:
     def __init__(self, handler: ConnHandler) -> None:
         self.handler = handler
         self.server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.accepted = 0
 
     async def _run(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.accepted += 1
         try:
             await self.handler(r, w)
         finally:
@@ -227,7 +231,7 @@ class Sidecar:
     """An in-process sidecar listener for one direction, fed one snapshot."""
 
     snapshot: Snapshot | None
-    destination: tuple[str, int]
+    destination: tuple[str, int] | None
     direction: str = "outbound"
     clock: Clock = field(default_factory=MonotonicClock)
     sniff_timeout: float = 0.1
@@ -281,3 +285,11 @@ async def wait_for(cond: Callable[[], bool], within: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Data-path tests run on both event loops the sidecar supports (import this into a test module)."""
+    if request.param == "uvloop":
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from dp_rig import VIP, Sidecar, Upstream, service, snapshot
+from dp_rig import VIP, Sidecar, Upstream, event_loop_policy, service, snapshot
 
 from meshproxy.config.model import (
     Endpoint,
@@ -20,6 +20,8 @@ from meshproxy.config.model import (
     RouteMatch,
     TrafficPolicy,
 )
+
+__all__ = ["event_loop_policy"]  # the fixture: run every test on asyncio and uvloop
 
 
 @pytest.fixture
