@@ -21,6 +21,9 @@ Invariants:
     newer evaluation is coming).
   * Optimistic concurrency: the patch carries the resourceVersion it was
     computed from; on 409 Conflict we re-read and recompute (bounded tries).
+  * Needs only ``list`` on the kind and ``patch`` on its status (what the chart's
+    ClusterRole grants): the current object is read with a LIST narrowed by
+    ``metadata.name``.
 
 Concurrency: the ``kubernetes`` client is synchronous; the async methods run
 each read-compute-write in a worker thread (``asyncio.to_thread``). The pure
@@ -250,11 +253,19 @@ class StatusWriter:
     ) -> bool:
         for _ in range(self._max_conflicts):
             try:
-                obj = self._api.get_namespaced_custom_object_status(group, version, namespace, plural, name)
+                # A LIST narrowed to the one name, not a GET: the chart's least-privilege
+                # role grants list/watch on the kinds and patch on their status only.
+                found = self._api.list_namespaced_custom_object(
+                    group, version, namespace, plural, field_selector=f"metadata.name={name}"
+                )
             except kubernetes.client.ApiException as exc:
                 if exc.status == 404:
-                    return False  # deleted meanwhile: nothing to report on
+                    return False  # the kind itself is gone (CRD deleted)
                 raise StatusError(f"reading {plural}/{namespace}/{name}: {exc.status} {exc.reason}") from exc
+            items = found.get("items") if isinstance(found, dict) else None
+            if not items:
+                return False  # deleted meanwhile: nothing to report on
+            obj = items[0]
             if not isinstance(obj, dict):
                 raise StatusError(f"reading {plural}/{namespace}/{name}: unexpected {type(obj).__name__}")
             status = desired(obj)

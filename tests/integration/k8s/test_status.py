@@ -222,12 +222,12 @@ async def test_concurrent_change_is_not_overwritten(
     }
 
     api = writer._api  # the real client; wrap its read to race a write in after it
-    real_get: Callable[..., Any] = api.get_namespaced_custom_object_status
+    real_list: Callable[..., Any] = api.list_namespaced_custom_object
     raced = False
 
-    def get_then_race(*args: Any, **kwargs: Any) -> Any:
+    def list_then_race(*args: Any, **kwargs: Any) -> Any:
         nonlocal raced
-        obj = real_get(*args, **kwargs)
+        obj = real_list(*args, **kwargs)
         if not raced:
             raced = True
             apiserver.kubectl(
@@ -236,7 +236,7 @@ async def test_concurrent_change_is_not_overwritten(
             )  # fmt: skip
         return obj
 
-    monkeypatch.setattr(api, "get_namespaced_custom_object_status", get_then_race)
+    monkeypatch.setattr(api, "list_namespaced_custom_object", list_then_race)
     assert await writer.set_policy_conditions(ns, "web", ACCEPTED, gen)
     conds = {c["type"]: c for c in _get(apiserver, "trafficpolicy", ns, "web")["status"]["conditions"]}
     assert conds["Ready"] == other  # the racing writer's condition survived
