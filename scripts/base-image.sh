@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Makes the base image every meshproxy image builds FROM, without any registry:
+# Debian bookworm (debootstrap --variant=minbase) + python3 + iptables, committed with
+# buildah (daemonless) as localhost/meshproxy-base:bookworm and saved as an OCI archive
+# in the cache, so a second run (or a fresh buildah storage) reuses it:
+#   ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}/images/meshproxy-base-bookworm.oci.tar
+#
+#   scripts/base-image.sh            make it unless it is already there
+#   scripts/base-image.sh --rebuild  make it again
+#
+# Needs root, buildah and debootstrap (scripts/system-deps.sh --k8s installs them).
+# Packages come from the Debian mirror apt already uses (MESHPROXY_DEBIAN_MIRROR).
+set -euo pipefail
+CACHE=${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}
+OUT="$CACHE/images"
+NAME=localhost/meshproxy-base:bookworm
+ARCHIVE="$OUT/meshproxy-base-bookworm.oci.tar"
+MIRROR=${MESHPROXY_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# python3-venv: the images install the project into a venv (ensurepip brings pip).
+# iptables: `meshproxy iptables install` in the init container (nf_tables backend).
+# ca-certificates: pip inside builds, OTLP/HTTPS exporters.
+PACKAGES=python3,python3-venv,iptables,ca-certificates
+
+log() { echo "base-image: $*" >&2; }
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { log "needs $tool (scripts/system-deps.sh --k8s)"; exit 1; }
+done
+[ "$(id -u)" = 0 ] || { log "needs root (debootstrap, buildah storage)"; exit 1; }
+
+if [ "${1:-}" != "--rebuild" ]; then
+  if buildah inspect --type image "$NAME" >/dev/null 2>&1; then
+    [ -f "$ARCHIVE" ] || buildah push -q "$NAME" "oci-archive:$ARCHIVE:$NAME" >/dev/null
+    log "$NAME is there"; exit 0
+  fi
+  if [ -f "$ARCHIVE" ]; then
+    buildah pull -q "oci-archive:$ARCHIVE" >/dev/null
+    buildah tag "$(buildah images -q --filter reference="$NAME" | head -1 || true)" "$NAME" 2>/dev/null || true
+    if buildah inspect --type image "$NAME" >/dev/null 2>&1; then log "$NAME loaded from $ARCHIVE"; exit 0; fi
+  fi
+fi
+
+mkdir -p "$OUT"
+ctr=$(buildah from scratch)
+cleanup() { buildah umount "$ctr" >/dev/null 2>&1 || true; buildah rm "$ctr" >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+rootfs=$(buildah mount "$ctr")
+log "debootstrap bookworm ($PACKAGES) from $MIRROR"
+debootstrap --variant=minbase --include="$PACKAGES" bookworm "$rootfs" "$MIRROR" >"$OUT/debootstrap.log" 2>&1 ||
+  { tail -20 "$OUT/debootstrap.log" >&2; exit 1; }
+# Keep the image small and reproducible-ish: no package caches, lists or logs.
+rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/* \
+  "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/tmp/*
+buildah umount "$ctr" >/dev/null
+buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --env LANG=C.UTF-8 \
+  --cmd '["/usr/bin/python3"]' --label org.opencontainers.image.title=meshproxy-base "$ctr"
+buildah commit -q --rm "$ctr" "$NAME" >/dev/null
+trap - EXIT
+rm -f "$ARCHIVE"
+buildah push -q "$NAME" "oci-archive:$ARCHIVE:$NAME" >/dev/null
+log "made $NAME ($(du -h "$ARCHIVE" | cut -f1), archive $ARCHIVE)"
