@@ -326,6 +326,22 @@ def test_control_plane_deployment_shape() -> None:
     assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
 
 
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_control_plane_args_are_what_its_cli_accepts(values: list[str]) -> None:
+    from controlplane.cli import build_parser
+
+    objs = render(values)
+    (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["controlplane"]
+    args = build_parser().parse_args(c["args"])
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert args.webhook_cert_file == mounts["webhook-tls"] + "/tls.crt"
+    assert args.webhook_template_file == mounts["injection"] + "/template.json"
+    assert args.kubeconfig is None and args.from_dir is None  # in-cluster config
+    sampling = {"default": 0.01, "demo": 1.0, "non-default": 0.5}
+    assert args.sampling_ratio == next(sampling[k] for k, v in VALUE_SETS.items() if v is values)
+
+
 def test_optional_parts_are_off_by_default() -> None:
     names = {(o["kind"], o["metadata"]["name"]) for o in render()}
     assert not any("jaeger" in n or "grafana" in n for _, n in names)
