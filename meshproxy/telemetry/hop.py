@@ -50,9 +50,10 @@ Invariants:
     started keep their span, and the old pipeline stays open ``RETIRE_GRACE``
     seconds for them before it is flushed and stopped.
 
-Concurrency: everything here runs on the event-loop thread; the only threads
-are the exporters' batch workers and the access-log writer, reached through
-thread-safe queues.
+Concurrency: everything here runs on the event-loop thread. The other threads
+are the exporters' batch workers and the access-log writer (reached through
+bounded, thread-safe queues), plus short-lived daemon threads that retire a
+replaced tracing pipeline and run ``shutdown``'s blocking flush off the loop.
 """
 
 from __future__ import annotations
