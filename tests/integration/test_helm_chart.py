@@ -331,7 +331,8 @@ def test_control_plane_args_are_what_its_cli_accepts(values: list[str]) -> None:
     from controlplane.cli import build_parser
 
     objs = render(values)
-    (c,) = one(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    dep = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "meshproxy-controlplane")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["controlplane"]
     args = build_parser().parse_args(c["args"])
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
