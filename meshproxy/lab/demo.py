@@ -213,7 +213,7 @@ class Demo:
         for spec in PODS:
             self.pods[spec.name] = lab.add_pod(spec.name, hosts=hosts_file())
         lab.wait_listening(telemetry, OTLP_PORT, proc=spans)
-        self.say(f"  telemetry   OTLP receiver on {telemetry.ip}:{OTLP_PORT}")
+        self.say(f"  {TELEMETRY_POD:<14}{telemetry.ip:<13}OTLP/gRPC receiver on :{OTLP_PORT}")
 
         ips = {name: pod.ip for name, pod in self.pods.items()}
         snapshots = build_snapshots(ips, f"http://{telemetry.ip}:{OTLP_PORT}")
@@ -226,7 +226,20 @@ class Demo:
                 lab.wait_listening(pod, APP_PORT, proc=app)
             lab.exec(pod, _python("-m", "meshproxy.iptables", "install", "--proxy-uid", str(PROXY_UID)))
             sidecar = lab.spawn(
-                pod, _python("-m", "meshproxy", "run", "--config", str(config)), name="sidecar", uid=PROXY_UID
+                pod,
+                _python(
+                    "-m",
+                    "meshproxy",
+                    "run",
+                    "--config",
+                    str(config),
+                    "--pod-ip",
+                    pod.ip,
+                    "--pod-name",
+                    f"{spec.name}-0",
+                ),
+                name="sidecar",
+                uid=PROXY_UID,
             )
             for port in (15001, 15006, ADMIN_PORT):
                 lab.wait_listening(pod, port, timeout=20, proc=sidecar)
