@@ -60,6 +60,7 @@ from meshproxy.core.h2util import (
     trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
+from meshproxy.io.body import KnownLength
 from meshproxy.io.exchange import BodyStream, UpstreamResponse
 from meshproxy.io.http2_common import (
     CANCEL,
@@ -247,21 +248,26 @@ class _ClientConnection(H2Endpoint):
         return self._h2.open_outbound_streams < self._h2.remote_settings.max_concurrent_streams
 
     def start_request(self, head: RequestHead, body: BodyStream) -> _ClientStream:
+        # A body known to be empty goes as END_STREAM on the HEADERS frame, with no pump task.
+        empty = isinstance(body, KnownLength) and body.content_length == 0
         try:
             block = h2_request_headers(head)
             sid = self._h2.get_next_available_stream_id()
-            self._h2.send_headers(sid, block, end_stream=False)
+            self._h2.send_headers(sid, block, end_stream=empty)
         except h2.exceptions.ProtocolError as exc:
             if isinstance(exc, h2.exceptions.TooManyStreamsError):
                 raise UpstreamResetError(f"{self._name}: no stream available") from None
             raise ProtocolError(f"request head not valid for HTTP/2: {exc}", status=400) from None
-        self._flush()
+        self._schedule_flush()
         stream = _ClientStream(self, sid)
         self._streams[sid] = stream
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
         self._arm_keepalive()
+        if empty:
+            stream.request_done = True
+            return stream
         assert self._loop is not None
         stream.pump = self._loop.create_task(
             self._pump(stream, body), name=f"h2-upstream-body {self._name}:{sid}"
@@ -305,7 +311,7 @@ class _ClientConnection(H2Endpoint):
                 self._h2.end_stream(sid)
         except h2.exceptions.ProtocolError:
             return
-        self._flush()
+        self._schedule_flush()
         stream.request_done = True
         stream.maybe_finished()
 

@@ -132,7 +132,12 @@ class _ServerStream:
         # it a single HEADERS+END_STREAM frame (gRPC trailers-only responses).
         self._pending_head = block
         assert self._conn._loop is not None
-        self._conn._loop.call_soon(self._flush_head)
+        self._conn._loop.call_soon(self._flush_head_soon)
+
+    def _flush_head_soon(self) -> None:
+        if self._pending_head is not None:
+            self._flush_head()
+            self._conn._flush()  # already at the end of an iteration: write now
 
     def _flush_head(self) -> None:
         block = self._pending_head
@@ -379,7 +384,7 @@ class Http2ServerConnection(H2Endpoint):
         except h2.exceptions.ProtocolError as exc:
             # Invalid header from the pipeline (e.g. a forbidden field): a bug upstream of us.
             raise ProtocolError(f"cannot send header block on stream {sid}: {exc}", status=502) from None
-        self._flush()
+        self._schedule_flush()
 
     def _end_stream(self, sid: int) -> None:
         if self._lost:
@@ -388,7 +393,7 @@ class Http2ServerConnection(H2Endpoint):
             self._h2.end_stream(sid)
         except h2.exceptions.ProtocolError:
             raise StreamClosedError(f"{self._name}: stream {sid} closed") from None
-        self._flush()
+        self._schedule_flush()
 
     def _maybe_close(self) -> None:
         if (self._draining or self._peer_goaway) and not self._streams and not self._lost:

@@ -16,6 +16,7 @@ import uvloop
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import UpstreamConnectError, UpstreamResetError
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
+from meshproxy.io.body import BytesBody, KnownLength
 from meshproxy.io.exchange import BodyStream, DownstreamContext, ResponseSink
 from meshproxy.io.http2_client import Http2Client, Http2ClientSettings
 from meshproxy.io.http2_server import Http2ServerConnection, Http2ServerSettings
@@ -343,3 +344,23 @@ async def test_keepalive_closes_connection_to_a_peer_that_stops_answering() -> N
         with pytest.raises(UpstreamResetError):
             async with asyncio.timeout(5):  # without keepalive this would wait forever
                 await c.request(Endpoint("127.0.0.1", port), get(), empty(), connect_timeout=1)
+
+
+async def test_known_empty_body_is_sent_as_end_stream_on_headers() -> None:
+    seen: list[object] = []
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        # END_STREAM on HEADERS is visible to the server as a body already known to be empty.
+        seen.append(body.content_length if isinstance(body, KnownLength) else "unknown")
+        seen.append(await body.read())
+        await sink.send_head(ResponseHead(204, ()), end_stream=True)
+
+    async with upstream(handler) as up, client() as c:
+        response = await c.request(up.endpoint, get(), BytesBody(b""), connect_timeout=1)
+        assert response.head.status == 204
+        assert isinstance(response.body, KnownLength)
+        assert response.body.content_length == 0  # lets the pipeline forward a single HEADERS frame
+        assert await response.body.read() == b""
+    assert seen == [0, b""]
