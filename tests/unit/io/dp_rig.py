@@ -33,6 +33,7 @@ from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.proxy import Proxy
 from meshproxy.io.runtime import Runtime
 from meshproxy.io.server import Listener, ListenerSettings
+from meshproxy.telemetry.hop import Telemetry
 
 VIP = "198.18.0.10"  # a service ClusterIP: only ever a routing key, never dialled
 
@@ -235,6 +236,7 @@ class Sidecar:
     direction: str = "outbound"
     clock: Clock = field(default_factory=MonotonicClock)
     sniff_timeout: float = 0.1
+    telemetry: Telemetry | None = None
     runtime: Runtime = field(init=False)
     client: Http1Client = field(init=False)
     proxy: Proxy = field(init=False)
@@ -245,7 +247,9 @@ class Sidecar:
         if self.snapshot is not None:
             self.runtime.apply(self.snapshot)
         self.client = Http1Client()
-        self.proxy = Proxy(self.runtime, {"1.1": self.client}, rng=random.Random(11))
+        self.proxy = Proxy(
+            self.runtime, {"1.1": self.client}, telemetry=self.telemetry, rng=random.Random(11)
+        )
         self.listener = Listener(
             ListenerSettings(
                 direction=self.direction,
@@ -291,5 +295,6 @@ async def wait_for(cond: Callable[[], bool], within: float = 5.0) -> None:
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
     """Data-path tests run on both event loops the sidecar supports (import this into a test module)."""
     if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
     return asyncio.DefaultEventLoopPolicy()
