@@ -239,6 +239,10 @@ class _ClientConnection(H2Endpoint):
 
     # -- pool interface -------------------------------------------------------------------
     @property
+    def stream_count(self) -> int:
+        return len(self._streams)
+
+    @property
     def usable(self) -> bool:
         return not (self._lost or self._closing or self._goaway is not None)
 
@@ -519,6 +523,9 @@ class _EndpointPool:
         self.conns.append(conn)
         self._all.add(conn)
 
+    def active_streams(self) -> int:
+        return sum(c.stream_count for c in self._all | set(self.conns))
+
     def discard(self, conn: _ClientConnection) -> None:
         if conn in self.conns:
             self.conns.remove(conn)
@@ -575,6 +582,11 @@ class Http2Client:
         if not stream.response_done:
             stream.watch(response_body)
         return UpstreamResponse(response_head, response_body)
+
+    def active_streams(self, endpoint: Endpoint) -> int:
+        """Streams in flight to ``endpoint`` (request or response not finished yet)."""
+        pool = self._pools.get((endpoint.address, endpoint.port))
+        return pool.active_streams() if pool is not None else 0
 
     def connection_count(self, endpoint: Endpoint) -> int:
         """Usable connections to ``endpoint`` (for /clusters-style introspection and tests)."""

@@ -250,6 +250,9 @@ async def test_many_concurrent_unary_calls_share_one_upstream_connection() -> No
         replies = await asyncio.gather(*(method(str(i).encode(), timeout=10) for i in range(50)))
         assert replies == [f"echo:{i}".encode() for i in range(50)]
         assert proxy.client.connection_count(proxy.upstream) == 1
+        # Nothing is left behind: every stream was finished and forgotten on both sides.
+        await eventually(lambda: proxy.client.active_streams(proxy.upstream) == 0)
+        await eventually(lambda: all(c.active_streams == 0 for c in proxy.connections))
 
 
 async def test_server_streaming_many_messages() -> None:
@@ -311,6 +314,7 @@ async def test_deadline_exceeded_cancels_upstream() -> None:
         # The deadline travels as grpc-timeout, and the client's RST_STREAM travels up:
         # either way the upstream handler must end up cancelled.
         await eventually(lambda: "hang" in state.cancelled)
+        await eventually(lambda: proxy.client.active_streams(proxy.upstream) == 0)
 
 
 async def test_client_cancellation_propagates_upstream_as_reset() -> None:
@@ -324,6 +328,7 @@ async def test_client_cancellation_propagates_upstream_as_reset() -> None:
         call.cancel()
         await eventually(lambda: "forever" in state.cancelled)
         await eventually(lambda: all(c.active_streams == 0 for c in proxy.connections))
+        await eventually(lambda: proxy.client.active_streams(proxy.upstream) == 0)
         # The upstream connection survives the reset and serves the next call.
         assert await ch.unary_unary("/test.Echo/Unary")(b"again", timeout=5) == b"echo:again"
 
