@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import enum
 import json
 import os
 import shutil
@@ -36,8 +34,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from meshproxy.config.model import (
     AccessLogMode,
@@ -54,14 +50,13 @@ from meshproxy.config.model import (
     WeightedBackend,
     Workload,
 )
+from meshproxy.lab.mesh import ADMIN_PORT, PROXY_UID, admin_get, intercept, start_sidecar
 from meshproxy.lab.netns import Lab, LabError, Pod, cleanup_stale, unavailable_reason, wait_until
 from meshproxy.lab.spanlog import read_spans, render_trace
 
 NAMESPACE = "demo"
 APP_PORT = 8080
-PROXY_UID = 1357
 APP_UID = 65534  # the apps run unprivileged, as "nobody"
-ADMIN_PORT = 15000
 OTLP_PORT = 4317
 TELEMETRY_POD = "telemetry"
 CLIENT_POD = "client"
@@ -161,31 +156,6 @@ def build_snapshots(pod_ips: Mapping[str, str], otlp_endpoint: str) -> dict[str,
     return snapshots
 
 
-def compact(value: Any) -> Any:
-    """Plain data for YAML with every field left at its default omitted (``load_dict`` fills them)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {}
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            if f.name == "version":
-                continue
-            if f.default is not dataclasses.MISSING and v == f.default:
-                continue
-            if f.default_factory is not dataclasses.MISSING and v == f.default_factory():
-                continue
-            out[f.name] = compact(v)
-        return out
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple | list | frozenset):
-        return [compact(v) for v in (sorted(value) if isinstance(value, frozenset) else value)]
-    return value
-
-
-def config_yaml(snapshot: Snapshot) -> str:
-    return yaml.safe_dump(compact(snapshot), sort_keys=False)
-
-
 # --- orchestration ------------------------------------------------------------------------
 
 
@@ -219,33 +189,13 @@ class Demo:
         snapshots = build_snapshots(ips, f"http://{telemetry.ip}:{OTLP_PORT}")
         for spec in PODS:
             pod = self.pods[spec.name]
-            config = lab.logdir / f"{spec.name}.sidecar.yaml"
-            config.write_text(config_yaml(snapshots[spec.name]))
             if spec.module:
                 app = lab.spawn(pod, _python("-m", spec.module), name="app", uid=APP_UID, env=spec.env)
                 lab.wait_listening(pod, APP_PORT, proc=app)
-            lab.exec(pod, _python("-m", "meshproxy.iptables", "install", "--proxy-uid", str(PROXY_UID)))
-            sidecar = lab.spawn(
-                pod,
-                _python(
-                    "-m",
-                    "meshproxy",
-                    "run",
-                    "--config",
-                    str(config),
-                    "--pod-ip",
-                    pod.ip,
-                    "--pod-name",
-                    f"{spec.name}-0",
-                ),
-                name="sidecar",
-                uid=PROXY_UID,
-            )
-            for port in (15001, 15006, ADMIN_PORT):
-                lab.wait_listening(pod, port, timeout=20, proc=sidecar)
-            self.say(
-                f"  {spec.name:<12}{pod.ip:<13}{spec.module or '(load generator)':<20} + sidecar (uid {PROXY_UID})"
-            )
+            intercept(lab, pod)
+            start_sidecar(lab, pod, snapshots[spec.name])
+            app_name = spec.module or "(load generator)"
+            self.say(f"  {spec.name:<14}{pod.ip:<13}{app_name:<20} + sidecar (uid {PROXY_UID})")
 
     @property
     def spans_file(self) -> Path:
@@ -269,10 +219,6 @@ class Demo:
         wait_until(
             lambda: self.load(1, 1)["status"] == {"200": 1}, timeout, "the first request to succeed", 0.2
         )
-
-    def admin_get(self, pod: str, path: str) -> str:
-        script = f"import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:{ADMIN_PORT}{path}').read().decode())"
-        return self.lab.exec(self.pods[pod], _python("-c", script), check=False).stdout
 
 
 def summarize(result: Mapping[str, Any]) -> str:
@@ -335,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
             show_trace(demo, result["trace_ids"][-1], expected_spans=6, timeout=args.trace_timeout)
         metrics = [
             line
-            for line in demo.admin_get("catalog", "/metrics").splitlines()
+            for line in admin_get(lab, demo.pods["catalog"], "/metrics").splitlines()
             if "requests_total{" in line and not line.startswith("#")
         ]
         catalog = demo.pods["catalog"].netns

@@ -14,6 +14,7 @@ import yaml
 from meshproxy.config.load import load_dict
 from meshproxy.config.model import ServiceKey
 from meshproxy.lab import demo
+from meshproxy.lab.mesh import config_yaml
 from meshproxy.lab.netns import PREFIX
 
 POD_IPS = {p.name: f"198.18.0.{i}" for i, p in enumerate(demo.PODS, start=3)}
@@ -23,7 +24,7 @@ def test_generated_configs_load_back_and_carry_the_split() -> None:
     snapshots = demo.build_snapshots(POD_IPS, "http://198.18.0.2:4317")
     assert set(snapshots) == {p.name for p in demo.PODS}
     for name, snapshot in snapshots.items():
-        assert load_dict(yaml.safe_load(demo.config_yaml(snapshot))) == snapshot, name
+        assert load_dict(yaml.safe_load(config_yaml(snapshot))) == snapshot, name
     catalog = snapshots["catalog"]
     inventory = next(s for s in catalog.services if s.name == "inventory")
     assert inventory.vips == ("198.19.0.12",)
