@@ -236,6 +236,11 @@ class Http2ServerConnection(H2Endpoint):
     def active_streams(self) -> int:
         return len(self._streams)
 
+    @property
+    def draining(self) -> bool:
+        """A graceful GOAWAY was sent: no new streams are accepted."""
+        return self._draining
+
     async def shutdown(self, grace: float) -> None:
         """Graceful close: GOAWAY, let in-flight streams finish for ``grace`` s, then cancel them."""
         self.start_drain()

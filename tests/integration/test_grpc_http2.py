@@ -54,6 +54,8 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
 class ServiceState:
     cancelled: list[str] = field(default_factory=list)  # handlers that saw their RPC cancelled
     metadata: list[tuple[tuple[str, str | bytes], ...]] = field(default_factory=list)
+    gate: asyncio.Event = field(default_factory=asyncio.Event)  # releases "Gate" calls
+    gated: int = 0  # "Gate" calls waiting
 
 
 def make_service(state: ServiceState) -> grpc.GenericRpcHandler:
@@ -87,6 +89,11 @@ def make_service(state: ServiceState) -> grpc.GenericRpcHandler:
             state.cancelled.append("hang")
             raise
         return b""
+
+    async def gate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        state.gated += 1
+        await state.gate.wait()
+        return b"through:" + request
 
     async def fail(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         await context.abort(grpc.StatusCode.NOT_FOUND, "no widget named " + request.decode())
@@ -122,6 +129,7 @@ def make_service(state: ServiceState) -> grpc.GenericRpcHandler:
             "Forever": grpc.unary_stream_rpc_method_handler(forever),
             "Hang": grpc.unary_unary_rpc_method_handler(hang),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Gate": grpc.unary_unary_rpc_method_handler(gate),
             "FailLate": grpc.unary_stream_rpc_method_handler(fail_late),
             "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
             "SumSizes": grpc.stream_unary_rpc_method_handler(sum_sizes),
@@ -352,3 +360,22 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+async def test_graceful_shutdown_finishes_inflight_call_and_client_reconnects() -> None:
+    async with mesh() as (proxy, state), channel(proxy) as ch:
+        loop = asyncio.get_running_loop()
+        inflight = ch.unary_unary("/test.Echo/Gate")(b"a", timeout=10)  # runs from here on
+        await eventually(lambda: state.gated == 1)
+        (conn,) = proxy.connections
+        shutdown = loop.create_task(conn.shutdown(10.0), name="proxy-conn-shutdown")
+        await eventually(lambda: conn.draining)  # GOAWAY sent while the call is in flight
+        # The in-flight call is not cut off by the GOAWAY ...
+        state.gate.set()
+        assert await inflight == b"through:a"
+        async with asyncio.timeout(5):
+            await shutdown
+        assert conn.is_closed
+        # ... and the client moves to a new connection for the next call.
+        assert await ch.unary_unary("/test.Echo/Unary")(b"b", timeout=10) == b"echo:b"
+        assert len(proxy.connections) == 2
