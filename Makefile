@@ -68,3 +68,15 @@ bench: install
 bench-telemetry: install
 	./scripts/system-deps.sh --bench
 	$(BIN)/python -m bench.run --scenarios direct,nginx,meshproxy-notel,meshproxy --ablation $(BENCH_ARGS)
+
+# Gateway API CRDs (HTTPRoute: a prerequisite of the Helm chart) into the cluster of the
+# current kubeconfig, from the pinned release k8s-bins puts in $(CACHE).
+.PHONY: gateway-api-crds images
+gateway-api-crds: k8s-bins
+	$(CACHE)/tools/bin/kubectl apply --server-side -f "$$(./scripts/k8s-bins.sh --print | sed -n 's/^GATEWAY_API_CRDS=//p')"
+
+# The meshproxy image with buildah (root, no Docker, no registry): localhost/meshproxy:<version>
+# plus an OCI archive in $(CACHE)/images (docs/install.md).
+images:
+	./scripts/system-deps.sh --k8s
+	./scripts/build-images.sh
