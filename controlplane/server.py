@@ -91,6 +91,15 @@ class _StreamClosed(Exception):
     """The proxy ended the stream (or it broke)."""
 
 
+class _Evicted(Exception):
+    """The proxy does not keep up; ``write`` is the write stuck in front of it, if any."""
+
+    def __init__(self, write: asyncio.Future[None] | None, reason: str) -> None:
+        super().__init__(reason)
+        self.write = write
+        self.reason = reason
+
+
 @dataclass(eq=False)
 class _Stream:
     """One proxy's stream: what was sent, what it ACKed, and its send slot."""
@@ -102,7 +111,8 @@ class _Stream:
     latest: Snapshot | None = None  # newest snapshot not sent yet
     pending: int = 0  # snapshots offered since the last send
     overflow: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # something to send, or the end
+    alarm: asyncio.Event = field(default_factory=asyncio.Event)  # overflow or the end: stop waiting
     sent: Snapshot | None = None
     sent_nonce: str = ""
     sent_at: float = 0.0
@@ -119,6 +129,7 @@ class _Stream:
         self.pending += 1
         if self.pending > self.queue_limit:
             self.overflow = True
+            self.alarm.set()
         self.wake.set()
 
 
@@ -168,6 +179,19 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         self._streams[stream.node_id] = stream
         cancel_watch = self._cache.watch(stream.node_id, stream.offer)
         self._metrics.connected_proxies.inc()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if released:
+                return
+            released = True
+            cancel_watch()
+            self._metrics.connected_proxies.dec()
+            if self._streams.get(stream.node_id) is stream:
+                del self._streams[stream.node_id]
+                self._registry.remove_node(stream.node_id)
+
         reader = asyncio.create_task(self._read(stream, context), name=f"discovery-read-{stream.node_id}")
         try:
             snapshot = self._registry.add_node(stream.node_id, node)
@@ -178,9 +202,19 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             await self._write_loop(stream, context)
         except _StreamClosed:
             pass
-        except asyncio.CancelledError:
-            raise
-        except grpc.aio.AbortError:
+        except _Evicted as ev:
+            # Stop spending anything on this proxy now. Its status can only reach it after
+            # the message stuck in front of it (HTTP/2 sends trailers after data), so wait
+            # for that write -- it completes if the proxy reads again, fails when it goes --
+            # and then say why it was closed.
+            self._metrics.slow_closes.inc()
+            log.warning("closing a slow proxy's stream", extra={"node": stream.node_id, "reason": ev.reason})
+            release()
+            if ev.write is not None:
+                with contextlib.suppress(Exception):
+                    await ev.write
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"proxy too slow: {ev.reason}")
+        except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
             log.exception("discovery stream failed", extra={"node": stream.node_id})
@@ -189,11 +223,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            cancel_watch()
-            self._metrics.connected_proxies.dec()
-            if self._streams.get(stream.node_id) is stream:
-                del self._streams[stream.node_id]
-                self._registry.remove_node(stream.node_id)
+            release()
 
     async def _write_loop(self, stream: _Stream, context: Ctx) -> None:
         while True:
@@ -202,7 +232,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             if stream.reader_done:
                 raise _StreamClosed
             if stream.overflow:
-                await self._close_slow(stream, context, "too many updates queued")
+                raise _Evicted(None, f"more than {stream.queue_limit} updates queued")
             snapshot, stream.latest, stream.pending = stream.latest, None, 0
             if snapshot is None:
                 continue
@@ -223,31 +253,22 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
     async def _write(self, stream: _Stream, context: Ctx, msg: Any) -> None:
         write = asyncio.ensure_future(context.write(msg))
         deadline = self._clock() + self._settings.send_timeout
-        try:
-            while not write.done():
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    await self._close_slow(
-                        stream, context, f"a write took longer than {self._settings.send_timeout:g}s"
-                    )
-                woken = asyncio.ensure_future(stream.wake.wait())
-                try:
-                    await asyncio.wait({write, woken}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    woken.cancel()
-                if stream.reader_done and not write.done():
-                    raise _StreamClosed
-                if stream.overflow and not write.done():
-                    await self._close_slow(stream, context, "too many updates queued behind a stuck write")
-            write.result()
-        finally:
-            if not write.done():
-                write.cancel()
-
-    async def _close_slow(self, stream: _Stream, context: Ctx, why: str) -> None:
-        self._metrics.slow_closes.inc()
-        log.warning("closing a slow proxy's stream", extra={"node": stream.node_id, "reason": why})
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"proxy too slow: {why}")
+        while not write.done():
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise _Evicted(write, f"a write took longer than {self._settings.send_timeout:g}s")
+            alarm = asyncio.ensure_future(stream.alarm.wait())
+            try:
+                await asyncio.wait({write, alarm}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                alarm.cancel()
+            if write.done():
+                break
+            if stream.reader_done:
+                raise _Evicted(write, "the proxy went away during a write")
+            if stream.overflow:
+                raise _Evicted(write, f"more than {stream.queue_limit} updates queued behind a stuck write")
+        write.result()
 
     async def _read(self, stream: _Stream, context: Ctx) -> None:
         try:
@@ -263,6 +284,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         finally:
             stream.reader_done = True
             stream.wake.set()
+            stream.alarm.set()
 
     def _on_request(self, stream: _Stream, req: Any) -> None:
         if not req.response_nonce or req.response_nonce != stream.sent_nonce or stream.sent is None:
