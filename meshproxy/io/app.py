@@ -34,7 +34,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -78,13 +77,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--service-account", default=_env("SERVICE_ACCOUNT", "default"), help="($SERVICE_ACCOUNT)"
     )
     parser.add_argument("--pod-ip", default=_env("POD_IP"), help="this pod's IP ($POD_IP)")
-    parser.add_argument("--admin-port", type=int, default=15000)
+    parser.add_argument("--admin-port", type=int, default=int(_env("MESHPROXY_ADMIN_PORT", "15000")))
     parser.add_argument("--admin-host", default="127.0.0.1", help="0.0.0.0 to let Prometheus scrape")
-    parser.add_argument("--outbound-port", type=int, default=15001)
-    parser.add_argument("--inbound-port", type=int, default=15006)
+    parser.add_argument("--outbound-port", type=int, default=int(_env("MESHPROXY_OUTBOUND_PORT", "15001")))
+    parser.add_argument("--inbound-port", type=int, default=int(_env("MESHPROXY_INBOUND_PORT", "15006")))
     parser.add_argument("--listen-host", default="::", help="listeners' address (:: is dual-stack)")
     parser.add_argument("--drain-seconds", type=float, default=5.0, help="graceful drain on SIGTERM")
-    parser.add_argument("--config-cache", type=Path, default=None, help="keep the last good config here")
+    parser.add_argument(
+        "--config-cache",
+        type=Path,
+        default=Path(_env("MESHPROXY_CONFIG_CACHE")) if _env("MESHPROXY_CONFIG_CACHE") else None,
+        help="keep the last good config here, served at restart until the control plane answers",
+    )
     parser.add_argument("--log-format", choices=("json", "text"), default="json")
     parser.add_argument("--log-level", default=_env("MESHPROXY_LOG_LEVEL", "info"))
     parser.add_argument(
@@ -263,22 +267,33 @@ class Sidecar:
         return EXIT_OK
 
     async def _control_plane(self) -> None:
-        # The xDS-like client is owned by the controlplane helper; it calls ``apply`` per snapshot.
-        module = importlib.import_module("meshproxy.xds.client")
+        from meshproxy.xds.client import ConnectionState, XdsClient
+        from meshproxy.xds.convert import ProxyNode
+
         host, port = self.args.control_plane
-        runner: Callable[..., Any] = module.run_client
-        try:
-            await runner(
-                address=f"{host}:{port}",
-                identity=self.identity,
-                apply=self.apply,
-                metrics=self.telemetry.metrics,
-            )
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("control-plane client failed")
-            self.stop.set()
+        ident = self.identity
+        node = ProxyNode(
+            pod=ident.pod,
+            namespace=ident.namespace,
+            service_account=ident.service_account,
+            pod_ip=ident.pod_ip,
+            proxy_version=_version(),
+        )
+        metrics = self.telemetry.metrics
+
+        def on_state(state: ConnectionState) -> None:
+            metrics.set_control_plane_connected(state is ConnectionState.CONNECTED)
+            log.info("control plane " + state.value, extra={"control_plane": f"{host}:{port}"})
+
+        active = self.runtime.active
+        client = XdsClient(
+            f"{host}:{port}",
+            node,
+            self.apply,
+            on_state,
+            initial=active.snapshot if active is not None else None,
+        )
+        await client.run()
 
     async def shutdown(self) -> None:
         self.serving = False
@@ -291,6 +306,15 @@ class Sidecar:
         await self.http2.close()
         await self.telemetry.shutdown(grace=2.0)
         await self.admin.close()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("meshproxy")
+    except Exception:
+        return "dev"
 
 
 def main(args: argparse.Namespace) -> int:
