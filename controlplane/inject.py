@@ -530,7 +530,9 @@ def _sidecar_container(t: InjectionTemplate, app_probes: Json, native: bool) -> 
         "image": t.image,
         "imagePullPolicy": t.image_pull_policy,
         "command": ["meshproxy"],
-        "args": ["run", "--control-plane", t.control_plane_address],
+        # The admin server binds loopback by default; kubelet's probes and Prometheus come
+        # from outside the pod (/quitquitquit still refuses non-loopback peers).
+        "args": ["run", "--control-plane", t.control_plane_address, "--admin-host", "0.0.0.0"],
         "env": env,
         "ports": [{"name": "mesh-admin", "containerPort": t.ports.admin, "protocol": "TCP"}],
         "readinessProbe": {**ready, "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 1},

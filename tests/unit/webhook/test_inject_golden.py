@@ -293,3 +293,15 @@ def test_init_container_args_are_what_meshproxy_iptables_accepts(name: str) -> N
         assert set(settings.exclude_inbound_ports) == {9090, 9091}
         assert set(settings.exclude_outbound_ports) == {5432}
         assert set(settings.exclude_outbound_cidrs) == {"169.254.169.254/32", "10.96.0.0/12"}
+
+
+def test_sidecar_args_are_what_meshproxy_run_accepts() -> None:
+    """Contract with ``meshproxy run``: the injected command line parses, admin reachable by kubelet."""
+    from meshproxy.cli import build_parser
+
+    sidecar = patched_pod("native_sidecar")["spec"]["initContainers"][1]
+    assert sidecar["command"] == ["meshproxy"]
+    args = build_parser("run").parse_args(sidecar["args"])
+    assert args.command == "run"
+    assert args.control_plane == ("meshproxy-controlplane.meshproxy-system.svc", 15010)
+    assert args.admin_host == "0.0.0.0"
