@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
@@ -246,6 +247,23 @@ def show_trace(demo: Demo, trace_id: str, expected_spans: int, timeout: float) -
     demo.say(render_trace(spans) if spans else "  no spans arrived (see the sidecar logs)")
 
 
+def unreadable_by(*uids: int) -> str | None:
+    """Why the sidecar/apps could not start as ``uids`` (e.g. a checkout under /root, mode 700)."""
+    check = "import meshproxy.io.app, meshdemo.frontend"
+    for uid in uids:
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", sys.executable, "-c", check]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd="/")
+        if done.returncode != 0:
+            where = Path(sys.executable).parent.parent
+            last = done.stderr.strip().splitlines()[-1:] or ["?"]
+            return (
+                f"UID {uid} cannot run {sys.executable} ({last[0]}). The sidecars and apps run as "
+                f"unprivileged users, so {where} and every directory above it must be world-readable "
+                "(a checkout under /root is not): move the checkout, e.g. to /opt, or `chmod o+rx` the path."
+            )
+    return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--requests", type=int, default=200, help="requests to send (default 200)")
     parser.add_argument("--keep", action="store_true", help="leave the mesh running until Ctrl-C")
@@ -268,7 +286,14 @@ def main(args: argparse.Namespace) -> int:
     stale = cleanup_stale()
     if stale:
         print(f"removed {len(stale)} namespaces left by an earlier run")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM tears down like Ctrl-C
+    problem = unreadable_by(PROXY_UID, APP_UID)
+    if problem is not None:
+        print(f"meshproxy demo: {problem}", file=sys.stderr)
+        return 1
+    # SIGTERM tears down like Ctrl-C; SIGINT explicitly too, since a shell starts background
+    # jobs with SIGINT ignored and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     lab = Lab()
     demo = Demo(lab)
     ok = False

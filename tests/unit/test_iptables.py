@@ -238,3 +238,10 @@ def test_dry_run_prints_both_families_and_changes_nothing(capsys: pytest.Capture
 def test_bad_setting_exits_2_with_message(capsys: pytest.CaptureFixture[str]) -> None:
     assert iptables.main(_args("--dry-run", "--proxy-uid", "nobody")) == 2
     assert "--proxy-uid" in capsys.readouterr().err
+
+
+def test_the_meshproxy_cli_wires_the_iptables_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshproxy import cli
+
+    assert cli.main(["iptables", "install", "--dry-run", "--proxy-uid", "4242"]) == 0
+    assert "--uid-owner 4242" in capsys.readouterr().out
