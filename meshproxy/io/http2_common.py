@@ -45,6 +45,7 @@ PROTOCOL_ERROR = 0x1
 INTERNAL_ERROR = 0x2
 REFUSED_STREAM = 0x7
 CANCEL = 0x8
+ENHANCE_YOUR_CALM = 0xB
 
 _READ_COALESCE = 64 * 1024  # one read() joins buffered chunks up to this many bytes
 _FLUSH_AT = 64 * 1024  # DATA beyond this is written at once rather than at the end of the iteration

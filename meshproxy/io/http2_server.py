@@ -71,6 +71,7 @@ from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.exchange import DownstreamContext, RequestHandler
 from meshproxy.io.http2_common import (
     CANCEL,
+    ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
     PROTOCOL_ERROR,
@@ -91,6 +92,9 @@ class Http2ServerSettings:
     connection's task count small; a 256 KiB stream window lets one stream reach high
     throughput on a pod network while the 1 MiB connection window bounds what a single
     connection can make us buffer; 64 KiB of headers is far above real gRPC metadata.
+    ``max_client_resets`` per ``reset_window`` seconds guards against "rapid reset"
+    (CVE-2023-44487: open a stream, reset it at once, repeat; each costs us a task and an
+    upstream request): 2000 per 10 s is far above what cancelling or hedging clients do.
     """
 
     max_concurrent_streams: int = 128
@@ -98,6 +102,8 @@ class Http2ServerSettings:
     connection_window_size: int = 1024 * 1024
     max_header_list_size: int = 64 * 1024
     idle_timeout: float | None = None  # close (GOAWAY) after this long without streams
+    max_client_resets: int = 2000
+    reset_window: float = 10.0
 
 
 class _ServerStream:
@@ -207,6 +213,9 @@ class Http2ServerConnection(H2Endpoint):
         self._draining = False  # we sent a graceful GOAWAY
         self._last_stream_id = 0  # the GOAWAY's last-stream-id: later streams are refused
         self._peer_goaway = False
+        self._refusing = False  # closing for abuse: events still queued are ignored
+        self._reset_count = 0
+        self._reset_window_start = 0.0
         self._idle_timer: asyncio.TimerHandle | None = None
 
     # -- hand-off API ---------------------------------------------------------------------
@@ -303,6 +312,8 @@ class Http2ServerConnection(H2Endpoint):
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
                 self._wake_window(None)
         elif isinstance(event, h2.events.StreamReset):
+            if event.remote_reset and self._too_many_resets():
+                return
             stream = self._streams.get(event.stream_id)
             if stream is not None:
                 log.debug("%s: stream %d reset by client (%s)", self._name, event.stream_id, event.error_code)
@@ -313,8 +324,38 @@ class Http2ServerConnection(H2Endpoint):
         elif isinstance(event, h2.events.ConnectionTerminated):  # not reached: GOAWAY is split off
             self._on_goaway(GoAway(event.last_stream_id or 0, int(event.error_code or 0)))
 
+    def _too_many_resets(self) -> bool:
+        """Count a client RST_STREAM; past the limit, close with GOAWAY(ENHANCE_YOUR_CALM)."""
+        if self._refusing:
+            return True
+        assert self._loop is not None
+        now = self._loop.time()
+        if now - self._reset_window_start > self._settings.reset_window:
+            self._reset_window_start = now
+            self._reset_count = 0
+        self._reset_count += 1
+        if self._reset_count <= self._settings.max_client_resets:
+            return False
+        log.warning(
+            "%s: %d stream resets in %.0fs, closing (rapid reset)",
+            self._name,
+            self._reset_count,
+            self._settings.reset_window,
+        )
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(error_code=ENHANCE_YOUR_CALM, additional_data=b"too many stream resets")
+        self._flush()
+        self._refusing = True
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()
+        self.close_transport()  # lingering, so the client gets to read the GOAWAY saying why
+        return True
+
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
+        if self._refusing:
+            return
         if self._draining and sid > self._last_stream_id:
             self._reset_stream(sid, REFUSED_STREAM)
             return
@@ -335,14 +376,14 @@ class Http2ServerConnection(H2Endpoint):
         stream.task = self._loop.create_task(
             self._run_stream(stream, head), name=f"h2-stream {self._ctx.connection_id}:{sid}"
         )
+        # Cleanup in a done callback, not a ``finally``: a task cancelled before its first
+        # step (a stream reset in the same read as its HEADERS) never runs its body.
+        stream.task.add_done_callback(lambda task: self._stream_done(stream, task))
 
     async def _run_stream(self, stream: _ServerStream, head: RequestHead) -> None:
         sid = stream.stream_id
         try:
             await self._handler(self._ctx, head, stream.body, stream)
-        except asyncio.CancelledError:
-            self._reset_stream(sid, CANCEL)
-            raise
         except StreamClosedError as exc:
             log.debug("%s: stream %d: %s", self._name, sid, exc)
             self._reset_stream(sid, CANCEL)
@@ -357,12 +398,15 @@ class Http2ServerConnection(H2Endpoint):
             elif not stream.body.finished:
                 # Response complete but the client is still sending: tell it to stop (RFC 9113 8.1).
                 self._reset_stream(sid, NO_ERROR)
-        finally:
-            stream.body.discard()
-            self._streams.pop(sid, None)
-            self._maybe_close()
-            if not self._streams:
-                self._arm_idle_timer()
+
+    def _stream_done(self, stream: _ServerStream, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._reset_stream(stream.stream_id, CANCEL)  # no-op if the client reset it already
+        stream.body.discard()
+        self._streams.pop(stream.stream_id, None)
+        self._maybe_close()
+        if not self._streams:
+            self._arm_idle_timer()
 
     def _on_goaway(self, goaway: GoAway) -> None:
         if goaway.error_code:

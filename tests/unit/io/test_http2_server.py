@@ -249,7 +249,24 @@ async def test_client_reset_cancels_the_stream_task_only() -> None:
             await cancelled.wait()
         await client.wait_for(lambda c: bool(c.of_type(h2.events.StreamEnded, 3)))
         assert client.body(3) == b"ok"
-        assert server.connections[0].active_streams <= 1
+        await client.close()
+
+
+async def test_streams_reset_before_their_task_ran_are_forgotten() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(204, ()), end_stream=True)
+
+    async with serve(handler) as server:
+        client = await RawClient.connect(server.port)
+        for sid in (1, 3, 5):  # HEADERS and RST_STREAM in one write: the tasks never get to run
+            client.conn.send_headers(sid, request("/"), end_stream=True)
+            client.conn.reset_stream(sid, error_code=8)
+        client.conn.send_headers(7, request("/"), end_stream=True)
+        client.flush()
+        await client.wait_for(lambda c: bool(c.of_type(h2.events.StreamEnded, 7)))
+        assert server.connections[0].active_streams == 0
         await client.close()
 
 
@@ -450,3 +467,24 @@ async def test_malformed_request_is_a_stream_error_not_a_connection_error() -> N
         assert served == ["/good"]
         assert not client.eof
         await client.close()
+
+
+async def test_rapid_reset_flood_closes_the_connection() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await asyncio.Event().wait()
+
+    settings = Http2ServerSettings(max_client_resets=20, reset_window=60.0)
+    async with serve(handler, settings) as server:
+        client = await RawClient.connect(server.port)
+        for sid in range(1, 2 * 50, 2):  # 50 streams, each reset right after it was opened
+            client.conn.send_headers(sid, request("/"), end_stream=True)
+            client.conn.reset_stream(sid, error_code=8)
+        client.flush()
+        await client.wait_for(lambda c: c.eof)
+        goaway = client.of_type(GoAway)[0]
+        assert goaway.error_code == 0xB  # type: ignore[attr-defined]  # ENHANCE_YOUR_CALM
+        await client.close()
+        await server.connections[0].wait_closed()
+        assert server.connections[0].active_streams == 0  # every task was cancelled and forgotten
