@@ -294,7 +294,8 @@ class H2Endpoint(asyncio.Protocol):
         DATA and trailers, WINDOW_UPDATEs from many reads) leave in one write: one system
         call instead of several, which is most of the per-request cost of a small request.
         """
-        if not self._flush_scheduled and self._loop is not None:
+        # A closed loop: a response body garbage-collected at interpreter exit; nothing to send.
+        if not self._flush_scheduled and self._loop is not None and not self._loop.is_closed():
             self._flush_scheduled = True
             self._loop.call_soon(self._scheduled_flush)
 
