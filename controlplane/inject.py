@@ -140,6 +140,9 @@ class InjectionTemplate:
     tracing: TracingTemplate = field(default_factory=TracingTemplate)
     prometheus_annotations: bool = True
     exclude_outbound_cidrs: tuple[str, ...] = ()  # mesh-wide, added to each pod's own
+    # Send kubelet's probes through the sidecar's /app-health (see the module docstring).
+    # Off: probes stay as written and reach the app through the inbound listener.
+    rewrite_probes: bool = True
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> InjectionTemplate:
@@ -160,6 +163,7 @@ class InjectionTemplate:
             "tracing",
             "prometheusAnnotations",
             "excludeOutboundCIDRs",
+            "rewriteProbes",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -204,6 +208,7 @@ class InjectionTemplate:
             ),
             prometheus_annotations=bool(data.get("prometheusAnnotations", d.prometheus_annotations)),
             exclude_outbound_cidrs=tuple(cidr_list),
+            rewrite_probes=bool(data.get("rewriteProbes", d.rewrite_probes)),
         )
 
 
@@ -345,7 +350,10 @@ def build_patch(pod: Json, template: InjectionTemplate, cluster: ClusterInfo) ->
         *_cidrs(annotations.get(ANNOTATION_EXCLUDE_OUTBOUND_CIDRS, "")),
     ]
 
-    probe_ops, app_probes = _rewrite_probes(containers, template.ports.admin)
+    probe_ops: JsonPatch = []
+    app_probes: Json = {}
+    if template.rewrite_probes:
+        probe_ops, app_probes = _rewrite_probes(containers, template.ports.admin)
 
     init = _init_container(template, inbound_excl, outbound_excl, cidrs)
     sidecar = _sidecar_container(template, app_probes, native)
@@ -511,6 +519,8 @@ def _sidecar_container(t: InjectionTemplate, app_probes: Json, native: bool) -> 
         {"name": "MESHPROXY_INBOUND_PORT", "value": str(t.ports.inbound)},
         {"name": "MESHPROXY_OUTBOUND_PORT", "value": str(t.ports.outbound)},
         {"name": "MESHPROXY_TRACING_SAMPLING", "value": repr(t.tracing.sampling)},
+        # On the pod's emptyDir: a restarted sidecar serves its last good config at once.
+        {"name": "MESHPROXY_CONFIG_CACHE", "value": "/tmp/meshproxy-config-cache.json"},
     ]
     for name, value in (
         ("MESHPROXY_OTLP_GRPC_ENDPOINT", t.tracing.otlp_grpc_endpoint),

@@ -137,6 +137,7 @@ NON_DEFAULT = [
     "--set", "sidecar.nativeSidecar=never",
     "--set", "sidecar.proxyUID=4242",
     "--set", "sidecar.excludeOutboundCIDRs={169.254.169.254/32}",
+    "--set", "sidecar.rewriteProbes=false",
     "--set-json", "tracing.sampling=0.5",  # --set keeps floats as strings
     "--set", "webhook.url=https://127.0.0.1:15017/inject",
     "--set", "webhook.certIPs={127.0.0.1}",
@@ -288,6 +289,7 @@ def test_injection_template_is_what_the_webhook_accepts(values: list[str]) -> No
         assert template.native_sidecar is NativeSidecarMode.NEVER
         assert template.tracing.sampling == 0.5
         assert template.exclude_outbound_cidrs == ("169.254.169.254/32",)
+        assert template.rewrite_probes is False
         # The bundled Jaeger is the default tracing backend when enabled.
         assert template.tracing.otlp_grpc_endpoint == "http://meshproxy-jaeger.meshproxy-system.svc:4317"
     elif values == VALUE_SETS["demo"]:
@@ -297,6 +299,7 @@ def test_injection_template_is_what_the_webhook_accepts(values: list[str]) -> No
         assert template.proxy_uid == 1357
         assert template.tracing.sampling == 0.01
         assert template.tracing.otlp_grpc_endpoint == ""
+        assert template.rewrite_probes is True
 
 
 def test_control_plane_deployment_shape() -> None:

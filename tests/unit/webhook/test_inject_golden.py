@@ -305,3 +305,12 @@ def test_sidecar_args_are_what_meshproxy_run_accepts() -> None:
     assert args.command == "run"
     assert args.control_plane == ("meshproxy-controlplane.meshproxy-system.svc", 15010)
     assert args.admin_host == "0.0.0.0"
+
+
+def test_probe_rewriting_can_be_turned_off() -> None:
+    case = load_case("native_sidecar")
+    case["template"] = {"image": "meshproxy:0.1.0", "rewriteProbes": False}
+    original = case["review"]["request"]["object"]["spec"]["containers"][0]
+    pod = jsonpatch.apply_patch(case["review"]["request"]["object"], decoded(run_case(case))["patch"])
+    assert pod["spec"]["containers"][0] == original
+    assert "MESHPROXY_APP_PROBES" not in {e["name"] for e in pod["spec"]["initContainers"][1]["env"]}

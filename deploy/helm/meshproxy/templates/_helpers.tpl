@@ -66,6 +66,7 @@ app.kubernetes.io/component: controlplane
   "initResources" .Values.sidecar.initResources
   "tracing" (dict "sampling" .Values.tracing.sampling "otlpGrpcEndpoint" (include "meshproxy.otlpGrpcEndpoint" .) "otlpHttpEndpoint" .Values.tracing.otlpHttpEndpoint "zipkinEndpoint" .Values.tracing.zipkinEndpoint)
   "prometheusAnnotations" .Values.sidecar.prometheusAnnotations
+  "rewriteProbes" .Values.sidecar.rewriteProbes
   "excludeOutboundCIDRs" .Values.sidecar.excludeOutboundCIDRs
   | toPrettyJson -}}
 {{- end -}}
