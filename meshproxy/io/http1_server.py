@@ -59,6 +59,8 @@ class Http1Settings:
     write_high_water: int = 64 * 1024
     # Idle keep-alive connections are closed after this (clients reconnect cheaply).
     keepalive_timeout: float = 300.0
+    # A started request head must be complete within this; slow-drip heads are an attack.
+    header_timeout: float = 30.0
     # Pipelined requests parsed ahead of the one being handled; rarely more than a few.
     max_pipelined: int = 8
 
@@ -306,14 +308,18 @@ class Http1ServerProtocol(asyncio.Protocol):
                 return None
             self.item_ready.clear()
             idle = self.parsing is None
+            limit = self.settings.keepalive_timeout if idle else self.settings.header_timeout
             try:
-                if idle:
-                    async with asyncio.timeout(self.settings.keepalive_timeout):
-                        await self.item_ready.wait()
-                else:
+                async with asyncio.timeout(limit):
                     await self.item_ready.wait()
             except TimeoutError:
-                return None
+                if self.pending:
+                    break
+                if idle:
+                    return None
+                # A request head that trickles in (slowloris) holds a connection for free.
+                self._pause("error")
+                return _Failure(ProtocolError(f"request head not received within {limit}s", status=408))
         item = self.pending.popleft()
         if len(self.pending) < self.settings.max_pipelined:
             self._resume("pipeline")

@@ -145,14 +145,19 @@ def _outcome(exc: BaseException) -> Outcome:
     return Outcome.LOCAL
 
 
+EndVerdict = bool | None
+"""How a response body ended: True read to its end, False the upstream failed mid-body,
+None abandoned by the proxy (a retry discarded it, or the client went away)."""
+
+
 class _Tracked:
-    """A response body that runs ``on_end(ok)`` exactly once: at its end, on error or on abort."""
+    """A response body that runs ``on_end(verdict)`` exactly once: at its end, on error or on abort."""
 
-    def __init__(self, inner: BodyStream, on_end: Callable[[bool], None]) -> None:
+    def __init__(self, inner: BodyStream, on_end: Callable[[EndVerdict], None]) -> None:
         self._inner = inner
-        self._on_end: Callable[[bool], None] | None = on_end
+        self._on_end: Callable[[EndVerdict], None] | None = on_end
 
-    def _end(self, ok: bool) -> None:
+    def _end(self, ok: EndVerdict) -> None:
         cb, self._on_end = self._on_end, None
         if cb is not None:
             cb(ok)
@@ -176,7 +181,7 @@ class _Tracked:
         return data
 
     def abort(self) -> None:
-        self._end(False)
+        self._end(None)
         abort = getattr(self._inner, "abort", None)
         if abort is not None:
             abort()
@@ -194,7 +199,7 @@ def _abort_body(body: BodyStream) -> None:
         abort()
 
 
-def _track(resp: UpstreamResponse, on_end: Callable[[bool], None]) -> UpstreamResponse:
+def _track(resp: UpstreamResponse, on_end: Callable[[EndVerdict], None]) -> UpstreamResponse:
     return UpstreamResponse(head=resp.head, body=_Tracked(resp.body, on_end))
 
 
@@ -574,8 +579,10 @@ class Proxy:
             raise
         success = resp.head.status < 500
 
-        def done(ok: bool) -> None:
-            breaker.release_request(admission, success and ok)
+        def done(ok: EndVerdict) -> None:
+            # A 5xx is a failure however its body ended; an abandoned 2xx says nothing.
+            verdict = False if not success or ok is False else (True if ok else None)
+            breaker.release_request(admission, verdict)
             self._breaker_gauge(svc)
 
         return _track(resp, done)
@@ -605,7 +612,14 @@ class Proxy:
             pool.on_request_end(ep, _outcome(exc))
             raise
         outcome = outcome_for_status(resp.head.status)
-        return _track(resp, lambda ok: pool.on_request_end(ep, outcome if ok else Outcome.RESET))
+
+        def done(ok: EndVerdict) -> None:
+            if outcome is Outcome.SUCCESS and ok is not True:
+                pool.on_request_end(ep, Outcome.RESET if ok is False else Outcome.LOCAL)
+            else:
+                pool.on_request_end(ep, outcome)
+
+        return _track(resp, done)
 
     async def _upstream(self, call: Call) -> UpstreamResponse:
         ep = call.endpoint

@@ -20,6 +20,7 @@ from meshproxy.config.model import (
     RouteMatch,
     TrafficPolicy,
 )
+from meshproxy.io.http1_server import Http1Settings
 
 __all__ = ["event_loop_policy"]  # the fixture: run every test on asyncio and uvloop
 
@@ -196,3 +197,15 @@ async def test_head_response_keeps_the_connection_usable(passthrough: Sidecar) -
         assert r.headers["content-length"] == "6"
         r = await client.get("/hello")
         assert r.text == "hello\n"
+
+
+async def test_a_request_head_that_never_completes_gets_408(upstream: Upstream) -> None:
+    settings = Http1Settings(header_timeout=0.3)
+    async with Sidecar(snapshot(), ("127.0.0.1", upstream.port), http1=settings) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: up\r\nX-Slow: ")
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)
+        assert raw.startswith(b"HTTP/1.1 408 ")
+        writer.close()
+    assert upstream.server.requests == 0
