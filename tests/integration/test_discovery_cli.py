@@ -111,9 +111,7 @@ def test_from_dir_serves_a_sidecar_process_and_follows_file_changes(
     fields = dict(part.split("=", 1) for part in listening.split()[1:])
     target, metrics = fields["grpc"], fields["metrics"]
 
-    wait_until(
-        lambda: urllib.request.urlopen(f"http://{metrics}/ready", timeout=5).status == 200, what="ready"
-    )
+    wait_until(lambda: http_status(f"http://{metrics}/ready") == 200, what="ready")
 
     sidecar = Proc(
         [PY, "-m", "meshproxy.xds.client", target, "--pod", "ratings-0", "--namespace", "bookinfo"],
