@@ -10,6 +10,7 @@ and iptables are never touched)::
     netns <prefix>-<pod>:   eth0 198.18.0.N/24 ◀──────┘         (veth pair, peer in the router ns)
                             lo up; routes: 198.18.0.0/24 (connected) and the service VIP range
                             198.19.0.0/24 via eth0; no default route, so nothing leaves the lab.
+                            IPv6 likewise, when the kernel has it: 2001:2::N/64, VIPs 2001:2:0:1::/64.
 
 The VIP route exists only so that ``connect()`` to a service VIP finds a route: the pod's
 OUTPUT nat rules then REDIRECT it to the sidecar before a packet is ever sent. A VIP that is
@@ -48,6 +49,9 @@ PREFIX = "mplab-"
 NETNS_ETC = Path("/etc/netns")  # `ip netns exec` bind-mounts files from here over /etc
 DEFAULT_POD_SUBNET = "198.18.0.0/24"
 DEFAULT_VIP_SUBNET = "198.19.0.0/24"
+# IPv6 twins from the RFC 5180 benchmarking range (2001:2::/48), same roles as above.
+DEFAULT_POD_SUBNET6 = "2001:2::/64"
+DEFAULT_VIP_SUBNET6 = "2001:2:0:1::/64"
 
 
 class LabError(Exception):
@@ -107,6 +111,7 @@ class Pod:
     netns: str  # the namespace's full name
     ip: str
     index: int
+    ip6: str = ""  # empty when the lab has no IPv6
 
 
 @dataclass(slots=True)
@@ -149,6 +154,8 @@ class Lab:
     workdir: Path | None = None
     pod_subnet: str = DEFAULT_POD_SUBNET
     vip_subnet: str = DEFAULT_VIP_SUBNET
+    pod_subnet6: str | None = DEFAULT_POD_SUBNET6  # None: IPv4 only
+    vip_subnet6: str = DEFAULT_VIP_SUBNET6
     run_id: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(3)}")
     pods: dict[str, Pod] = field(default_factory=dict)
     processes: list[LabProcess] = field(default_factory=list)
@@ -167,6 +174,7 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.workdir.chmod(0o755)
         self._net = ipaddress.ip_network(self.pod_subnet)
+        self._net6 = ipaddress.ip_network(self.pod_subnet6) if self.pod_subnet6 and _ipv6_enabled() else None
         atexit.register(self.close)
         try:
             self._create_router()
@@ -203,6 +211,19 @@ class Lab:
         r = ["ip", "-n", self.router]
         _run([*r, "link", "add", "br0", "type", "bridge"])
         _run([*r, "addr", "add", f"{self.gateway}/{self._net.prefixlen}", "dev", "br0"])
+        if self._net6 is not None:
+            # nodad: usable at once, no duplicate-address-detection wait (nothing else is on this bridge).
+            _run(
+                [
+                    *r,
+                    "addr",
+                    "add",
+                    f"{self._net6.network_address + 1}/{self._net6.prefixlen}",
+                    "dev",
+                    "br0",
+                    "nodad",
+                ]
+            )
         _run([*r, "link", "set", "br0", "up"])
 
     def add_pod(self, name: str, hosts: Mapping[str, Iterable[str]] | None = None) -> Pod:
@@ -212,7 +233,8 @@ class Lab:
             raise LabError(f"pod {name!r} already exists")
         index = len(self.pods) + 2  # .1 is the router
         ip = str(self._net.network_address + index)
-        pod = Pod(name=name, netns=self.prefix + name, ip=ip, index=index)
+        ip6 = str(self._net6.network_address + index) if self._net6 is not None else ""
+        pod = Pod(name=name, netns=self.prefix + name, ip=ip, index=index, ip6=ip6)
         self._add_netns(pod.netns)
         veth = f"v{index}"
         r = ["ip", "-n", self.router]
@@ -222,6 +244,9 @@ class Lab:
         _run([*p, "addr", "add", f"{ip}/{self._net.prefixlen}", "dev", "eth0"])
         _run([*p, "link", "set", "eth0", "up"])
         _run([*p, "route", "add", self.vip_subnet, "dev", "eth0"])
+        if self._net6 is not None:
+            _run([*p, "addr", "add", f"{ip6}/{self._net6.prefixlen}", "dev", "eth0", "nodad"])
+            _run([*p, "-6", "route", "add", self.vip_subnet6, "dev", "eth0"])
         self.pods[name] = pod
         if hosts is not None:
             self.set_hosts(pod, hosts)
@@ -357,6 +382,10 @@ def _delete_netns(netns: str) -> None:
             os.kill(int(pid), signal.SIGKILL)
     _run(["ip", "netns", "del", netns], check=False)
     shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
+
+
+def _ipv6_enabled() -> bool:
+    return Path("/proc/net/if_inet6").exists()
 
 
 def _pid_alive(pid: int) -> bool:

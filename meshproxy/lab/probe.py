@@ -11,7 +11,7 @@ and ``python -m meshproxy.lab.probe connect HOST PORT``, which prints the line i
 JSON ``{"error": ...}`` and exits 1), so a test can tell which listener a connection
 really reached and where it was going before ``REDIRECT`` rewrote it.
 
-``original_dst`` equals ``local`` for a connection that was not redirected (or is ``null``
+IPv6 connections are answered the same way (``IP6T_SO_ORIGINAL_DST``). ``original_dst`` equals ``local`` for a connection that was not redirected (or is ``null``
 when the pod has no conntrack/nat state at all). It is read with ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` here on purpose,
 independently of the sidecar's own decoding, so the interception tests check the kernel's
 behaviour and not our parser.
@@ -36,7 +36,11 @@ SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 def original_dst(sock: socket.socket) -> tuple[str, int] | None:
     try:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        if sock.family == socket.AF_INET6:  # IP6T_SO_ORIGINAL_DST -> struct sockaddr_in6
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+            (port,) = struct.unpack_from("!H", raw, 2)
+            return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)  # struct sockaddr_in
     except OSError:  # ENOENT: no nat entry, i.e. not redirected
         return None
     (port,) = struct.unpack_from("!H", raw, 2)
@@ -60,8 +64,10 @@ async def serve(name: str, host: str, ports: Sequence[int]) -> None:
         finally:
             writer.close()
 
-    servers = [await asyncio.start_server(answer, host, port) for port in ports]
-    print(f"probe {name} listening on {host} ports {list(ports)}", flush=True)
+    # host None: one IPv4 and one IPv6-only socket per port (asyncio sets IPV6_V6ONLY), so
+    # addresses are reported as plain IPv4/IPv6, never v4-mapped.
+    servers = [await asyncio.start_server(answer, host or None, port) for port in ports]
+    print(f"probe {name} listening on {host or '*'} ports {list(ports)}", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
@@ -91,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--name", required=True)
-    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--host", default="", help="default: all addresses, IPv4 and IPv6")
     s.add_argument("ports", nargs="+", type=int)
     c = sub.add_parser("connect")
     c.add_argument("host")

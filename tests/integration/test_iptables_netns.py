@@ -176,3 +176,20 @@ def test_install_twice_then_cleanup_restores_direct_connectivity(pair: Pair) -> 
     assert reached(pair.connect(a, b.ip, APP_PORT)) == ("b-app", APP_PORT, None)
     done = pair.lab.exec(a, [sys.executable, "-m", "meshproxy.iptables", "cleanup"])
     assert "nothing to remove" in done.stdout
+
+
+def test_ipv6_is_intercepted_like_ipv4(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    if not b.ip6:
+        pytest.skip("the kernel has no IPv6")
+    vip6 = "2001:2:0:1::10"
+    assert reached(pair.connect(a, b.ip6, APP_PORT)) == ("a-proxy", 15001, (b.ip6, APP_PORT))
+    assert reached(pair.connect(a, vip6, 80)) == ("a-proxy", 15001, (vip6, 80))
+    assert reached(pair.connect(a, b.ip6, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
+    assert reached(pair.connect(a, b.ip6, 15000, uid=PROXY_UID)) == ("b-admin", 15000, None)
+    assert reached(pair.connect(b, "::1", APP_PORT)) == ("b-app", APP_PORT, None)
+    assert reached(pair.connect(b, "::1", APP_PORT, uid=PROXY_UID)) == ("b-app", APP_PORT, None)
+    assert reached(pair.connect(b, b.ip6, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
+    pair.install(a, "--exclude-outbound-cidrs", "2001:2::/64")
+    assert reached(pair.connect(a, b.ip6, APP_PORT)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
+    assert reached(pair.connect(a, vip6, 80)) == ("a-proxy", 15001, (vip6, 80))
