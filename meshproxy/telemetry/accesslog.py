@@ -45,6 +45,7 @@ class AccessLog:
         self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queue)
         self._on_drop = on_drop
         self._closed = False
+        self._owns_stream = False
         self._thread = threading.Thread(target=self._run, name="meshproxy-accesslog", daemon=True)
         self._thread.start()
 
@@ -79,6 +80,8 @@ class AccessLog:
                     self._on_drop()
         with contextlib.suppress(OSError, ValueError):
             self._stream.flush()
+            if self._owns_stream:
+                self._stream.close()
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is queued (within ``timeout``) and stop the writer thread."""

@@ -464,12 +464,14 @@ class Telemetry:
         access_log_stream: TextIO | None,
         extra_exporters: Sequence[SpanExporter],
         schedule_delay_millis: float,
+        access_log_path: str | None = None,
     ) -> None:
         self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
         self._env = dict(env)
         self._access_log_stream = access_log_stream
+        self._access_log_path = access_log_path
         self._access_log: AccessLog | None = None
         self._extra_exporters = tuple(extra_exporters)
         self._schedule_delay_millis = schedule_delay_millis
@@ -495,12 +497,14 @@ class Telemetry:
         env: Mapping[str, str] | None = None,
         registry: CollectorRegistry | None = None,
         access_log_stream: TextIO | None = None,
+        access_log_path: str | None = None,
         extra_exporters: Sequence[SpanExporter] = (),
         schedule_delay_millis: float = 1000,
     ) -> Telemetry:
         """``env`` defaults to a copy of ``os.environ`` (read once, here: the OTEL_* variables).
-        ``access_log_stream`` defaults to stdout. ``extra_exporters`` are added to the configured
-        ones (tests pass an in-memory exporter)."""
+        The access log goes to ``access_log_path`` (appended, opened when first needed) if given,
+        else to ``access_log_stream``, else stdout. ``extra_exporters`` are added to the
+        configured ones (tests pass an in-memory exporter)."""
         return cls(
             settings,
             workload,
@@ -509,6 +513,7 @@ class Telemetry:
             wall_clock=wall_clock,
             env=dict(os.environ) if env is None else env,
             access_log_stream=access_log_stream,
+            access_log_path=access_log_path,
             extra_exporters=extra_exporters,
             schedule_delay_millis=schedule_delay_millis,
         )
@@ -525,7 +530,11 @@ class Telemetry:
 
     def access_log(self) -> AccessLog:
         if self._access_log is None:
-            self._access_log = AccessLog(self._access_log_stream, on_drop=self.metrics.access_log_dropped.inc)
+            on_drop = self.metrics.access_log_dropped.inc
+            if self._access_log_path is not None:
+                self._access_log = AccessLog.open_file(self._access_log_path, on_drop=on_drop)
+            else:
+                self._access_log = AccessLog(self._access_log_stream, on_drop=on_drop)
         return self._access_log
 
     def reconfigure(self, settings: model.Telemetry, workload: model.Workload | None = None) -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 from tel_rig import MakeRig, head
 
 from meshproxy.config import model
+from meshproxy.telemetry import Telemetry
 from meshproxy.telemetry.accesslog import AccessLog
 
 
@@ -103,3 +105,20 @@ async def test_a_stuck_sink_drops_and_counts_instead_of_blocking() -> None:
     written = [json.loads(x)["i"] for x in stream.getvalue().splitlines()]
     assert len(written) + len(dropped) == 50
     assert written == sorted(written)
+
+
+async def test_access_log_to_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "access.jsonl"
+    tel = Telemetry.build(
+        model.Telemetry(access_log=model.AccessLogMode.ON),
+        model.Workload(name="w"),
+        env={},
+        access_log_path=str(path),
+    )
+    assert not path.exists()  # opened only when the first line is due
+    for status in (200, 404):
+        tel.start_http(
+            direction="inbound", head=head(), peer=("127.0.0.1", 1), destination_service="s"
+        ).finish(status=status, flag=None, request_bytes=0, response_bytes=0)
+    await tel.shutdown()
+    assert [json.loads(x)["http.response.status_code"] for x in path.read_text().splitlines()] == [200, 404]
