@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import socket
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from dp_rig import VIP, Sidecar, Upstream, event_loop_policy, service, snapshot
+from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot
 
 from meshproxy.config.model import (
     Endpoint,
     LbPolicy,
+    OutlierDetection,
     PathMatch,
     PathMatchKind,
     RetryPolicy,
@@ -20,7 +23,12 @@ from meshproxy.config.model import (
     RouteMatch,
     TrafficPolicy,
 )
+from meshproxy.core.clock import MonotonicClock
+from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.http1_server import Http1Settings
+from meshproxy.io.proxy import Proxy
+from meshproxy.io.runtime import Runtime
+from meshproxy.io.server import Listener, ListenerSettings
 
 __all__ = ["event_loop_policy"]  # the fixture: run every test on asyncio and uvloop
 
@@ -209,3 +217,73 @@ async def test_a_request_head_that_never_completes_gets_408(upstream: Upstream) 
         assert raw.startswith(b"HTTP/1.1 408 ")
         writer.close()
     assert upstream.server.requests == 0
+
+
+async def test_pooled_connection_closed_by_the_server_is_replaced_transparently() -> None:
+    # Each upstream connection answers one request, then reads the next one and hangs up
+    # without a word: the keep-alive race every pooled client meets.
+    async def one_shot(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+        await w.drain()
+        await r.readuntil(b"\r\n\r\n")
+
+    async with (
+        RawServer(one_shot) as srv,
+        Sidecar(snapshot(), ("127.0.0.1", srv.port)) as sc,
+        httpx.AsyncClient(base_url=sc.url) as client,
+    ):
+        for _ in range(3):
+            r = await client.get("/x")
+            assert r.status_code == 200
+            assert r.text == "ok\n"
+    assert srv.accepted == 3  # every request after the first needed a fresh connection
+
+
+async def test_outlier_detection_ejects_a_failing_endpoint(upstream: Upstream) -> None:
+    with Upstream() as bad:
+        bad.server.flaky_failures = 1000
+        eps = (
+            Endpoint(address="127.0.0.1", port=bad.port),
+            Endpoint(address="127.0.0.1", port=upstream.port),
+        )
+        policy = TrafficPolicy(
+            retry=None,
+            lb=LbPolicy.ROUND_ROBIN,
+            outlier_detection=OutlierDetection(consecutive_gateway_errors=2, max_ejection_percent=50),
+        )
+        async with (
+            Sidecar(snapshot(service(0, endpoints=eps, policy=policy)), (VIP, 80)) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            statuses = [(await client.get("/flaky")).status_code for _ in range(10)]
+        # Round robin alternates until the bad endpoint's second 503 ejects it; then only good.
+        assert statuses.count(503) == 2
+        assert statuses[-6:] == [200] * 6
+        assert bad.server.requests == 2
+
+
+async def test_dual_stack_listener_accepts_ipv4_and_ipv6(upstream: Upstream) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    rt = Runtime(clock=MonotonicClock(), rng=random.Random(1))
+    rt.apply(snapshot())
+    client = Http1Client()
+    proxy = Proxy(rt, {"1.1": client})
+    lst = Listener(
+        ListenerSettings(
+            direction="outbound", port=0, host="::", destination_override=("127.0.0.1", upstream.port)
+        ),
+        proxy,
+    )
+    try:
+        await lst.start()
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::: {exc}")
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            async with httpx.AsyncClient(base_url=f"http://{host}:{lst.port}") as c:
+                assert (await c.get("/hello")).text == "hello\n"
+    finally:
+        await lst.drain(1.0)
+        await client.close()
