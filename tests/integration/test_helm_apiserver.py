@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_helm_chart import CHART, helm
+from test_helm_chart import CHART, DEMO, helm
 
 from tests.support.apiserver import ApiServer, free_port, locate_binaries
 
@@ -258,6 +258,31 @@ def test_install_inject_upgrade_restart_uninstall(apiserver: ApiServer, tmp_path
         pod, warnings = create_pod(apiserver, annotated, {"meshproxy.io/exclude-inbound-ports": "http"})
         assert not injected(pod)
         assert "meshproxy: sidecar not injected: meshproxy.io/exclude-inbound-ports" in warnings
+
+        # ---- the demo manifests apply (CRD CEL rules included) and their pods get injected ----
+        apiserver.apply_yaml(DEMO)  # what `kubectl apply -f deploy/demo/k8s/` does
+        dep = json.loads(
+            apiserver.kubectl("get", "deployment", "-n", "demo", "inventory-v2", "-o", "json").stdout
+        )
+        template = dep["spec"]["template"]
+        demo_pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "inventory-v2-test",
+                "namespace": "demo",
+                "labels": template["metadata"]["labels"],
+            },
+            "spec": template["spec"],
+        }
+        apiserver.kubectl("create", "-f", "-", input=json.dumps(demo_pod))
+        pod = json.loads(
+            apiserver.kubectl("get", "pod", "-n", "demo", "inventory-v2-test", "-o", "json").stdout
+        )
+        assert injected(pod)
+        app = next(c for c in pod["spec"]["containers"] if c["name"] == "inventory")
+        assert app["livenessProbe"]["httpGet"]["path"] == "/app-health/inventory/livez"
+        assert pod["spec"]["securityContext"]["runAsUser"] != 1357  # the app is intercepted
 
         # ---- upgrade with changed values: same certificate, webhook keeps serving ----
         def tls_state() -> tuple[str, str]:
