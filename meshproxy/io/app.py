@@ -54,6 +54,7 @@ log = logging.getLogger("meshproxy.app")
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_START = 1
 
 
 def _env(name: str, default: str = "") -> str:
@@ -337,7 +338,12 @@ def main(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
 
     async def run() -> int:
-        return await Sidecar(args, static).run()
+        try:
+            return await Sidecar(args, static).run()
+        except OSError as exc:
+            # Typically a port already in use: say which, without a traceback.
+            log.error("cannot start the sidecar", extra={"error": str(exc)})
+            return EXIT_START
 
     if not args.no_uvloop:
         try:

@@ -350,7 +350,11 @@ class _Conn(asyncio.Protocol):
             self.head_buffer = bytearray()
         upload, chunked, first, length = await self._framing(head, body)
         lines = [f"{head.method} {head.path if head.method != 'CONNECT' else head.authority} HTTP/1.1"]
-        lines.append(f"host: {head.authority}")
+        # An HTTP/1.0 client may send no Host; the upstream still needs one.
+        host = head.authority or (
+            f"[{self.key[0]}]:{self.key[1]}" if ":" in self.key[0] else f"{self.key[0]}:{self.key[1]}"
+        )
+        lines.append(f"host: {host}")
         lines.extend(f"{k}: {v}" for k, v in head.headers if k != "host")
         if chunked:
             lines.append("transfer-encoding: chunked")

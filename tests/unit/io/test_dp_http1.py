@@ -287,3 +287,12 @@ async def test_dual_stack_listener_accepts_ipv4_and_ipv6(upstream: Upstream) -> 
     finally:
         await lst.drain(1.0)
         await client.close()
+
+
+async def test_oversized_request_head_gets_431(passthrough: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: up\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)
+    assert raw.startswith(b"HTTP/1.1 431 ")
+    writer.close()
