@@ -104,7 +104,7 @@ def test_policy_status_ignores_results_for_an_older_generation() -> None:
 
 
 def test_policy_status_keeps_other_condition_types() -> None:
-    other = {
+    other: dict[str, object] = {
         "type": "Ready",
         "status": "True",
         "reason": "X",
@@ -126,7 +126,7 @@ VERDICT = ParentStatus(SERVICE_REF, (ACCEPTED, Condition("ResolvedRefs", "True",
 
 
 def test_route_status_keeps_other_controllers_and_is_idempotent() -> None:
-    theirs = {
+    theirs: dict[str, object] = {
         "parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "edge"},
         "controllerName": "x.io/gw",
         "conditions": [],
