@@ -33,8 +33,8 @@ if [ "${1:-}" != "--rebuild" ]; then
     log "$NAME is there"; exit 0
   fi
   if [ -f "$ARCHIVE" ]; then
+    # The archive carries the image's name, so pulling it restores localhost/meshproxy-base.
     buildah pull -q "oci-archive:$ARCHIVE" >/dev/null
-    buildah tag "$(buildah images -q --filter reference="$NAME" | head -1 || true)" "$NAME" 2>/dev/null || true
     if buildah inspect --type image "$NAME" >/dev/null 2>&1; then log "$NAME loaded from $ARCHIVE"; exit 0; fi
   fi
 fi
