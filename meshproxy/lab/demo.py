@@ -51,7 +51,7 @@ from meshproxy.config.model import (
     WeightedBackend,
     Workload,
 )
-from meshproxy.lab.mesh import ADMIN_PORT, PROXY_UID, admin_get, intercept, start_sidecar
+from meshproxy.lab.mesh import ADMIN_PORT, PROXY_UID, admin_get, intercept, start_sidecar, wait_sidecar
 from meshproxy.lab.netns import Lab, LabError, Pod, cleanup_stale, unavailable_reason, wait_until
 from meshproxy.lab.spanlog import read_spans, render_trace
 
@@ -188,13 +188,21 @@ class Demo:
 
         ips = {name: pod.ip for name, pod in self.pods.items()}
         snapshots = build_snapshots(ips, f"http://{telemetry.ip}:{OTLP_PORT}")
+        # Start everything first and wait afterwards: the processes boot in parallel.
+        started = []
         for spec in PODS:
             pod = self.pods[spec.name]
-            if spec.module:
-                app = lab.spawn(pod, _python("-m", spec.module), name="app", uid=APP_UID, env=spec.env)
-                lab.wait_listening(pod, APP_PORT, proc=app)
+            app = (
+                lab.spawn(pod, _python("-m", spec.module), name="app", uid=APP_UID, env=spec.env)
+                if spec.module
+                else None
+            )
             intercept(lab, pod)
-            start_sidecar(lab, pod, snapshots[spec.name])
+            started.append((spec, pod, app, start_sidecar(lab, pod, snapshots[spec.name], wait=False)))
+        for spec, pod, app, sidecar in started:
+            if app is not None:
+                lab.wait_listening(pod, APP_PORT, timeout=20, proc=app)
+            wait_sidecar(lab, sidecar)
             app_name = spec.module or "(load generator)"
             self.say(f"  {spec.name:<14}{pod.ip:<13}{app_name:<20} + sidecar (uid {PROXY_UID})")
 

@@ -69,17 +69,28 @@ def start_sidecar(
     proxy_uid: int = PROXY_UID,
     extra_args: Sequence[str] = (),
     timeout: float = 20.0,
+    wait: bool = True,
 ) -> LabProcess:
-    """Write ``snapshot`` next to the lab's logs and run ``meshproxy run --config`` in ``pod``."""
+    """Write ``snapshot`` next to the lab's logs and run ``meshproxy run --config`` in ``pod``.
+
+    With ``wait`` (default) return once its listeners are up; otherwise call ``wait_sidecar``
+    later (to start several sidecars in parallel).
+    """
     config = lab.logdir / f"{pod.name}.sidecar.yaml"
     config.write_text(config_yaml(snapshot))
     argv = [sys.executable, "-m", "meshproxy", "run", "--config", str(config), "--pod-ip", pod.ip]
     sidecar = lab.spawn(
         pod, [*argv, "--pod-name", f"{pod.name}-0", *extra_args], name="sidecar", uid=proxy_uid
     )
-    for port in (OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT):
-        lab.wait_listening(pod, port, timeout=timeout, proc=sidecar)
+    if wait:
+        wait_sidecar(lab, sidecar, timeout)
     return sidecar
+
+
+def wait_sidecar(lab: Lab, sidecar: LabProcess, timeout: float = 20.0) -> None:
+    """Wait until the sidecar's three listeners accept; fail with its log if it exits first."""
+    for port in (OUTBOUND_PORT, INBOUND_PORT, ADMIN_PORT):
+        lab.wait_listening(sidecar.pod, port, timeout=timeout, proc=sidecar)
 
 
 def admin_get(lab: Lab, pod: Pod, path: str, port: int = ADMIN_PORT) -> str:
