@@ -41,8 +41,10 @@ Concurrency: none; plain functions over immutable data.
 from __future__ import annotations
 
 import enum
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from controlplane.index import (
     OPAQUE_PORTS_ANNOTATION,
@@ -113,6 +115,9 @@ class MeshConfig:
     services: tuple[model.Service, ...]
     statuses: tuple[PolicyStatus, ...]
     policies: Mapping[ObjKey, model.TrafficPolicy]  # accepted policy per (namespace, service)
+    # Canonical JSON of each service (aligned with ``services``), so the content hash of
+    # each workload's snapshot costs a concatenation, not a walk over every endpoint.
+    service_json: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -476,7 +481,11 @@ def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
             )
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
     return MeshConfig(
-        revision=state.revision, services=tuple(services), statuses=tuple(statuses), policies=policies
+        revision=state.revision,
+        services=tuple(services),
+        statuses=tuple(statuses),
+        policies=policies,
+        service_json=tuple(_canonical(s) for s in services),
     )
 
 
@@ -569,18 +578,41 @@ def compile_for_shape(
     mesh: MeshConfig, state: ClusterState, shape: NodeShape, settings: MeshSettings
 ) -> model.Snapshot:
     ns = shape.workload.namespace
-    # A short name ("reviews") means the service of the client's own namespace.
-    services = tuple(
-        replace(s, hostnames=(s.name, *s.hostnames)) if s.namespace == ns else s for s in mesh.services
-    )
+    services, parts = [], []
+    for svc, text in zip(mesh.services, mesh.service_json, strict=True):
+        if svc.namespace == ns:
+            # A short name ("reviews") means the service of the client's own namespace.
+            svc = replace(svc, hostnames=(svc.name, *svc.hostnames))
+            text = _canonical(svc)
+        services.append(svc)
+        parts.append(text)
     snapshot = model.Snapshot(
         workload=shape.workload,
-        services=services,
+        services=tuple(services),
         inbound=_inbound(mesh, state, shape),
         telemetry=_telemetry(settings),
     )
     check_consistency(snapshot)
-    return snapshot.with_version()
+    return replace(snapshot, version=_version(snapshot, parts))
+
+
+def _canonical(value: object) -> str:
+    """``model.content_version``'s serialisation of one part of a snapshot."""
+    return json.dumps(model.to_plain(value), sort_keys=True, separators=(",", ":"))
+
+
+_SNAPSHOT_FIELDS = sorted(f.name for f in fields(model.Snapshot) if f.name != "version")
+
+
+def _version(snapshot: model.Snapshot, service_parts: list[str]) -> str:
+    """Exactly ``model.content_version(snapshot)``, reusing the services' serialisations."""
+    if _SNAPSHOT_FIELDS != ["inbound", "services", "telemetry", "workload"]:
+        return model.content_version(snapshot)  # the model grew: take the slow, certain path
+    blob = (
+        f'{{"inbound":{_canonical(snapshot.inbound)},"services":[{",".join(service_parts)}],'
+        f'"telemetry":{_canonical(snapshot.telemetry)},"workload":{_canonical(snapshot.workload)}}}'
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def compile_snapshot(state: ClusterState, node: ProxyNode, settings: MeshSettings) -> model.Snapshot:

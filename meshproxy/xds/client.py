@@ -14,7 +14,7 @@ API (what ``meshproxy.io.app`` uses)::
   * ``node``: ``meshproxy.xds.convert.ProxyNode`` (pod, namespace, service
     account, labels, pod IP, ...), sent as the first request of every stream.
   * ``apply(snapshot) -> None``: called on the event loop with each new
-    validated snapshot. Raise ``ConfigError`` to reject it: the client NACKs
+    validated snapshot (conversion and validation run in a worker thread). Raise ``ConfigError`` to reject it: the client NACKs
     with that message and the proxy keeps its last good snapshot. It must not
     block (swap the snapshot in with one assignment).
   * ``on_state(ConnectionState) -> None`` (optional): CONNECTING before each
@@ -173,7 +173,7 @@ class XdsClient:
                     if not got:
                         got = True
                         self._set_state(ConnectionState.CONNECTED)
-                    await call.write(self._handle(resp))
+                    await call.write(await self._handle(resp))
             except grpc.aio.AioRpcError as exc:
                 if got:
                     raise _Delivered(f"{exc.code().name}: {exc.details()}") from exc
@@ -181,11 +181,13 @@ class XdsClient:
             finally:
                 call.cancel()
 
-    def _handle(self, resp: Any) -> Any:
+    async def _handle(self, resp: Any) -> Any:
         """Validate and apply one response; returns the ACK or NACK to send."""
         last_good = self.last_good.version if self.last_good else ""
         try:
-            snapshot = convert.received_snapshot(resp)
+            # Converting and validating a big snapshot takes a while (10,000 endpoints: tenths
+            # of a second); a worker thread lets the proxy's loop keep serving meanwhile.
+            snapshot = await asyncio.to_thread(convert.received_snapshot, resp)
             if self.last_good is None or snapshot.version != self.last_good.version:
                 self._apply(snapshot)
                 self.last_good = snapshot

@@ -5,11 +5,14 @@ Owns: turning a received ``Snapshot`` message into a validated
 messages the proxy sends (first request with its ``Node``, ACK, NACK). With
 ``controlplane.convert`` it is the only code that imports ``discovery_pb2``.
 
-How: the message is first turned into the plain-data schema of a static config
-file (model field names, durations in seconds) and then handed to
-``meshproxy.config.load.load_dict``, so a snapshot from the control plane passes
-exactly the checks a hand-written ``--config`` file does, and every problem is a
-``ConfigError`` naming the field path (``services[3].routes[0].backends[0].service``).
+How: the message is turned straight into the frozen model (durations in float
+seconds, exactly as the control plane had them, so the content hash matches)
+and then checked by the static config loader's validation, so a snapshot from
+the control plane passes exactly the checks a hand-written ``--config`` file
+does, and every problem is a ``ConfigError`` naming the field path
+(``services[3].routes[0].backends[0].service``). Built directly rather than
+through the loader's generic reader: a 10,000-endpoint snapshot must not stall
+the proxy for seconds.
 
 Mapping conventions (the reverse of ``controlplane.convert``): an unset optional
 message (``timeout``, ``retry``, ``outlier_detection``, ``rate_limit``,
@@ -30,7 +33,7 @@ from google.protobuf.duration_pb2 import Duration
 
 from meshapi.discovery.v1 import discovery_pb2 as pb
 from meshproxy.config import model
-from meshproxy.config.load import load_dict
+from meshproxy.config.load import _validate  # see snapshot_from_proto
 from meshproxy.core.errors import ConfigError
 
 INVALID_ARGUMENT = 3  # google.rpc.Code
@@ -83,187 +86,207 @@ def _enum(table: dict[int, str], value: int, path: str) -> str:
         raise ConfigError(path, f"unknown enum value {value}") from None
 
 
-def _modifier(m: pb.HeaderModifier) -> dict[str, Any]:
-    return {
-        "set": [[h.name, h.value] for h in m.set],
-        "add": [[h.name, h.value] for h in m.add],
-        "remove": list(m.remove),
-    }
+def _pairs(headers: Any) -> tuple[tuple[str, str], ...]:
+    return tuple((h.name, h.value) for h in headers)
 
 
-def _retry(r: pb.RetryPolicy) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "attempts": r.attempts,
-        "per_try_timeout": _seconds(r.per_try_timeout) if r.HasField("per_try_timeout") else None,
-        "retry_on": list(r.retry_on),
-        "status_codes": list(r.status_codes),
-        "max_body_bytes": r.max_body_bytes,
-    }
-    if r.HasField("backoff_base"):
-        out["backoff_base"] = _seconds(r.backoff_base)
-    if r.HasField("backoff_max"):
-        out["backoff_max"] = _seconds(r.backoff_max)
+def _modifier(m: pb.HeaderModifier) -> model.HeaderModifier:
+    return model.HeaderModifier(set=_pairs(m.set), add=_pairs(m.add), remove=tuple(m.remove))
+
+
+def _retry(r: pb.RetryPolicy) -> model.RetryPolicy:
+    d = model.RetryPolicy()
+    budget = d.budget
     if r.HasField("budget"):
         b = r.budget
-        out["budget"] = {"ratio": b.ratio, "min_per_second": b.min_per_second}
-        if b.HasField("window"):
-            out["budget"]["window"] = _seconds(b.window)
-    return out
+        budget = model.RetryBudget(
+            ratio=b.ratio,
+            min_per_second=b.min_per_second,
+            window=_seconds(b.window) if b.HasField("window") else d.budget.window,
+        )
+    return model.RetryPolicy(
+        attempts=r.attempts,
+        per_try_timeout=_seconds(r.per_try_timeout) if r.HasField("per_try_timeout") else None,
+        retry_on=frozenset(r.retry_on),
+        status_codes=frozenset(r.status_codes),
+        backoff_base=_seconds(r.backoff_base) if r.HasField("backoff_base") else d.backoff_base,
+        backoff_max=_seconds(r.backoff_max) if r.HasField("backoff_max") else d.backoff_max,
+        budget=budget,
+        max_body_bytes=r.max_body_bytes,
+    )
 
 
-def _rate_limit(rl: pb.RateLimit) -> dict[str, Any]:
-    return {"requests_per_second": rl.requests_per_second, "burst": rl.burst}
+def _rate_limit(rl: pb.RateLimit) -> model.RateLimit:
+    return model.RateLimit(requests_per_second=rl.requests_per_second, burst=rl.burst)
 
 
-def _policy(p: pb.TrafficPolicy, path: str) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "timeout": _seconds(p.timeout) if p.HasField("timeout") else None,
-        "retry": _retry(p.retry) if p.HasField("retry") else None,
-        "lb": _enum(_LB, p.lb, f"{path}.lb"),
-        "rate_limit": _rate_limit(p.rate_limit) if p.HasField("rate_limit") else None,
-        "outlier_detection": None,
-        "fault": None,
-    }
-    for name in ("connect_timeout", "idle_timeout"):
-        if p.HasField(name):
-            out[name] = _seconds(getattr(p, name))
+def _policy(p: pb.TrafficPolicy, path: str) -> model.TrafficPolicy:
+    d = model.TrafficPolicy()
+    cb = d.circuit_breaker
     if p.HasField("circuit_breaker"):
-        cb = p.circuit_breaker
-        out["circuit_breaker"] = {
-            "max_connections": cb.max_connections,
-            "max_pending_requests": cb.max_pending_requests,
-            "max_requests": cb.max_requests,
-            "max_retries": cb.max_retries,
-            "consecutive_failures": cb.consecutive_failures,
-        }
-        for name in ("open_duration", "max_open_duration"):
-            if cb.HasField(name):
-                out["circuit_breaker"][name] = _seconds(getattr(cb, name))
+        c = p.circuit_breaker
+        cb = model.CircuitBreaker(
+            max_connections=c.max_connections,
+            max_pending_requests=c.max_pending_requests,
+            max_requests=c.max_requests,
+            max_retries=c.max_retries,
+            consecutive_failures=c.consecutive_failures,
+            open_duration=_seconds(c.open_duration) if c.HasField("open_duration") else cb.open_duration,
+            max_open_duration=_seconds(c.max_open_duration)
+            if c.HasField("max_open_duration")
+            else cb.max_open_duration,
+        )
+    outlier = None
     if p.HasField("outlier_detection"):
         od = p.outlier_detection
-        out["outlier_detection"] = {
-            "consecutive_5xx": od.consecutive_5xx,
-            "consecutive_gateway_errors": od.consecutive_gateway_errors,
-            "consecutive_connect_failures": od.consecutive_connect_failures,
-            "base_ejection_time": _seconds(od.base_ejection_time),
-            "max_ejection_time": _seconds(od.max_ejection_time),
-            "max_ejection_percent": od.max_ejection_percent,
-        }
+        outlier = model.OutlierDetection(
+            consecutive_5xx=od.consecutive_5xx,
+            consecutive_gateway_errors=od.consecutive_gateway_errors,
+            consecutive_connect_failures=od.consecutive_connect_failures,
+            base_ejection_time=_seconds(od.base_ejection_time),
+            max_ejection_time=_seconds(od.max_ejection_time),
+            max_ejection_percent=od.max_ejection_percent,
+        )
+    fault = None
     if p.HasField("fault"):
         f = p.fault
-        out["fault"] = {
-            "delay_percent": f.delay_percent,
-            "delay": _seconds(f.delay),
-            "abort_percent": f.abort_percent,
-            "abort_status": f.abort_status,
-        }
-    return out
+        fault = model.FaultInjection(
+            delay_percent=f.delay_percent,
+            delay=_seconds(f.delay),
+            abort_percent=f.abort_percent,
+            abort_status=f.abort_status,
+        )
+    return model.TrafficPolicy(
+        timeout=_seconds(p.timeout) if p.HasField("timeout") else None,
+        connect_timeout=_seconds(p.connect_timeout) if p.HasField("connect_timeout") else d.connect_timeout,
+        retry=_retry(p.retry) if p.HasField("retry") else None,
+        circuit_breaker=cb,
+        outlier_detection=outlier,
+        lb=model.LbPolicy(_enum(_LB, p.lb, f"{path}.lb")),
+        rate_limit=_rate_limit(p.rate_limit) if p.HasField("rate_limit") else None,
+        fault=fault,
+        idle_timeout=_seconds(p.idle_timeout) if p.HasField("idle_timeout") else d.idle_timeout,
+    )
 
 
-def _match(m: pb.RouteMatch, path: str) -> dict[str, Any]:
-    return {
-        "path": {"kind": _enum(_PATH, m.path.kind, f"{path}.path.kind"), "value": m.path.value}
+def _match(m: pb.RouteMatch, path: str) -> model.RouteMatch:
+    return model.RouteMatch(
+        path=model.PathMatch(
+            model.PathMatchKind(_enum(_PATH, m.path.kind, f"{path}.path.kind")), m.path.value
+        )
         if m.HasField("path")
         else None,
-        "method": m.method or None,
-        "headers": [
-            {"name": h.name, "value": h.value, "kind": _enum(_HEADER, h.kind, f"{path}.headers[{i}].kind")}
+        method=m.method or None,
+        headers=tuple(
+            model.HeaderMatch(
+                name=h.name,
+                value=h.value,
+                kind=model.HeaderMatchKind(_enum(_HEADER, h.kind, f"{path}.headers[{i}].kind")),
+            )
             for i, h in enumerate(m.headers)
-        ],
-    }
+        ),
+    )
 
 
-def _route(r: pb.Route, path: str) -> dict[str, Any]:
-    return {
-        "name": r.name,
-        "matches": [_match(m, f"{path}.matches[{i}]") for i, m in enumerate(r.matches)],
-        "backends": [{"service": b.service, "weight": b.weight} for b in r.backends],
-        "timeout": _seconds(r.timeout) if r.HasField("timeout") else None,
-        "retry": _retry(r.retry) if r.HasField("retry") else None,
-        "request_headers": _modifier(r.request_headers),
-        "response_headers": _modifier(r.response_headers),
-    }
+def _route(r: pb.Route, path: str) -> model.Route:
+    return model.Route(
+        name=r.name,
+        matches=tuple(_match(m, f"{path}.matches[{i}]") for i, m in enumerate(r.matches)),
+        backends=tuple(model.WeightedBackend(model.ServiceKey(b.service), b.weight) for b in r.backends),
+        timeout=_seconds(r.timeout) if r.HasField("timeout") else None,
+        retry=_retry(r.retry) if r.HasField("retry") else None,
+        request_headers=_modifier(r.request_headers),
+        response_headers=_modifier(r.response_headers),
+    )
 
 
-def _endpoint(e: pb.Endpoint) -> dict[str, Any]:
-    return {
-        "address": e.address,
-        "port": e.port,
-        "ready": e.ready,
-        "serving": e.serving,
-        "terminating": e.terminating,
-        "weight": e.weight,
-        "pod": e.pod,
-        "workload": e.workload,
-        "zone": e.zone,
-    }
+def _service(s: pb.Service, path: str) -> model.Service:
+    return model.Service(
+        name=s.name,
+        namespace=s.namespace,
+        port=s.port,
+        protocol=model.Protocol(_enum(_PROTOCOL, s.protocol, f"{path}.protocol")),
+        vips=tuple(s.vips),
+        hostnames=tuple(s.hostnames),
+        endpoints=tuple(
+            model.Endpoint(
+                address=e.address,
+                port=e.port,
+                ready=e.ready,
+                serving=e.serving,
+                terminating=e.terminating,
+                weight=e.weight,
+                pod=e.pod,
+                workload=e.workload,
+                zone=e.zone,
+            )
+            for e in s.endpoints
+        ),
+        routes=tuple(_route(r, f"{path}.routes[{i}]") for i, r in enumerate(s.routes)),
+        policy=_policy(s.policy, f"{path}.policy") if s.HasField("policy") else model.TrafficPolicy(),
+        target_port=s.target_port or None,
+    )
 
 
-def _service(s: pb.Service, path: str) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "name": s.name,
-        "namespace": s.namespace,
-        "port": s.port,
-        "protocol": _enum(_PROTOCOL, s.protocol, f"{path}.protocol"),
-        "vips": list(s.vips),
-        "hostnames": list(s.hostnames),
-        "endpoints": [_endpoint(e) for e in s.endpoints],
-        "routes": [_route(r, f"{path}.routes[{i}]") for i, r in enumerate(s.routes)],
-        "target_port": s.target_port or None,
-    }
-    if s.HasField("policy"):
-        out["policy"] = _policy(s.policy, f"{path}.policy")
-    return out
-
-
-def snapshot_to_plain(msg: pb.Snapshot) -> dict[str, Any]:
-    """The message in the static config schema (what ``load_dict`` reads)."""
-    w = msg.workload
-    out: dict[str, Any] = {
-        "workload": {
-            "name": w.name,
-            "namespace": w.namespace,
-            "service_account": w.service_account,
-            "pod": w.pod,
-            "labels": sorted(w.labels.items()),
-        },
-        "services": [_service(s, f"services[{i}]") for i, s in enumerate(msg.services)],
-        "inbound": {
-            "ports": [
-                {
-                    "port": p.port,
-                    "protocol": _enum(_PROTOCOL, p.protocol, f"inbound.ports[{i}].protocol"),
-                    "service": p.service,
-                    "rate_limit": _rate_limit(p.rate_limit) if p.HasField("rate_limit") else None,
-                }
-                for i, p in enumerate(msg.inbound.ports)
-            ],
-            "opaque_ports": list(msg.inbound.opaque_ports),
-        },
-    }
-    if msg.inbound.app_address:
-        out["inbound"]["app_address"] = msg.inbound.app_address
-    if msg.HasField("telemetry"):
-        t, tr = msg.telemetry, msg.telemetry.tracing
-        out["telemetry"] = {
-            "tracing": {
-                "sampling_ratio": tr.sampling_ratio,
-                "propagation": list(tr.propagation),
-                "otlp_grpc_endpoint": tr.otlp_grpc_endpoint or None,
-                "otlp_http_endpoint": tr.otlp_http_endpoint or None,
-                "zipkin_endpoint": tr.zipkin_endpoint or None,
-                "max_queue_size": tr.max_queue_size,
-            },
-            "metrics": t.metrics,
-        }
-        if t.access_log:
-            out["telemetry"]["access_log"] = t.access_log
-    return out
+def _telemetry(t: pb.Telemetry) -> model.Telemetry:
+    tr = t.tracing
+    propagation = []
+    for i, name in enumerate(tr.propagation):
+        try:
+            propagation.append(model.Propagation(name))
+        except ValueError:
+            raise ConfigError(
+                f"telemetry.tracing.propagation[{i}]", f"unknown propagation {name!r}"
+            ) from None
+    try:
+        access_log = model.AccessLogMode(t.access_log) if t.access_log else model.AccessLogMode.OFF
+    except ValueError:
+        raise ConfigError("telemetry.access_log", f"unknown mode {t.access_log!r}") from None
+    return model.Telemetry(
+        tracing=model.Tracing(
+            sampling_ratio=tr.sampling_ratio,
+            propagation=tuple(propagation),
+            otlp_grpc_endpoint=tr.otlp_grpc_endpoint or None,
+            otlp_http_endpoint=tr.otlp_http_endpoint or None,
+            zipkin_endpoint=tr.zipkin_endpoint or None,
+            max_queue_size=tr.max_queue_size,
+        ),
+        access_log=access_log,
+        metrics=t.metrics,
+    )
 
 
 def snapshot_from_proto(msg: pb.Snapshot) -> model.Snapshot:
     """A validated, versioned snapshot; raises ``ConfigError(path, message)`` if it is not usable."""
-    return load_dict(snapshot_to_plain(msg))
+    w = msg.workload
+    snapshot = model.Snapshot(
+        workload=model.Workload(
+            name=w.name,
+            namespace=w.namespace,
+            service_account=w.service_account,
+            pod=w.pod,
+            labels=tuple(sorted(w.labels.items())),
+        ),
+        services=tuple(_service(s, f"services[{i}]") for i, s in enumerate(msg.services)),
+        inbound=model.Inbound(
+            ports=tuple(
+                model.InboundPort(
+                    port=p.port,
+                    protocol=model.Protocol(_enum(_PROTOCOL, p.protocol, f"inbound.ports[{i}].protocol")),
+                    service=p.service,
+                    rate_limit=_rate_limit(p.rate_limit) if p.HasField("rate_limit") else None,
+                )
+                for i, p in enumerate(msg.inbound.ports)
+            ),
+            app_address=msg.inbound.app_address or model.Inbound().app_address,
+            opaque_ports=frozenset(msg.inbound.opaque_ports),
+        ),
+        telemetry=_telemetry(msg.telemetry) if msg.HasField("telemetry") else model.Telemetry(),
+    )
+    # The same checks as a static --config file, with the same field paths. (The loader
+    # does not export its validation step yet; it is the one rule set both paths must share.)
+    _validate(snapshot)
+    return snapshot.with_version()
 
 
 def received_snapshot(resp: pb.DiscoveryResponse) -> model.Snapshot:

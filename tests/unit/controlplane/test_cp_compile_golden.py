@@ -19,6 +19,7 @@ from controlplane.compile import ProxyNode, compile_snapshot, validate
 from controlplane.index import ClusterState
 from controlplane.settings import MeshSettings
 from meshproxy.config.load import dump, load_dict
+from meshproxy.config.model import content_version
 
 HERE = pathlib.Path(__file__).parent
 FIXTURES = sorted((HERE / "fixtures").glob("*.yaml"))
@@ -84,3 +85,15 @@ def test_compile_is_deterministic_whatever_the_object_order() -> None:
     a = compile_snapshot(ClusterState.from_objects(objects), node, SETTINGS)
     b = compile_snapshot(ClusterState.from_objects(list(reversed(objects))), node, SETTINGS)
     assert a == b and a.version == b.version
+
+
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
+def test_fast_version_is_the_models_content_hash(fixture: pathlib.Path) -> None:
+    # compile reuses per-service serialisations for the hash; it must equal the model's own.
+    objects = load_objects(fixture)
+    state = ClusterState.from_objects(objects)
+    for obj in objects:
+        if obj["kind"] == "Pod":
+            node = ProxyNode(pod=obj["metadata"]["name"], namespace=obj["metadata"]["namespace"])
+            snap = compile_snapshot(state, node, SETTINGS)
+            assert snap.version == content_version(snap)
