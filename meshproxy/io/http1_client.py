@@ -35,7 +35,7 @@ import httptools
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import ProtocolError, UpstreamConnectError, UpstreamResetError
 from meshproxy.core.http import Headers, RequestHead, ResponseHead, get_header
-from meshproxy.io.body import BodyQueue, KnownLength
+from meshproxy.io.body import BodyQueue, known_length
 from meshproxy.io.exchange import BodyStream, UpstreamResponse
 from meshproxy.io.sockopt import set_nodelay
 
@@ -381,7 +381,7 @@ class _Conn(asyncio.Protocol):
         """(more body to upload, chunked, first chunk already read, content-length to add)."""
         if get_header(head.headers, "content-length") is not None:
             return head.method != "CONNECT", False, b"", None
-        length = body.content_length if isinstance(body, KnownLength) else None
+        length = known_length(body)
         if length == 0:
             return False, False, b"", (0 if head.method not in _BODYLESS_METHODS else None)
         if length is not None:

@@ -59,7 +59,13 @@ from meshproxy.core.http import Headers, RequestHead, ResponseHead, end_to_end, 
 from meshproxy.core.outlier import Outcome, outcome_for_status
 from meshproxy.core.retry import RetryBudgetState, backoff, should_retry
 from meshproxy.core.routing import apply_header_modifier
-from meshproxy.io.body import Detachable, DownstreamClosedError, KnownLength, NotReplayableError, ReplayBuffer
+from meshproxy.io.body import (
+    Detachable,
+    DownstreamClosedError,
+    NotReplayableError,
+    ReplayBuffer,
+    known_length,
+)
 from meshproxy.io.exchange import (
     BodyStream,
     DownstreamContext,
@@ -164,7 +170,7 @@ class _Tracked:
 
     @property
     def content_length(self) -> int | None:
-        return self._inner.content_length if isinstance(self._inner, KnownLength) else None
+        return known_length(self._inner)
 
     @property
     def trailers(self) -> Headers | None:
@@ -213,6 +219,7 @@ class Call:
     body: BodyStream
     hop: HttpHop | None
     grpc: bool
+    matched: Service | None = None  # the service the app addressed (by VIP:port, then Host)
     service: Service | None = None  # the destination service (after route splits)
     route: Route | None = None
     target: Endpoint | None = None  # a fixed destination (inbound app, passthrough)
@@ -265,13 +272,24 @@ class Proxy:
         active = self.runtime.active  # captured once for the whole exchange
         grpc = _is_grpc(head)
         upgrade = _upgrade_token(head)
+        matched: Service | None = None  # outbound: the service the app addressed (before splits)
+        dest_name: str | None = None
+        if active is not None:
+            if ctx.direction == "inbound":
+                port = active.inbound_ports.get(ctx.original_dst_port)
+                dest_name = port.service if port is not None and port.service else None
+            else:
+                matched = active.table.service_for(
+                    ctx.original_dst_address, ctx.original_dst_port, head.authority
+                )
+                dest_name = str(matched.key) if matched is not None else None
         hop = None
         if self.telemetry is not None:
             hop = self.telemetry.start_http(
                 direction=ctx.direction,
                 head=head,
                 peer=(ctx.peer_address, ctx.peer_port),
-                destination_service=self._dest_name(ctx, head, active),
+                destination_service=dest_name,
             )
         counted = _Counting(body)
         headers = end_to_end(head.headers, keep_te_trailers=head.version == "2")
@@ -294,6 +312,7 @@ class Proxy:
             body=counted,
             hop=hop,
             grpc=grpc,
+            matched=matched,
             upstream_version="2" if head.version == "2" and "2" in self.clients else "1.1",
         )
         stack = self._inbound if ctx.direction == "inbound" else self._outbound
@@ -307,15 +326,6 @@ class Proxy:
             await self._local(sink, hop, exc, grpc, counted)
             return
         await self._respond(call, resp, sink, counted, upgrade)
-
-    def _dest_name(self, ctx: DownstreamContext, head: RequestHead, active: Active | None) -> str | None:
-        if active is None:
-            return None
-        if ctx.direction == "inbound":
-            port = active.inbound_ports.get(ctx.original_dst_port)
-            return port.service if port is not None and port.service else None
-        svc = active.table.service_for(ctx.original_dst_address, ctx.original_dst_port, head.authority)
-        return str(svc.key) if svc is not None else None
 
     async def _local(
         self, sink: ResponseSink, hop: HttpHop | None, exc: ProxyError, grpc: bool, counted: _Counting
@@ -369,7 +379,7 @@ class Proxy:
                 await self._tunnel(call, resp, sink)
                 return
             body = resp.body
-            empty = isinstance(body, KnownLength) and body.content_length == 0
+            empty = known_length(body) == 0
             await sink.send_head(head, end_stream=empty)
             if not empty:
                 while data := await body.read():
@@ -415,8 +425,7 @@ class Proxy:
     # ---- layers (in stack order) ----------------------------------------------------------
 
     async def _route_outbound(self, call: Call, nxt: Next) -> UpstreamResponse:
-        ctx, table = call.ctx, call.active.table
-        svc = table.service_for(ctx.original_dst_address, ctx.original_dst_port, call.head.authority)
+        ctx, table, svc = call.ctx, call.active.table, call.matched
         if svc is None:
             # Unknown destination: transparent passthrough to where the app was connecting.
             call.target = Endpoint(address=ctx.original_dst_address, port=ctx.original_dst_port)
@@ -745,7 +754,7 @@ class _Counting:
 
     @property
     def content_length(self) -> int | None:
-        return self._inner.content_length if isinstance(self._inner, KnownLength) else None
+        return known_length(self._inner)
 
     @property
     def trailers(self) -> Headers | None:
