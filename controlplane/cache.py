@@ -43,7 +43,7 @@ from controlplane.compile import (
     compile_mesh,
     node_shape,
 )
-from controlplane.events import ClusterEvent
+from controlplane.events import KINDS, ClusterEvent
 from controlplane.index import ClusterState, Index
 from controlplane.metrics import ControlPlaneMetrics
 from controlplane.settings import MeshSettings
@@ -159,6 +159,18 @@ class Reconciler:
         self._by_shape: dict[NodeShape, Snapshot] = {}  # valid for self._mesh only
         self._statuses: tuple[PolicyStatus, ...] | None = None
         self.compiles = 0  # distinct-shape compiles, for tests and logs
+        # Set once every kind was listed. Until then a snapshot would describe a half-known
+        # cluster (after a control plane restart: no services at all) and a proxy applying
+        # it would drop working routes, so the server waits for this before answering.
+        self.synced = asyncio.Event()
+        self._check_synced()
+
+    def _check_synced(self) -> None:
+        if not self.synced.is_set() and set(KINDS) <= self._index.synced_kinds:
+            self.synced.set()
+
+    async def wait_synced(self) -> None:
+        await self.synced.wait()
 
     # ---- inputs
 
@@ -167,6 +179,7 @@ class Reconciler:
         if self._index.apply(event):
             self._debouncer.touch(self._clock())
             self._wake.set()
+        self._check_synced()
 
     def add_node(self, node_id: str, node: ProxyNode) -> Snapshot:
         """A proxy connected: compile its snapshot now and publish it."""

@@ -867,6 +867,11 @@ class Index:
     def revision(self) -> int:
         return self._revision
 
+    @property
+    def synced_kinds(self) -> frozenset[str]:
+        """Kinds that had at least one Relist (cheap: no state view is built)."""
+        return frozenset(self._synced)
+
     def apply(self, event: ClusterEvent) -> bool:
         """Apply one watch event or relist. Returns whether anything changed."""
         if event.kind not in _PARSERS:

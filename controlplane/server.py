@@ -7,7 +7,9 @@ grpc.aio server's options (keepalive, message size).
 
 One stream, as implemented:
   1. The first request must carry ``node.pod`` and ``node.namespace``
-     (else INVALID_ARGUMENT). The node is registered with the reconciler,
+     (else INVALID_ARGUMENT). Nothing is sent before the cluster was listed
+     completely (a proxy keeps its config rather than get a half-known
+     cluster after a control plane restart). The node is registered with the reconciler,
      which compiles for it at once; the stream then always sends the full
      current snapshot first, with ``version_info`` = its content hash and a
      fresh nonce.
@@ -67,6 +69,10 @@ _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
 
 class NodeRegistry(Protocol):
     """What the server needs of the reconciler."""
+
+    async def wait_synced(self) -> None:
+        """Return once the cluster was listed completely."""
+        ...
 
     def add_node(self, node_id: str, node: ProxyNode) -> Snapshot: ...
 
@@ -194,6 +200,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
 
         reader = asyncio.create_task(self._read(stream, context), name=f"discovery-read-{stream.node_id}")
         try:
+            await self._registry.wait_synced()
             snapshot = self._registry.add_node(stream.node_id, node)
             # The cache only wakes watchers on a version change; a reconnecting proxy whose
             # config did not change still gets its full snapshot first.

@@ -342,3 +342,28 @@ async def test_first_request_without_identity_is_refused(plane: Plane) -> None:
         call = discovery_pb2_grpc.ConfigDiscoveryStub(ch).StreamConfig()
         await call.write(xconv.first_request(xconv.ProxyNode(pod="", namespace=""), ""))
         assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_nothing_is_sent_before_the_cluster_was_listed() -> None:
+    # After a control plane restart, proxies reconnect at once: a snapshot of a half-listed
+    # cluster would make them drop working routes, so they wait for the full listing.
+    cp = build(settings())
+    cp.grpc_port = await cp.server.start()
+    reconciler = asyncio.create_task(cp.reconciler.run(), name="test-reconciler")
+    proxy = Proxy(f"127.0.0.1:{cp.grpc_port}")
+    try:
+        await eventually(
+            lambda: [r.state for r in cp.service.status_rows()] == ["NOT_SENT"], what="stream open"
+        )
+        objects = [service("web", "198.19.0.1"), pod("web-0", "web", "198.18.0.10")]
+        for kind in KINDS[:-1]:
+            cp.reconciler.apply(Relist(kind=kind, objects=[o for o in objects if o["kind"] == kind]))
+        await asyncio.sleep(0.2)  # asserting an absence: nothing may arrive while one kind is unlisted
+        assert proxy.applied == []
+        cp.reconciler.apply(Relist(kind=KINDS[-1], objects=[]))
+        await eventually(lambda: len(proxy.applied) == 1, what="first snapshot after sync")
+        assert [s.name for s in proxy.applied[0].services] == ["web"]
+    finally:
+        await proxy.close()
+        reconciler.cancel()
+        await cp.server.stop(0)
