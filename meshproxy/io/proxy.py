@@ -388,14 +388,15 @@ class Proxy:
                 await sink.send_end(body.trailers)
             else:
                 await body.read()  # lets the accounting wrappers see the end
-        except DownstreamClosedError:
-            flag = Flag.DC.value
-            _abort_body(resp.body)
         except ProxyError as exc:
-            flag = Flag.UC.value if not isinstance(exc, DownstreamClosedError) else Flag.DC.value
+            # The client went away (any codec's "DC" error): nobody to tell. Otherwise the
+            # upstream failed mid-body: the client must see a reset, not a clean end.
+            downstream = exc.flag == Flag.DC.value
+            flag = Flag.DC.value if downstream else Flag.UC.value
             _abort_body(resp.body)
-            with contextlib.suppress(Exception):
-                await sink.reset()
+            if not downstream:
+                with contextlib.suppress(Exception):
+                    await sink.reset()
         except BaseException:
             _abort_body(resp.body)
             raise

@@ -296,3 +296,40 @@ async def test_oversized_request_head_gets_431(passthrough: Sidecar) -> None:
     raw = await asyncio.wait_for(reader.read(), 5)
     assert raw.startswith(b"HTTP/1.1 431 ")
     writer.close()
+
+
+async def test_upstream_dying_mid_body_resets_the_client_connection() -> None:
+    async def truncating(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"x" * 10)
+        await w.drain()
+
+    async with (
+        RawServer(truncating) as srv,
+        Sidecar(snapshot(), ("127.0.0.1", srv.port)) as sc,
+        httpx.AsyncClient(base_url=sc.url) as client,
+    ):
+        with pytest.raises(httpx.RemoteProtocolError):
+            await client.get("/x")
+
+
+async def test_client_going_away_mid_response_closes_the_upstream_connection() -> None:
+    upstream_closed = asyncio.Event()
+
+    async def endless(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        try:
+            while True:
+                w.write(b"4\r\ntick\r\n")
+                await w.drain()
+                await asyncio.sleep(0.01)
+        except ConnectionError:
+            upstream_closed.set()
+
+    async with RawServer(endless) as srv, Sidecar(snapshot(), ("127.0.0.1", srv.port)) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: up\r\n\r\n")
+        await asyncio.wait_for(reader.readuntil(b"tick"), 5)
+        writer.transport.abort()
+        await asyncio.wait_for(upstream_closed.wait(), 5)
