@@ -345,6 +345,7 @@ class ClusterWatcher:
         backoff = Backoff(s, self._rng)
         resource_version: str | None = None
         missing_logged = False
+        gone_streak = False
         while not self._stop.is_set():
             try:
                 if resource_version is None:
@@ -356,10 +357,17 @@ class ClusterWatcher:
                     log.debug("listed", extra={"kind": spec.kind, "count": len(objects)})
                 resource_version = self._watch(spec, resource_version)
                 backoff.reset()
+                gone_streak = False
             except GoneError as exc:
                 log.info("resourceVersion expired, relisting", extra={"kind": spec.kind, "detail": str(exc)})
                 self._restarted(spec.kind, "gone")
                 resource_version = None
+                # The first relist is immediate; a server that keeps answering 410 (even to
+                # a fresh list) gets the back-off instead of a tight loop.
+                if gone_streak:
+                    self._stop.wait(backoff.next_delay())
+                gone_streak = True
+                continue
             except KindMissingError:
                 if not missing_logged:
                     log.warning(
