@@ -20,6 +20,7 @@ Concurrency: none.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -187,7 +188,36 @@ def _service(s: model.Service) -> pb.Service:
     )
 
 
-def snapshot_to_proto(s: model.Snapshot) -> pb.Snapshot:
+class ServiceProtoCache:
+    """Converted services, reused across the snapshots that share them.
+
+    Compiling gives every workload's snapshot the very same ``Service`` objects (except
+    the few of its own namespace), so converting per object, not per snapshot, turns
+    "once per workload" into "once per cluster change". Entries hold the model object
+    itself, so an ``id`` cannot be reused while its entry lives. Bounded (LRU).
+    """
+
+    def __init__(self, max_entries: int = 50_000) -> None:
+        self._max = max_entries
+        self._entries: OrderedDict[int, tuple[model.Service, pb.Service]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, svc: model.Service) -> pb.Service:
+        entry = self._entries.get(id(svc))
+        if entry is not None and entry[0] is svc:
+            self._entries.move_to_end(id(svc))
+            self.hits += 1
+            return entry[1]
+        self.misses += 1
+        msg = _service(svc)
+        self._entries[id(svc)] = (svc, msg)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return msg
+
+
+def snapshot_to_proto(s: model.Snapshot, services: ServiceProtoCache | None = None) -> pb.Snapshot:
     w, t = s.workload, s.telemetry.tracing
     inbound_ports = []
     for p in s.inbound.ports:
@@ -203,7 +233,7 @@ def snapshot_to_proto(s: model.Snapshot) -> pb.Snapshot:
             pod=w.pod,
             labels=dict(w.labels),
         ),
-        services=[_service(svc) for svc in s.services],
+        services=[services.get(svc) if services else _service(svc) for svc in s.services],
         inbound=pb.Inbound(
             ports=inbound_ports,
             app_address=s.inbound.app_address,

@@ -158,9 +158,11 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
         self._nonces = itertools.count(1)
-        # Converting a big snapshot to protobuf costs more than sending it; replicas of a
-        # workload share one snapshot, so convert once per version.
+        # Converting a big snapshot to protobuf costs more than sending it: replicas of a
+        # workload share one snapshot (convert once per version), and workloads share most
+        # services (convert each once per cluster change).
         self._protos: OrderedDict[str, Any] = OrderedDict()
+        self._service_protos = convert.ServiceProtoCache()
 
     # ---- the stream
 
@@ -325,9 +327,9 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
     def _proto(self, snapshot: Snapshot) -> Any:
         msg = self._protos.get(snapshot.version)
         if msg is None:
-            msg = convert.snapshot_to_proto(snapshot)
+            msg = convert.snapshot_to_proto(snapshot, self._service_protos)
             self._protos[snapshot.version] = msg
-            while len(self._protos) > 256:
+            while len(self._protos) > 64:
                 self._protos.popitem(last=False)
         else:
             self._protos.move_to_end(snapshot.version)

@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 import yaml
 
-from controlplane.compile import ProxyNode, compile_snapshot
-from controlplane.convert import node_from_proto, response, snapshot_to_proto
+from controlplane.compile import ProxyNode, compile_for_shape, compile_mesh, compile_snapshot, node_shape
+from controlplane.convert import ServiceProtoCache, node_from_proto, response, snapshot_to_proto
 from controlplane.index import ClusterState
 from controlplane.settings import MeshSettings
 from meshproxy.config import model
@@ -214,3 +214,16 @@ def test_node_identity_round_trip() -> None:
         got.workload,
         got.proxy_version,
     ) == ("p", "n", "sa", (("a", "1"),), "198.18.0.9", "w", "0.1.0")
+
+
+def test_service_cache_converts_shared_services_once_and_changes_nothing() -> None:
+    objects = [d for d in yaml.safe_load_all((FIXTURES / "basic.yaml").read_text()) if d]
+    state = ClusterState.from_objects(objects)
+    mesh = compile_mesh(state, MeshSettings())
+    a = compile_for_shape(mesh, state, node_shape(state, ProxyNode("x", "other")), MeshSettings())
+    b = compile_for_shape(mesh, state, node_shape(state, ProxyNode("y", "elsewhere")), MeshSettings())
+    cache = ServiceProtoCache()
+    assert snapshot_to_proto(a, cache) == snapshot_to_proto(a)
+    misses = cache.misses
+    assert snapshot_to_proto(b, cache) == snapshot_to_proto(b)
+    assert cache.misses == misses and cache.hits == len(b.services)
