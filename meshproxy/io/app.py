@@ -206,11 +206,16 @@ class Sidecar:
         )
         self.serving = False
         self.tasks: list[asyncio.Task[None]] = []
+        self._destinations: set[str] = set()
 
     def _applied(self, active: Active) -> None:
         snap = active.snapshot
         self.telemetry.reconfigure(snap.telemetry, snap.workload)
         self.telemetry.metrics.set_config_version(snap.version)
+        keys = {str(s.key) for s in snap.services}
+        for gone in self._destinations - keys:
+            self.telemetry.metrics.forget_destination(gone)
+        self._destinations = keys
         log.info("config applied", extra={"version": snap.version, "services": len(snap.services)})
 
     def apply(self, snapshot: Snapshot) -> None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from meshproxy.config.model import Endpoint, InboundPort, RetryPolicy, Route, Service, TrafficPolicy
 from meshproxy.core import fault as fault_mod
+from meshproxy.core.balancer import EndpointPool
 from meshproxy.core.errors import (
     ConfigError,
     ProtocolError,
@@ -619,17 +620,28 @@ class Proxy:
         try:
             resp = await nxt(call)
         except BaseException as exc:
-            pool.on_request_end(ep, _outcome(exc))
+            self._endpoint_done(svc, pool, ep, _outcome(exc))
             raise
         outcome = outcome_for_status(resp.head.status)
 
         def done(ok: EndVerdict) -> None:
             if outcome is Outcome.SUCCESS and ok is not True:
-                pool.on_request_end(ep, Outcome.RESET if ok is False else Outcome.LOCAL)
+                self._endpoint_done(svc, pool, ep, Outcome.RESET if ok is False else Outcome.LOCAL)
             else:
-                pool.on_request_end(ep, outcome)
+                self._endpoint_done(svc, pool, ep, outcome)
 
         return _track(resp, done)
+
+    def _endpoint_done(self, svc: Service, pool: EndpointPool, ep: Endpoint, outcome: Outcome) -> None:
+        """Outlier feedback for one attempt, and the ejection metrics when it ejected someone."""
+        before = pool.ejections_total
+        pool.on_request_end(ep, outcome)
+        if pool.ejections_total != before and self.telemetry is not None:
+            dest = str(svc.key)
+            self.telemetry.metrics.ejection(dest)
+            now_ejected = sum(1 for st in pool.stats() if not st.healthy and st.ejected_until is not None)
+            self.telemetry.metrics.set_ejected(dest, now_ejected)
+            log.info("endpoint ejected", extra={"service": dest, "endpoint": f"{ep.address}:{ep.port}"})
 
     async def _upstream(self, call: Call) -> UpstreamResponse:
         ep = call.endpoint
