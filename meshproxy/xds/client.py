@@ -140,12 +140,16 @@ class XdsClient:
                 try:
                     got_response = await self._stream()
                     self.last_error = "stream ended by the control plane"
-                except grpc.aio.AioRpcError as exc:
-                    got_response = got_response or exc.code() is None
-                    self.last_error = f"{exc.code().name}: {exc.details()}"
                 except _Delivered as d:
                     got_response = True
                     self.last_error = d.reason
+                except grpc.aio.AioRpcError as exc:
+                    self.last_error = _describe(exc)
+                except Exception as exc:
+                    # Per stream: whatever broke this attempt (a write on a call the server
+                    # just ended, a channel error), the proxy keeps its config and retries.
+                    log.warning("discovery stream failed", exc_info=True, extra={"target": self.target})
+                    self.last_error = repr(exc)
                 self._set_state(ConnectionState.DISCONNECTED)
                 attempt = 0 if got_response else attempt + 1
                 delay = self._backoff.delay(attempt, self._rng)
@@ -164,8 +168,8 @@ class XdsClient:
             stub = discovery_pb2_grpc.ConfigDiscoveryStub(channel)  # type: ignore[no-untyped-call]
             call = stub.StreamConfig()
             version = self.last_good.version if self.last_good else ""
-            await call.write(convert.first_request(self.node, version))
             try:
+                await call.write(convert.first_request(self.node, version))
                 while True:
                     resp = await call.read()
                     if resp is _EOF:
@@ -174,9 +178,11 @@ class XdsClient:
                         got = True
                         self._set_state(ConnectionState.CONNECTED)
                     await call.write(await self._handle(resp))
-            except grpc.aio.AioRpcError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
                 if got:
-                    raise _Delivered(f"{exc.code().name}: {exc.details()}") from exc
+                    raise _Delivered(_describe(exc)) from exc
                 raise
             finally:
                 call.cancel()
@@ -201,6 +207,12 @@ class XdsClient:
             return convert.nack(last_good, resp.nonce, f"internal error applying config: {exc!r}")
         log.info("config applied", extra={"version": snapshot.version})
         return convert.ack(snapshot.version, resp.nonce)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return repr(exc)
 
 
 class _Delivered(Exception):
