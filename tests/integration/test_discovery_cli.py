@@ -168,3 +168,81 @@ def test_meshctl_reports_an_unreachable_control_plane() -> None:
         timeout=30,
     )
     assert out.returncode == 2 and "UNAVAILABLE" in out.stderr
+
+
+def self_signed(directory: pathlib.Path) -> None:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_run_starts_the_injection_webhook_when_asked(tmp_path: pathlib.Path, procs: list[Proc]) -> None:
+    import ssl
+
+    (tmp_path / "manifests").mkdir()
+    self_signed(tmp_path)
+    port = free_port()
+    cp = Proc(
+        [
+            PY, "-m", "controlplane.cli", "run", "--from-dir", str(tmp_path / "manifests"),
+            "--listen-address", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+            "--webhook", "--webhook-port", str(port), "--webhook-cert-file", str(tmp_path / "tls.crt"),
+            "--webhook-key-file", str(tmp_path / "tls.key"), "--webhook-template-file", str(tmp_path / "none.json"),
+        ],
+        tmp_path / "controlplane.log",
+    )  # fmt: skip
+    procs.append(cp)
+    wait_until(
+        lambda: any(line.startswith("listening ") for line in cp.lines()), what="control plane listening"
+    )
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "tls.crt"))
+
+    def healthz() -> int:
+        try:
+            return http_status_ctx(f"https://127.0.0.1:{port}/healthz", ctx)
+        except OSError:
+            return 0
+
+    wait_until(lambda: healthz() == 200, what="webhook /healthz over TLS, verified against its certificate")
+
+
+def http_status_ctx(url: str, ctx: object) -> int:
+    try:
+        return int(urllib.request.urlopen(url, timeout=5, context=ctx).status)  # type: ignore[arg-type]
+    except urllib.error.HTTPError as e:
+        return e.code
