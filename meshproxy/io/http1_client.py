@@ -144,6 +144,7 @@ class _Conn(asyncio.Protocol):
         self.upload_task: asyncio.Task[None] | None = None
         self.got_bytes = False
         self.body_consumed = False
+        self.head_bytes = 0
         self.head_buffer: bytearray | None = None  # CONNECT: bytes up to the end of the head
         self.tunnel_head: ResponseHead | None = None
 
@@ -194,6 +195,11 @@ class _Conn(asyncio.Protocol):
                 self._tunnel(data[offset:])
             else:
                 self._fail(ProtocolError("upstream sent an unexpected upgrade", status=502))
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._fail(
+                cause if isinstance(cause, ProtocolError) else ProtocolError(f"upstream: {exc}", status=502)
+            )
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed upstream response: {exc}", status=502))
 
@@ -230,11 +236,16 @@ class _Conn(asyncio.Protocol):
         self.headers = []
         self.trailers = []
         self.in_body = False
+        self.head_bytes = 0
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # A broken upstream must not grow our memory without bound (trailers included).
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > _MAX_HEAD_BYTES:
+            raise ProtocolError("upstream response header fields too large", status=502)
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
         (self.trailers if self.in_body else self.headers).append(pair)
 

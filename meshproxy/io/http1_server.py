@@ -233,13 +233,11 @@ class Http1ServerProtocol(asyncio.Protocol):
         p = self.parsing
         assert p is not None
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
-        if p.request is not None:
-            p.trailers.append(pair)
-            return
+        # Trailers count against the same budget: they are headers that arrive late.
         p.header_bytes += len(name) + len(value) + 4
         if p.header_bytes > self.settings.max_header_bytes:
             raise ProtocolError("request header fields too large", status=431)
-        p.headers.append(pair)
+        (p.headers if p.request is None else p.trailers).append(pair)
 
     def on_headers_complete(self) -> None:
         p = self.parsing
