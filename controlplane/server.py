@@ -202,7 +202,11 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
 
         reader = asyncio.create_task(self._read(stream, context), name=f"discovery-read-{stream.node_id}")
         try:
-            await self._registry.wait_synced()
+            synced = asyncio.ensure_future(self._registry.wait_synced())
+            await asyncio.wait({synced, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not synced.done():  # the proxy left before there was anything to send
+                synced.cancel()
+                raise _StreamClosed
             snapshot = self._registry.add_node(stream.node_id, node)
             # The cache only wakes watchers on a version change; a reconnecting proxy whose
             # config did not change still gets its full snapshot first.
