@@ -355,6 +355,15 @@ async def test_nothing_is_sent_before_the_cluster_was_listed() -> None:
         await eventually(
             lambda: [r.state for r in cp.service.status_rows()] == ["NOT_SENT"], what="stream open"
         )
+        # A proxy that gives up before the sync is forgotten at once.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.grpc_port}") as ch:
+            call = discovery_pb2_grpc.ConfigDiscoveryStub(ch).StreamConfig()
+            await call.write(xconv.first_request(xconv.ProxyNode(pod="quitter", namespace="demo"), ""))
+            await eventually(lambda: len(cp.service.status_rows()) == 2, what="second stream open")
+            call.cancel()
+        await eventually(
+            lambda: [r.node.pod for r in cp.service.status_rows()] == ["web-0"], what="quitter gone"
+        )
         objects = [service("web", "198.19.0.1"), pod("web-0", "web", "198.18.0.10")]
         for kind in KINDS[:-1]:
             cp.reconciler.apply(Relist(kind=kind, objects=[o for o in objects if o["kind"] == kind]))
