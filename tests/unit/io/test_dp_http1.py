@@ -14,6 +14,7 @@ from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service
 
 from meshproxy.config.model import (
     Endpoint,
+    HeaderModifier,
     LbPolicy,
     OutlierDetection,
     PathMatch,
@@ -21,7 +22,9 @@ from meshproxy.config.model import (
     RetryPolicy,
     Route,
     RouteMatch,
+    Service,
     TrafficPolicy,
+    WeightedBackend,
 )
 from meshproxy.core.clock import MonotonicClock
 from meshproxy.io.http1_client import Http1Client
@@ -333,3 +336,45 @@ async def test_client_going_away_mid_response_closes_the_upstream_connection() -
         await asyncio.wait_for(reader.readuntil(b"tick"), 5)
         writer.transport.abort()
         await asyncio.wait_for(upstream_closed.wait(), 5)
+
+
+async def test_route_split_goes_to_the_backend_service_and_modifies_headers(upstream: Upstream) -> None:
+    with Upstream() as canary:
+        canary_svc = Service(
+            name="web-canary",
+            namespace="demo",
+            port=80,
+            endpoints=(Endpoint(address="127.0.0.1", port=canary.port),),
+        )
+        route = Route(
+            name="to-canary",
+            matches=(RouteMatch(path=PathMatch(PathMatchKind.PREFIX, "/headers")),),
+            backends=(WeightedBackend(service=canary_svc.key, weight=1),),
+            request_headers=HeaderModifier(set=(("x-route", "canary"),)),
+            response_headers=HeaderModifier(add=(("x-served-by", "canary"),)),
+        )
+        web = service(upstream.port, routes=(route, Route(name="rest")))
+        async with (
+            Sidecar(snapshot(web, canary_svc), (VIP, 80)) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            r = await client.get("/headers")
+            assert r.headers["x-served-by"] == "canary"
+            assert ["x-route", "canary"] in r.json()
+            assert (await client.get("/hello")).status_code == 200
+        assert canary.server.paths == ["/headers"]
+        assert upstream.server.paths == ["/hello"]
+
+
+async def test_http10_client_gets_a_close_delimited_body_from_a_chunked_upstream(
+    passthrough: Sidecar,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", passthrough.listener.port)
+    writer.write(b"GET /stream?n=3&size=4 HTTP/1.0\r\n\r\n")
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), 5)  # to EOF: the end of the body is the close
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"AAAABBBBCCCC"
+    writer.close()
