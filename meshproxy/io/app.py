@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from meshproxy.config.model import Snapshot
 from meshproxy.core.clock import MonotonicClock
 from meshproxy.core.errors import ConfigError
 from meshproxy.io.admin import AdminServer
+from meshproxy.io.app_probes import AppProbes
 from meshproxy.io.exchange import UpstreamClient
 from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.http2_client import Http2Client
@@ -194,6 +196,18 @@ class Sidecar:
             )
             for direction, port in (("outbound", args.outbound_port), ("inbound", args.inbound_port))
         ]
+        # kubelet's app probes, rewritten by the injector to /app-health/... on the admin port.
+        # The admin server (another module) takes them through an ``app_health`` hook; the
+        # signature check keeps this wiring working before and after that hook exists.
+        self.app_probes = AppProbes.from_env(os.environ)
+        admin_extra: dict[str, Any] = {}
+        if "app_health" in inspect.signature(AdminServer).parameters:
+            admin_extra["app_health"] = self.app_probes.check
+        elif self.app_probes.probes:
+            log.warning(
+                "this admin server cannot serve /app-health probes yet",
+                extra={"probes": len(self.app_probes.probes)},
+            )
         self.admin = AdminServer(
             args.admin_host,
             args.admin_port,
@@ -203,6 +217,7 @@ class Sidecar:
             clusters=self._clusters,
             breakers=self._breakers,
             on_quit=self.stop.set,
+            **admin_extra,
         )
         self.serving = False
         self.tasks: list[asyncio.Task[None]] = []
