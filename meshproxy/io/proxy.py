@@ -228,6 +228,7 @@ class Call:
     endpoint: Endpoint | None = None  # chosen for the current try
     tried: list[Endpoint] = field(default_factory=list)
     retries: int = 0
+    per_try_timeout: float | None = None  # set by the retry layer, enforced by the balance layer
     upstream_version: str = "1.1"
 
     @property
@@ -506,19 +507,11 @@ class Proxy:
         attempt = 1
         while True:
             call.body = replay.stream()  # NotReplayableError (URX) once a retried body overflowed
+            # The per-try timeout is enforced by the balance layer, below the breaker, so the
+            # endpoint and the breaker see a TIMEOUT rather than an anonymous cancellation.
+            call.per_try_timeout = policy.per_try_timeout
             try:
-                if policy.per_try_timeout is not None:
-                    try:
-                        async with asyncio.timeout(policy.per_try_timeout) as cm:
-                            resp = await nxt(call)
-                    except TimeoutError as exc:
-                        if cm.expired():
-                            raise UpstreamTimeoutError(
-                                f"{svc.key}: try {attempt} got no response within {policy.per_try_timeout}s"
-                            ) from exc
-                        raise
-                else:
-                    resp = await nxt(call)
+                resp = await nxt(call)
             except (UpstreamConnectError, UpstreamResetError, UpstreamTimeoutError, ProtocolError) as exc:
                 if not self._may_retry(call, policy, _outcome(exc), None, None, attempt, replay, budget):
                     raise
@@ -618,7 +611,18 @@ class Proxy:
             call.hop.annotate(destination_workload=ep.workload)
         pool.on_request_start(ep)
         try:
-            resp = await nxt(call)
+            if call.per_try_timeout is None:
+                resp = await nxt(call)
+            else:
+                try:
+                    async with asyncio.timeout(call.per_try_timeout) as cm:
+                        resp = await nxt(call)
+                except TimeoutError as exc:
+                    if cm.expired():
+                        raise UpstreamTimeoutError(
+                            f"{svc.key}: {ep.address}:{ep.port} sent no response within {call.per_try_timeout}s"
+                        ) from exc
+                    raise
         except BaseException as exc:
             self._endpoint_done(svc, pool, ep, _outcome(exc))
             raise

@@ -7,14 +7,17 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from dp_rig import VIP, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
+from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
 
 from meshproxy.config.model import (
     CircuitBreaker,
+    Endpoint,
     FaultInjection,
     Inbound,
     InboundPort,
+    LbPolicy,
     RateLimit,
+    RetryPolicy,
     Snapshot,
     TrafficPolicy,
 )
@@ -119,3 +122,31 @@ async def test_no_config_yet_is_503_nc(upstream: Upstream) -> None:
         assert r.headers["x-meshproxy-flag"] == "NC"
         sc.runtime.apply(snapshot())
         assert (await client.get("/hello")).status_code == 200
+
+
+async def test_per_try_timeout_retries_on_another_endpoint(upstream: Upstream) -> None:
+    async def black_hole(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.read()  # takes the request, never answers
+
+    async with RawServer(black_hole) as stuck:
+        eps = (
+            Endpoint(address="127.0.0.1", port=stuck.port),
+            Endpoint(address="127.0.0.1", port=upstream.port),
+        )
+        retry = RetryPolicy(
+            attempts=1,
+            per_try_timeout=0.2,
+            retry_on=frozenset({"gateway-error"}),
+            backoff_base=0.001,
+            backoff_max=0.002,
+        )
+        policy = TrafficPolicy(retry=retry, lb=LbPolicy.ROUND_ROBIN, outlier_detection=None)
+        async with (
+            Sidecar(snapshot(service(0, endpoints=eps, policy=policy)), (VIP, 80)) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            # Round robin sends one of the two first tries to the black hole; both succeed.
+            statuses = [(await client.get("/hello")).status_code for _ in range(2)]
+        assert statuses == [200, 200]
+        assert stuck.accepted >= 1
+        assert upstream.server.requests == 2
