@@ -118,6 +118,10 @@ class MeshConfig:
     # Canonical JSON of each service (aligned with ``services``), so the content hash of
     # each workload's snapshot costs a concatenation, not a walk over every endpoint.
     service_json: tuple[str, ...] = ()
+    # The same services as seen from their own namespace (with the short hostname), built
+    # once per mesh so every workload of that namespace shares the objects and their JSON.
+    local_services: tuple[model.Service, ...] = ()
+    local_json: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,13 +484,26 @@ def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
                 )
             )
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
+    texts = [_canonical(s) for s in services]
+    local = [replace(s, hostnames=(s.name, *s.hostnames)) for s in services]
     return MeshConfig(
         revision=state.revision,
         services=tuple(services),
         statuses=tuple(statuses),
         policies=policies,
-        service_json=tuple(_canonical(s) for s in services),
+        service_json=tuple(texts),
+        local_services=tuple(local),
+        local_json=tuple(_rehost(t, s, ls) for t, s, ls in zip(texts, services, local, strict=True)),
     )
+
+
+def _rehost(text: str, old: model.Service, new: model.Service) -> str:
+    """``_canonical(new)`` from ``_canonical(old)`` when only the hostnames differ (no re-walk)."""
+    before = '"hostnames":' + json.dumps(list(old.hostnames), separators=(",", ":"))
+    after = '"hostnames":' + json.dumps(list(new.hostnames), separators=(",", ":"))
+    if text.count(before) != 1:
+        return _canonical(new)
+    return text.replace(before, after)
 
 
 # ---------------------------------------------------------------- the node
@@ -579,13 +596,14 @@ def compile_for_shape(
 ) -> model.Snapshot:
     ns = shape.workload.namespace
     services, parts = [], []
-    for svc, text in zip(mesh.services, mesh.service_json, strict=True):
+    for i, svc in enumerate(mesh.services):
+        # A short name ("reviews") means the service of the client's own namespace.
         if svc.namespace == ns:
-            # A short name ("reviews") means the service of the client's own namespace.
-            svc = replace(svc, hostnames=(svc.name, *svc.hostnames))
-            text = _canonical(svc)
-        services.append(svc)
-        parts.append(text)
+            services.append(mesh.local_services[i])
+            parts.append(mesh.local_json[i])
+        else:
+            services.append(svc)
+            parts.append(mesh.service_json[i])
     snapshot = model.Snapshot(
         workload=shape.workload,
         services=tuple(services),

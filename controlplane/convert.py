@@ -258,6 +258,35 @@ def response(snapshot: pb.Snapshot, version: str, nonce: str) -> pb.DiscoveryRes
     return pb.DiscoveryResponse(version_info=version, nonce=nonce, snapshot=snapshot)
 
 
+# ---------------------------------------------------------------- the wire, pre-encoded
+
+SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["ConfigDiscovery"].full_name
+
+
+def encode_snapshot(snapshot: pb.Snapshot) -> bytes:
+    """A ``DiscoveryResponse`` holding only ``snapshot``, encoded: done once per version."""
+    return pb.DiscoveryResponse(snapshot=snapshot).SerializeToString()
+
+
+def encode_response(encoded_snapshot: bytes, version: str, nonce: str) -> bytes:
+    """A full ``DiscoveryResponse`` on the wire, without re-encoding the snapshot.
+
+    Protobuf parses concatenated encodings of one message type as their merge, so the
+    small per-response header (version, nonce) is encoded and put in front of the big
+    snapshot encoded once for every proxy of that version.
+    """
+    return pb.DiscoveryResponse(version_info=version, nonce=nonce).SerializeToString() + encoded_snapshot
+
+
+decode_discovery_request = pb.DiscoveryRequest.FromString
+decode_list_proxies_request = pb.ListProxiesRequest.FromString
+decode_get_proxy_config_request = pb.GetProxyConfigRequest.FromString
+
+
+def encode_message(msg: pb.ListProxiesResponse | pb.GetProxyConfigResponse) -> bytes:
+    return msg.SerializeToString()
+
+
 # ---------------------------------------------------------------- the proxy's side
 
 

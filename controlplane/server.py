@@ -158,10 +158,10 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
         self._nonces = itertools.count(1)
-        # Converting a big snapshot to protobuf costs more than sending it: replicas of a
-        # workload share one snapshot (convert once per version), and workloads share most
-        # services (convert each once per cluster change).
-        self._protos: OrderedDict[str, Any] = OrderedDict()
+        # Converting and encoding a big snapshot costs more than sending it: replicas of a
+        # workload share one snapshot (convert and encode once per version, bounded LRU), and
+        # workloads share most services (convert each once per cluster change).
+        self._protos: OrderedDict[str, bytes] = OrderedDict()
         self._service_protos = convert.ServiceProtoCache()
 
     # ---- the stream
@@ -254,7 +254,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             if stream.sent is not None and snapshot.version == stream.sent.version:
                 continue
             nonce = f"{next(self._nonces)}"
-            msg = convert.response(self._proto(snapshot), snapshot.version, nonce)
+            msg = convert.encode_response(self._encoded(snapshot), snapshot.version, nonce)
             # Record before writing: the ACK can arrive before write() returns.
             stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
             await self._write(stream, context, msg)
@@ -328,16 +328,16 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         self._metrics.acks.inc()
         self._metrics.push_latency.observe(max(0.0, self._clock() - stream.sent_at))
 
-    def _proto(self, snapshot: Snapshot) -> Any:
-        msg = self._protos.get(snapshot.version)
-        if msg is None:
-            msg = convert.snapshot_to_proto(snapshot, self._service_protos)
-            self._protos[snapshot.version] = msg
+    def _encoded(self, snapshot: Snapshot) -> bytes:
+        data = self._protos.get(snapshot.version)
+        if data is None:
+            data = convert.encode_snapshot(convert.snapshot_to_proto(snapshot, self._service_protos))
+            self._protos[snapshot.version] = data
             while len(self._protos) > 64:
                 self._protos.popitem(last=False)
         else:
             self._protos.move_to_end(snapshot.version)
-        return msg
+        return data
 
     # ---- operator views
 
@@ -388,6 +388,10 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         )
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
 class DiscoveryServer:
     """The grpc.aio server around ``DiscoveryService``."""
 
@@ -395,7 +399,28 @@ class DiscoveryServer:
         self.service = service
         self._settings = settings
         self._server = grpc.aio.server(options=grpc_options(settings))
-        discovery_pb2_grpc.add_ConfigDiscoveryServicer_to_server(service, self._server)  # type: ignore[no-untyped-call]
+        # The generated registration would re-encode every response; StreamConfig writes
+        # responses already encoded (convert.encode_response), so register by hand.
+        handlers = {
+            "StreamConfig": grpc.stream_stream_rpc_method_handler(
+                service.StreamConfig,
+                request_deserializer=convert.decode_discovery_request,
+                response_serializer=_as_is,
+            ),
+            "ListProxies": grpc.unary_unary_rpc_method_handler(
+                service.ListProxies,
+                request_deserializer=convert.decode_list_proxies_request,
+                response_serializer=convert.encode_message,
+            ),
+            "GetProxyConfig": grpc.unary_unary_rpc_method_handler(
+                service.GetProxyConfig,
+                request_deserializer=convert.decode_get_proxy_config_request,
+                response_serializer=convert.encode_message,
+            ),
+        }
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(convert.SERVICE_NAME, handlers),)
+        )
         self.port = 0
 
     async def start(self, host: str | None = None, port: int | None = None) -> int:

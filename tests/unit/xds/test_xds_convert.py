@@ -227,3 +227,13 @@ def test_service_cache_converts_shared_services_once_and_changes_nothing() -> No
     misses = cache.misses
     assert snapshot_to_proto(b, cache) == snapshot_to_proto(b)
     assert cache.misses == misses and cache.hits == len(b.services)
+
+
+def test_pre_encoded_response_parses_as_the_whole_response() -> None:
+    from controlplane.convert import encode_response, encode_snapshot
+
+    s = rich_snapshot()
+    whole = response(snapshot_to_proto(s), s.version, "42")
+    parsed = type(whole).FromString(encode_response(encode_snapshot(snapshot_to_proto(s)), s.version, "42"))
+    assert parsed == whole
+    assert xconv.received_snapshot(parsed) == s
