@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from controlplane.compile import ProxyNode, compile_for_shape, compile_mesh, compile_snapshot, node_shape
-from controlplane.convert import ServiceProtoCache, node_from_proto, response, snapshot_to_proto
+from controlplane.convert import (
+    ServiceProtoCache,
+    encode_response,
+    encode_snapshot,
+    node_from_proto,
+    response,
+    snapshot_to_proto,
+)
 from controlplane.index import ClusterState
 from controlplane.settings import MeshSettings
 from meshproxy.config import model
@@ -230,8 +237,6 @@ def test_service_cache_converts_shared_services_once_and_changes_nothing() -> No
 
 
 def test_pre_encoded_response_parses_as_the_whole_response() -> None:
-    from controlplane.convert import encode_response, encode_snapshot
-
     s = rich_snapshot()
     whole = response(snapshot_to_proto(s), s.version, "42")
     parsed = type(whole).FromString(encode_response(encode_snapshot(snapshot_to_proto(s)), s.version, "42"))
