@@ -69,6 +69,13 @@ bench-telemetry: install
 	./scripts/system-deps.sh --bench
 	$(BIN)/python -m bench.run --scenarios direct,nginx,meshproxy-notel,meshproxy --ablation $(BENCH_ARGS)
 
+# Control plane convergence: real API server, real control plane, simulated proxies
+# (docs/benchmarks-controlplane.md). BENCH_CP_ARGS=--quick: the small mesh.
+.PHONY: bench-controlplane
+BENCH_CP_ARGS ?=
+bench-controlplane: install k8s-bins
+	$(BIN)/python -m bench.controlplane $(BENCH_CP_ARGS)
+
 # Gateway API CRDs (HTTPRoute: a prerequisite of the Helm chart) into the cluster of the
 # current kubeconfig, from the pinned release k8s-bins puts in $(CACHE).
 .PHONY: gateway-api-crds images
