@@ -246,3 +246,54 @@ def http_status_ctx(url: str, ctx: object) -> int:
         return int(urllib.request.urlopen(url, timeout=5, context=ctx).status)  # type: ignore[arg-type]
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def test_from_dir_configures_the_real_sidecar(tmp_path: pathlib.Path, procs: list[Proc]) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    shutil.copy(FIXTURES / "routing.yaml", manifests / "bookinfo.yaml")
+    cp = Proc(
+        [
+            PY, "-m", "controlplane.cli", "run", "--from-dir", str(manifests), "--listen-address", "127.0.0.1",
+            "--grpc-port", "0", "--metrics-port", "0",
+        ],
+        tmp_path / "controlplane.log",
+    )  # fmt: skip
+    procs.append(cp)
+    wait_until(
+        lambda: any(line.startswith("listening ") for line in cp.lines()), what="control plane listening"
+    )
+    target = dict(
+        p.split("=", 1) for p in next(x for x in cp.lines() if x.startswith("listening ")).split()[1:]
+    )["grpc"]
+    admin = free_port()
+    sidecar = Proc(
+        [
+            PY, "-m", "meshproxy", "run", "--control-plane", target, "--pod-name", "reviews-v1-6b7f-aaaaa",
+            "--pod-namespace", "bookinfo", "--pod-ip", "198.18.3.11", "--admin-port", str(admin),
+            "--outbound-port", str(free_port()), "--inbound-port", str(free_port()), "--listen-host", "127.0.0.1",
+            "--log-format", "text",
+        ],
+        tmp_path / "sidecar.log",
+    )  # fmt: skip
+    procs.append(sidecar)
+
+    def config() -> dict[str, object]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/config_dump", timeout=5) as r:
+                return dict(json.loads(r.read()))
+        except (OSError, ValueError):
+            return {}
+
+    wait_until(lambda: bool(config().get("services")), what="sidecar configured by the control plane")
+    dumped = config()
+    assert dumped["workload"]["name"] == "reviews-v1"  # type: ignore[index]
+    names = sorted(s["name"] for s in dumped["services"])  # type: ignore[attr-defined]
+    assert names == ["ratings", "reviews", "reviews-v1", "reviews-v2"]
+
+    def acked() -> list[str]:
+        out = meshctl(target, "proxy-status")
+        return next((line.split() for line in out.stdout.splitlines() if line.startswith("reviews-v1-")), [])
+
+    wait_until(lambda: acked()[3:4] == ["SYNCED"], what="the real sidecar ACKed")
+    assert acked()[2] == dumped.get("version")
