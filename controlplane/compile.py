@@ -319,7 +319,15 @@ def _resolve_route(
         reason = Reason.UNSUPPORTED if "not supported" in route.error.message else Reason.INVALID
         return status(reason, str(route.error)), {}
     attached: dict[model.ServiceKey, list[_Attached]] = {}
+    done: set[model.ServiceKey] = set()  # two parentRefs may name the same service port
     for pi, parent in enumerate(route.service_parents):
+        if parent.namespace != route.namespace:
+            # GAMMA "consumer routes" only apply to clients in the route's namespace; every
+            # proxy gets the same routes here, so such a route would leak to other namespaces.
+            return status(
+                Reason.UNSUPPORTED,
+                f"spec.parentRefs[{pi}]: a parent Service in another namespace (consumer route) is not supported",
+            ), {}
         svc = state.services.get((parent.namespace, parent.name))
         if svc is None or not _meshable(svc):
             return status(
@@ -334,6 +342,9 @@ def _resolve_route(
             ), {}
         for sport in ports:
             key = _service_key(svc.namespace, svc.name, sport.port)
+            if key in done:
+                continue
+            done.add(key)
             for ri, rule in enumerate(route.rules):
                 backends = []
                 for bi, ref in enumerate(rule.backends):
