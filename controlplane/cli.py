@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--webhook",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="serve the injection webhook (default: on with a cluster, off with --from-dir)",
+        help="serve the injection webhook (default: on with a cluster if its certificate exists, "
+        "off with --from-dir)",
     )
     run.add_argument("--webhook-port", type=int, default=d.webhook_port)
     run.add_argument("--webhook-cert-file", default=None)
@@ -160,7 +161,7 @@ async def _run(args: argparse.Namespace) -> int:
 
         if not args.no_status:
             status_sink = _KubeStatusSink(api, plane_ref)
-    if args.webhook if args.webhook is not None else args.from_dir is None:
+    if _want_webhook(args):
         services["webhook"] = await _webhook_service(args, api)
 
     plane = build(settings, status_sink)
@@ -183,6 +184,25 @@ async def _run(args: argparse.Namespace) -> int:
         if api is not None:
             api.close()
     return 0
+
+
+def _want_webhook(args: argparse.Namespace) -> bool:
+    """--webhook/--no-webhook if given; else on with a cluster when its certificate exists.
+
+    In a pod the chart mounts the certificate; a developer running against a cluster from a
+    laptop has none and should not need a flag to get a working control plane.
+    """
+    if args.webhook is not None:
+        return bool(args.webhook)
+    if args.from_dir is not None:
+        return False
+    from controlplane.webhook import WebhookSettings
+
+    cert = pathlib.Path(args.webhook_cert_file or WebhookSettings().cert_file)
+    if not cert.exists():
+        log.warning("injection webhook off: no certificate at %s (--webhook requires it)", cert)
+        return False
+    return True
 
 
 async def _webhook_service(args: argparse.Namespace, api: Any) -> Service:
