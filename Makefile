@@ -16,6 +16,7 @@ help:
 	@echo "make test         lint + unit + integration tests (what CI runs)"
 	@echo "make lint         ruff, mypy --strict, import-linter"
 	@echo "make bench        sidecar vs nginx vs direct, fixed-rate load in network namespaces"
+	@echo "make bench-peers  sidecar vs HAProxy, nginx, Traefik, direct: latency, saturation, CPU, RSS, TCP, gRPC"
 
 install: $(VENV)/.installed proto
 
@@ -56,6 +57,12 @@ test-integration: install system-deps k8s-bins
 test: lint install system-deps k8s-bins
 	$(BIN)/pytest -q tests $(PYTEST_ARGS)
 
+# The README's kind journey on a single-node Kubernetes made of processes (root;
+# docs/e2e.md). Brings the cluster up, runs tests/e2e, always tears it down.
+.PHONY: e2e
+e2e: install
+	./scripts/e2e/run.sh $(PYTEST_ARGS)
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info meshapi/discovery/v1/*_pb2*.py meshapi/discovery/v1/*_pb2*.pyi
 
@@ -68,6 +75,18 @@ bench: install
 bench-telemetry: install
 	./scripts/system-deps.sh --bench
 	$(BIN)/python -m bench.run --scenarios direct,nginx,meshproxy-notel,meshproxy --ablation $(BENCH_ARGS)
+
+# meshproxy vs HAProxy, nginx, Traefik and direct (docs/benchmarks.md). Full mode ~25 min;
+# bench-peers-quick is the CI-sized smoke (~4 min). Traefik is built once into $(CACHE).
+.PHONY: bench-peers bench-peers-quick
+bench-peers: install
+	./scripts/system-deps.sh --bench
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.compare $(BENCH_ARGS)
+
+bench-peers-quick: install
+	./scripts/system-deps.sh --bench
+	$(BIN)/python -m bench.compare --quick $(BENCH_ARGS)
 
 # Control plane convergence: real API server, real control plane, simulated proxies
 # (docs/benchmarks-controlplane.md). BENCH_CP_ARGS=--quick: the small mesh.

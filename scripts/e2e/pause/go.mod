@@ -1,0 +1,3 @@
+module meshproxy.local/pause
+
+go 1.22
