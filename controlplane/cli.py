@@ -180,6 +180,15 @@ async def _run(args: argparse.Namespace) -> int:
         await serve(plane, source, services, started=started)
     except asyncio.CancelledError:
         log.info("stopping")
+    except ExceptionGroup as failed:
+        # One part of the pipeline died (a webhook without a usable certificate, a port in
+        # use): exit non-zero with the reason, and let the orchestrator restart us.
+        for exc in failed.exceptions:
+            log.error("control plane stopped: %s", exc, exc_info=exc)
+        return 1
+    except OSError as exc:  # a listener could not bind
+        log.error("control plane cannot start: %s", exc)
+        return 1
     finally:
         if api is not None:
             api.close()
