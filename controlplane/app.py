@@ -107,14 +107,15 @@ class DirectorySource:
             try:
                 fingerprint = await asyncio.to_thread(self._fingerprint)
                 if fingerprint != seen:
+                    seen = fingerprint
                     objects = await asyncio.to_thread(load_manifests, self._dir)
                     for kind in KINDS:
                         self._sink(Relist(kind=kind, objects=objects[kind]))
-                    seen = fingerprint
-                    log.info("loaded manifests", extra={"dir": str(self._dir)})
+                    log.info("loaded manifests from %s", self._dir)
             except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-                # A file being edited may be half-written: keep the last good state.
-                log.warning("cannot read manifests; keeping the last state: %s", exc)
+                # A file being edited may be half-written: keep the last good state and say
+                # so once; the next change of any file is read again.
+                log.warning("cannot read manifests in %s; keeping the last state: %s", self._dir, exc)
             await asyncio.sleep(self._poll)  # the poll period, not a synchronisation
 
 
