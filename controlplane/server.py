@@ -9,7 +9,8 @@ One stream, as implemented:
   1. The first request must carry ``node.pod`` and ``node.namespace``
      (else INVALID_ARGUMENT). Nothing is sent before the cluster was listed
      completely (a proxy keeps its config rather than get a half-known
-     cluster after a control plane restart). The node is registered with the reconciler,
+     cluster after a control plane restart). The node is registered with the
+     reconciler,
      which compiles for it at once; the stream then always sends the full
      current snapshot first, with ``version_info`` = its content hash and a
      fresh nonce.
@@ -21,8 +22,13 @@ One stream, as implemented:
      bounded coalescing queue: it always sends the newest snapshot, and counts
      how many arrived since its last send. More than ``send_queue_size`` while
      one write is stuck (the proxy does not read), or one write taking longer
-     than ``send_timeout``, closes the stream with RESOURCE_EXHAUSTED (counted):
-     a slow proxy never blocks the reconciler or other streams.
+     than ``send_timeout``, evicts the proxy (counted): it is unregistered at
+     once, so a slow proxy never blocks the reconciler or other streams. Its
+     RESOURCE_EXHAUSTED status follows the stuck message (HTTP/2 sends trailers
+     after data and gRPC Python cannot reset a server stream), so the proxy
+     learns it when it reads again, or keepalive ends a dead connection.
+     Responses are written pre-encoded: each snapshot version is converted and
+     encoded once (``convert.encode_snapshot``), whatever the number of proxies.
   4. When the stream ends, the node is unregistered (unless a newer stream of
      the same node took over).
 
