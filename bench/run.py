@@ -55,7 +55,7 @@ from meshproxy.config.model import (
     Tracing,
     Workload,
 )
-from meshproxy.lab.demo import config_yaml
+from meshproxy.lab.mesh import config_yaml
 from meshproxy.lab.netns import Lab, LabProcess, Pod, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,6 +10,11 @@ declare -A PKG=(
   [jaeger]="github.com/jaegertracing/jaeger/cmd/jaeger@v1.76.0"
   [prometheus]="github.com/prometheus/prometheus/cmd/prometheus@v0.316.0"  # e2e: scrapes the sidecars
   [coredns]="github.com/coredns/coredns@v1.14.7"  # e2e: cluster DNS
+  [traefik]="github.com/traefik/traefik/v3/cmd/traefik@v3.7.13"  # make bench-peers; built by bench/traefik/build.sh
+)
+# Tools whose go.mod has replace directives (go install refuses them): built by a script instead.
+declare -A BUILDER=(
+  [traefik]="bench/traefik/build.sh"
 )
 name=${1:?usage: go-tool.sh NAME}
 spec=${PKG[$name]:?unknown tool $name}
@@ -20,8 +25,12 @@ if [ ! -x "$out" ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
   echo "go-tool: building $spec (cached in $out)" >&2
-  GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOBIN="$tmp" GOFLAGS=-mod=mod CGO_ENABLED=0 \
-    go install "$spec" >&2
+  if [ -n "${BUILDER[$name]:-}" ]; then
+    MESHPROXY_CACHE="$CACHE" "$(dirname "$0")/../${BUILDER[$name]}" "$spec" "$tmp/$(basename "${spec%@*}")" >&2
+  else
+    GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOBIN="$tmp" GOFLAGS=-mod=mod CGO_ENABLED=0 \
+      go install "$spec" >&2
+  fi
   mv "$tmp/$(basename "${spec%@*}")" "$out"
 fi
 echo "$out"

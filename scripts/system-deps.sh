@@ -4,7 +4,7 @@
 set -euo pipefail
 want=(iptables iproute2 procps)
 case "${1:-}" in
-  --bench) want+=(nginx-light haproxy) ;;
+  --bench) want+=(nginx-light libnginx-mod-stream haproxy iperf3) ;;
   --k8s) want+=(etcd-server containerd runc containernetworking-plugins buildah debootstrap conntrack socat) ;;
   --all) want+=(nginx-light haproxy etcd-server containerd runc containernetworking-plugins buildah debootstrap conntrack socat) ;;
 esac

@@ -1,0 +1,307 @@
+"""Summary, ratios, target checks, Markdown table and plot of a ``make bench-peers`` run.
+
+Owns: everything computed from the raw measurement rows of ``bench.compare`` (one row per
+scenario x test x round), and nothing that measures.
+
+Invariants:
+  * Pure arithmetic on the rows (no I/O, no clock) except ``plot``, which writes one PNG and
+    imports matplotlib lazily, so the rest works without the optional ``bench`` extra.
+  * Added latency is taken against ``direct`` of the *same round and test*, then the median
+    over rounds; scenarios are never compared across rounds, because absolute times on a
+    shared machine drift (shared/GUIDE.md section 5).
+  * A ratio is ``None`` (not 0, not inf) when either side is missing or its denominator is
+    not positive, and the table leaves such a cell empty.
+
+Concurrency: none.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MESH = ("meshproxy", "meshproxy-notel")
+PEERS = ("haproxy", "nginx", "traefik")
+ORDER = ("direct", *MESH, *PEERS)
+LATENCY = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
+Row = dict[str, Any]
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    """``num / den``, or None when either is missing or the denominator is not positive."""
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _order(scenario: str) -> int:
+    return ORDER.index(scenario) if scenario in ORDER else len(ORDER)
+
+
+def test_order(test: str) -> tuple[int, int]:
+    """``http-250 < http-1000 < http-2000 < http-sat < grpc-1000 < tcp-bulk``."""
+    kind, _, arg = test.partition("-")
+    kinds = ("http", "grpc", "tcp")
+    return (kinds.index(kind) if kind in kinds else 9, int(arg) if arg.isdigit() else 10**9)
+
+
+def summarize(rows: Sequence[Row]) -> list[Row]:
+    """One entry per (test, scenario): medians over rounds, latency added over direct, RSS peaks."""
+    direct = {(r["round"], r["test"]): r for r in rows if r["scenario"] == "direct"}
+    keys = sorted({(r["test"], r["scenario"]) for r in rows}, key=lambda k: (test_order(k[0]), _order(k[1])))
+    out: list[Row] = []
+    for test, scenario in keys:
+        mine = [r for r in rows if r["test"] == test and r["scenario"] == scenario]
+        entry: Row = {"test": test, "scenario": scenario, "rounds": len(mine)}
+        for metric in (*LATENCY, "actual_qps", "cpu_s_per_1000", "proxy_cpu_util", "gbit_s", "cpu_s_per_gb"):
+            value = _median(r.get(metric) for r in mine)
+            if value is not None:
+                entry[metric] = value
+        for metric in LATENCY:
+            added = [
+                r[metric] - direct[(r["round"], test)][metric]
+                for r in mine
+                if metric in r and (r["round"], test) in direct and metric in direct[(r["round"], test)]
+            ]
+            if added and scenario != "direct":
+                entry["added_" + metric] = statistics.median(added)
+        for metric in ("rss_idle_mb", "rss_load_mb"):
+            peaks = [max(r[metric]) for r in mine if r.get(metric)]
+            if peaks:
+                entry[metric] = max(peaks)
+        entry["requests"] = sum(int(r.get("requests", 0)) for r in mine)
+        entry["errors"] = sum(int(r.get("errors", 0)) for r in mine)
+        out.append(entry)
+    return out
+
+
+# Which metric each ratio compares, and whether lower is better (for the reader, not the maths).
+RATIO_METRICS = (
+    ("added_p50_ms", "lower"),
+    ("added_p99_ms", "lower"),
+    ("cpu_s_per_1000", "lower"),
+    ("actual_qps", "higher"),  # only meaningful for the saturation test
+    ("gbit_s", "higher"),
+    ("cpu_s_per_gb", "lower"),
+)
+
+
+def ratios(summary: Sequence[Row]) -> list[Row]:
+    """meshproxy (telemetry on and off) divided by each peer, per test and metric present in both."""
+    by = {(e["test"], e["scenario"]): e for e in summary}
+    out: list[Row] = []
+    for test in sorted({e["test"] for e in summary}, key=test_order):
+        for mesh in MESH:
+            mine = by.get((test, mesh))
+            if mine is None:
+                continue
+            for peer in PEERS:
+                theirs = by.get((test, peer))
+                if theirs is None:
+                    continue
+                for metric, better in RATIO_METRICS:
+                    if metric == "actual_qps" and not test.endswith("-sat"):
+                        continue
+                    value = ratio(mine.get(metric), theirs.get(metric))
+                    if value is not None:
+                        out.append(
+                            {
+                                "test": test,
+                                "scenario": mesh,
+                                "peer": peer,
+                                "metric": metric,
+                                "ratio": value,
+                                "better": better,
+                            }
+                        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One of issue 7's targets: ``metric`` of meshproxy (telemetry on) against ``peer``."""
+
+    name: str
+    test: str
+    metric: str
+    peer: str | None  # None: an absolute limit
+    limit: float
+    higher_is_better: bool = False
+
+
+TARGETS = (
+    Target("added p99 <= nginx's (1000/s)", "http-1000", "added_p99_ms", "nginx", 1.0),
+    Target("added p99 <= HAProxy's (1000/s)", "http-1000", "added_p99_ms", "haproxy", 1.0),
+    Target("CPU per request <= 3x nginx's (1000/s)", "http-1000", "cpu_s_per_1000", "nginx", 3.0),
+    Target("saturation throughput per core >= Traefik's", "http-sat", "actual_qps", "traefik", 1.0, True),
+    Target("idle RSS <= 40 MB per sidecar", "http-1000", "rss_idle_mb", None, 40.0),
+)
+
+
+def check_targets(summary: Sequence[Row], targets: Sequence[Target] = TARGETS) -> list[Row]:
+    """Each target's measured value (a ratio, or MB for the absolute one) and whether it is met."""
+    by = {(e["test"], e["scenario"]): e for e in summary}
+    out: list[Row] = []
+    for t in targets:
+        mine = by.get((t.test, "meshproxy"), {}).get(t.metric)
+        theirs = None if t.peer is None else by.get((t.test, t.peer), {}).get(t.metric)
+        value = mine if t.peer is None else ratio(mine, theirs)
+        met = None if value is None else (value >= t.limit if t.higher_is_better else value <= t.limit)
+        out.append(
+            {
+                "target": t.name,
+                "value": value,
+                "limit": t.limit,
+                "met": met,
+                "unit": "MB" if t.peer is None else "x",
+            }
+        )
+    return out
+
+
+# --- Markdown ------------------------------------------------------------------------------------
+
+
+def _f(value: Any, fmt: str = "{:.3f}") -> str:
+    return "" if value is None else fmt.format(value)
+
+
+def markdown(report: Row) -> str:
+    m = report["machine"]
+    meth = report["method"]
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpus']} cores, shared), kernel {m['kernel']}, "
+        f"Python {m['python']}; {m['haproxy']}; {m['nginx']}; Traefik {m['traefik']}; fortio {m['fortio']}; "
+        f"{m['iperf3']}. Two hops (client-side + server-side sidecar, `meshproxy iptables install` "
+        f"interception), 1 KB responses, {meth['connections']} connections, {meth['duration_s']} s per run, "
+        f"median of {meth['rounds']} interleaved rounds; proxies pinned to CPU {meth['proxy_cpu']}, "
+        f"load generator and backend to CPU {meth['load_cpu']}.",
+        "",
+    ]
+    summary = report["summary"]
+    lat = [e for e in summary if not e["test"].startswith("tcp") and not e["test"].endswith("-sat")]
+    if lat:
+        lines += [
+            "**Latency at a fixed rate** (ms; *added* = over direct in the same round; CPU = both proxies)",
+            "",
+            "| test | scenario | p50 | p90 | p99 | max | added p50 | added p99 | CPU s/1000 req "
+            "| RSS idle MB | RSS load MB | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in lat:
+            lines.append(
+                f"| {e['test']} | {e['scenario']} | {_f(e.get('p50_ms'))} | {_f(e.get('p90_ms'))} | "
+                f"{_f(e.get('p99_ms'))} | {_f(e.get('max_ms'), '{:.1f}')} | {_f(e.get('added_p50_ms'))} | "
+                f"{_f(e.get('added_p99_ms'))} | {_f(e.get('cpu_s_per_1000'))} | "
+                f"{_f(e.get('rss_idle_mb'), '{:.0f}')} | {_f(e.get('rss_load_mb'), '{:.0f}')} | {e['errors']} |"
+            )
+        lines.append("")
+    sat = [e for e in summary if e["test"].endswith("-sat")]
+    if sat:
+        lines += [
+            "**Saturation** (fortio -qps 0; both proxies share one core)",
+            "",
+            "| scenario | req/s | proxy core busy | CPU s/1000 req | p50 ms | p99 ms | errors |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for e in sat:
+            lines.append(
+                f"| {e['scenario']} | {_f(e.get('actual_qps'), '{:.0f}')} | "
+                f"{_f(e.get('proxy_cpu_util'), '{:.0%}')} | {_f(e.get('cpu_s_per_1000'))} | "
+                f"{_f(e.get('p50_ms'))} | {_f(e.get('p99_ms'))} | {e['errors']} |"
+            )
+        lines.append("")
+    tcp = [e for e in summary if e["test"].startswith("tcp")]
+    if tcp:
+        lines += [
+            "**Opaque TCP bulk transfer** (iperf3, one stream)",
+            "",
+            "| scenario | Gbit/s | CPU s/GB | RSS load MB |",
+            "|---|---|---|---|",
+        ]
+        for e in tcp:
+            lines.append(
+                f"| {e['scenario']} | {_f(e.get('gbit_s'), '{:.2f}')} | {_f(e.get('cpu_s_per_gb'))} | "
+                f"{_f(e.get('rss_load_mb'), '{:.0f}')} |"
+            )
+        lines.append("")
+    rs = report.get("ratios", [])
+    if rs:
+        lines += [
+            "**Ratios** meshproxy / peer (same run)",
+            "",
+            "| test | metric | scenario | / HAProxy | / nginx | / Traefik |",
+            "|---|---|---|---|---|---|",
+        ]
+        cells: dict[tuple[str, str, str], dict[str, float]] = {}
+        for r in rs:
+            cells.setdefault((r["test"], r["metric"], r["scenario"]), {})[r["peer"]] = r["ratio"]
+        for (test, metric, scenario), peers in cells.items():
+            lines.append(
+                f"| {test} | {metric} | {scenario} | "
+                + " | ".join(_f(peers.get(p), "{:.2f}x") for p in PEERS)
+                + " |"
+            )
+        lines.append("")
+    ts = report.get("targets", [])
+    if ts:
+        lines += [
+            "**Issue 7 targets** (meshproxy, telemetry on)",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        for t in ts:
+            value = _f(t["value"], "{:.1f} MB" if t["unit"] == "MB" else "{:.2f}x")
+            met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+            lines.append(f"| {t['target']} | {value} | {met} |")
+        lines.append("")
+    skipped = report.get("skipped", {})
+    if skipped:
+        lines += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in sorted(skipped.items())), ""]
+    return "\n".join(lines)
+
+
+# --- plot ------------------------------------------------------------------------------------------
+
+
+def plot(report: Row, out: Path, test: str = "http-1000") -> bool:
+    """Latency percentiles and CPU per 1000 requests by proxy for ``test``; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    entries = [e for e in report["summary"] if e["test"] == test]
+    names = [e["scenario"] for e in entries]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.2
+    for i, metric in enumerate(("p50_ms", "p90_ms", "p99_ms")):
+        xs = [j + (i - 1) * width for j in range(len(names))]
+        ax1.bar(xs, [e.get(metric) or 0 for e in entries], width, label=metric.removesuffix("_ms"))
+    ax1.set_xticks(range(len(names)), names, rotation=20)
+    ax1.set_ylabel("latency, ms (two hops)")
+    ax1.set_title(f"{test}: latency percentiles")
+    ax1.legend()
+    cpu = [(e["scenario"], e["cpu_s_per_1000"]) for e in entries if e.get("cpu_s_per_1000") is not None]
+    ax2.bar([n for n, _ in cpu], [v for _, v in cpu], color="tab:gray")
+    ax2.set_ylabel("CPU seconds per 1000 requests (both proxies)")
+    ax2.set_title(f"{test}: proxy CPU per 1000 requests")
+    ax2.tick_params(axis="x", rotation=20)
+    fig.suptitle(
+        f"meshproxy vs peers, {report['machine']['date']} (median of {report['method']['rounds']} rounds)"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True

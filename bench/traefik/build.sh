@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds Traefik (the benchmark's peer proxy) from its Go module and writes the binary to $2.
+#   bench/traefik/build.sh github.com/traefik/traefik/v3/cmd/traefik@v3.7.13 OUT
+# Called by scripts/go-tool.sh (which caches the result). Why not plain `go install`:
+#  - Traefik's go.mod has replace directives, so it is built from a wrapper module (go.mod.in);
+#  - a few ACME DNS providers of lego depend on SDK modules the module proxy does not serve;
+#    a copy of lego (replace => ./lego; the module cache is read-only and untouched) has them
+#    dropped from its provider table. ACME is not used by the benchmark (file provider, plain HTTP/TCP).
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+CACHE=${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}
+spec=${1:?usage: build.sh PKG@VERSION OUT}
+out=${2:?usage: build.sh PKG@VERSION OUT}
+pkg=${spec%@*}
+version=${spec##*@}
+UNSERVED="alidns aliesa azion dnsimple edgedns edgeone huaweicloud oraclecloud regfish sakuracloud tencentcloud ucloud yandexcloud"
+work="$CACHE/go/traefik-wrap-$version"
+mkdir -p "$work/ext"
+sed "s/@VERSION@/$version/" "$HERE/go.mod.in" > "$work/go.mod"
+cp "$HERE/ext/go.mod" "$HERE/ext/ext.go" "$work/ext/"
+printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > "$work/tools.go"
+export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-mod=mod CGO_ENABLED=0
+cd "$work"
+lego=$(go list -m -f '{{.Dir}}' github.com/go-acme/lego/v5)
+rm -rf "$work/lego"
+cp -r "$lego" "$work/lego"
+chmod -R u+w "$work/lego"
+factory=providers/dns/zz_gen_dns_providers.go
+python3 "$HERE/prune_lego.py" "$lego/$factory" "$work/lego/$factory" $UNSERVED
+go mod edit -replace "github.com/go-acme/lego/v5=./lego"
+go build -trimpath -o "$out" "$pkg"

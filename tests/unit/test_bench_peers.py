@@ -1,0 +1,128 @@
+"""The peer benchmark's proxy configs (bench/peers.py): what each sidecar is told to do.
+
+The configs are checked by the tools that will read them where those are installed
+(``haproxy -c``, ``nginx -t``), by meshproxy's own config loader, and structurally (Traefik's
+YAML), so a broken config fails here rather than half-way through a 25-minute benchmark.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench import peers
+from meshproxy.config.load import load_dict
+from meshproxy.config.model import Protocol
+
+SERVER = "198.18.0.3"
+
+
+def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:
+    client_yaml, server_yaml = peers.meshproxy_configs(
+        SERVER, peers.meshproxy_telemetry(True, "http://x:4317")
+    )
+    client = load_dict(yaml.safe_load(client_yaml))
+    server = load_dict(yaml.safe_load(server_yaml))
+    by_port = {s.port: s for s in client.services}
+    assert by_port[8080].protocol is Protocol.HTTP1
+    assert by_port[8079].protocol is Protocol.HTTP2
+    assert by_port[5201].protocol is Protocol.TCP
+    for service in client.services:
+        assert service.vips == (SERVER,)
+        assert [(e.address, e.port) for e in service.endpoints] == [(SERVER, service.port)]
+    assert server.inbound.opaque_ports == frozenset({5201})
+    assert {p.port: p.protocol for p in server.inbound.ports} == {
+        8080: Protocol.HTTP1,
+        8079: Protocol.HTTP2,
+        5201: Protocol.TCP,
+    }
+    assert client.version and client.version != server.version
+
+
+def test_meshproxy_telemetry_on_and_off() -> None:
+    on = peers.meshproxy_telemetry(True, "http://198.18.0.4:4317")
+    off = peers.meshproxy_telemetry(False, "http://198.18.0.4:4317")
+    assert on.metrics and on.tracing.sampling_ratio == 1.0
+    assert on.tracing.otlp_grpc_endpoint == "http://198.18.0.4:4317"
+    assert not off.metrics and off.tracing.sampling_ratio == 0.0
+    # Telemetry must survive the YAML round trip, or "telemetry off" would silently be on.
+    _, server_yaml = peers.meshproxy_configs(SERVER, off)
+    assert load_dict(yaml.safe_load(server_yaml)).telemetry == off
+
+
+@pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
+def test_haproxy_conf_two_listeners_and_mode(workload: peers.Workload) -> None:
+    conf = peers.haproxy_conf(workload, SERVER)
+    assert f"bind :{peers.OUTBOUND_PORT}" in conf and f"bind :{peers.INBOUND_PORT}" in conf
+    assert f"server up {SERVER}:{workload.port}" in conf
+    assert f"server up 127.0.0.1:{workload.port}" in conf
+    if workload.kind is peers.Kind.TCP:
+        assert "mode tcp" in conf and "http-reuse" not in conf
+    else:
+        assert "mode http" in conf and "http-reuse always" in conf
+    assert ("proto h2" in conf) == (workload.kind is peers.Kind.GRPC)
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (system-deps --bench)")
+@pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
+def test_haproxy_accepts_the_conf(workload: peers.Workload, tmp_path: Path) -> None:
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(peers.haproxy_conf(workload, SERVER))
+    done = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
+def test_nginx_conf_upstreams(workload: peers.Workload, tmp_path: Path) -> None:
+    conf = peers.nginx_conf(workload, SERVER, str(tmp_path))
+    assert f"server {SERVER}:{workload.port}" in conf and f"server 127.0.0.1:{workload.port}" in conf
+    if workload.kind is peers.Kind.TCP:
+        assert "stream {" in conf and "ngx_stream_module" in conf
+    else:
+        assert "keepalive 64" in conf
+        assert ("grpc_pass" in conf) == (workload.kind is peers.Kind.GRPC)
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (system-deps --bench)")
+@pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
+def test_nginx_accepts_the_conf(workload: peers.Workload, tmp_path: Path) -> None:
+    if workload.kind is peers.Kind.TCP and not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        pytest.skip("libnginx-mod-stream not installed")
+    path = tmp_path / "nginx.conf"
+    path.write_text(peers.nginx_conf(workload, SERVER, str(tmp_path)))
+    done = subprocess.run(["nginx", "-t", "-c", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+def test_traefik_static_has_the_mesh_entrypoints_and_file_provider() -> None:
+    static = yaml.safe_load(peers.traefik_static("/tmp/dyn.yml"))
+    assert static["entryPoints"] == {"outbound": {"address": ":15001"}, "inbound": {"address": ":15006"}}
+    assert static["providers"]["file"]["filename"] == "/tmp/dyn.yml"
+    assert static["global"]["sendAnonymousUsage"] is False
+
+
+@pytest.mark.parametrize(
+    ("workload", "scheme"), [(peers.HTTP, "http"), (peers.GRPC, "h2c")], ids=["http", "grpc"]
+)
+def test_traefik_dynamic_http(workload: peers.Workload, scheme: str) -> None:
+    dyn = yaml.safe_load(peers.traefik_dynamic(workload, SERVER))["http"]
+    assert dyn["routers"]["outbound"]["entryPoints"] == ["outbound"]
+    assert dyn["routers"]["inbound"]["entryPoints"] == ["inbound"]
+    urls = {name: svc["loadBalancer"]["servers"][0]["url"] for name, svc in dyn["services"].items()}
+    assert urls == {
+        "outbound": f"{scheme}://{SERVER}:{workload.port}",
+        "inbound": f"{scheme}://127.0.0.1:{workload.port}",
+    }
+
+
+def test_traefik_dynamic_tcp_is_a_catch_all_relay() -> None:
+    dyn = yaml.safe_load(peers.traefik_dynamic(peers.TCP, SERVER))
+    assert "http" not in dyn
+    routers = dyn["tcp"]["routers"]
+    assert {r["rule"] for r in routers.values()} == {"HostSNI(`*`)"}
+    addresses = {n: s["loadBalancer"]["servers"][0]["address"] for n, s in dyn["tcp"]["services"].items()}
+    assert addresses == {"outbound": f"{SERVER}:5201", "inbound": "127.0.0.1:5201"}
