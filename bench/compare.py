@@ -253,20 +253,11 @@ class Compare:
         if workload.kind is peers.Kind.TCP:
             return  # iperf3's own connection set-up is the warm-up; it has no "one request" mode
         if workload.kind is peers.Kind.GRPC:
-            argv = [
-                self.fortio,
-                "load",
-                "-grpc",
-                "-ping",
-                "-n",
-                "1",
-                "-c",
-                "1",
-                "-quiet",
-                f"{self.server.ip}:{workload.port}",
-            ]
+            # grpcping exits non-zero when the call fails (``fortio load`` would exit 0).
+            argv = [self.fortio, "grpcping", "-n", "1", f"{self.server.ip}:{workload.port}"]
         else:
-            argv = [self.fortio, "curl", "-quiet", f"http://{self.server.ip}:{workload.port}/echo?size=1024"]
+            url = f"http://{self.server.ip}:{workload.port}/echo?size=1024"
+            argv = [sys.executable, "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=5).read()"]
         wait_until(
             lambda: self.lab.exec(self.client, argv, check=False, timeout=10).returncode == 0,
             30,

@@ -160,16 +160,37 @@ class Bench:
         self.workdir.chmod(0o755)
         backend = lab.spawn(
             self.server,
-            ["taskset", "-c", LOAD_CPU, self.fortio, "server", "-http-port", str(APP_PORT),
-             "-grpc-port", "disabled", "-redirect-port", "disabled", "-quiet"],
+            [
+                "taskset",
+                "-c",
+                LOAD_CPU,
+                self.fortio,
+                "server",
+                "-http-port",
+                str(APP_PORT),
+                "-grpc-port",
+                "disabled",
+                "-redirect-port",
+                "disabled",
+                "-quiet",
+            ],
             name="backend",
         )
         lab.wait_listening(self.server, APP_PORT, proc=backend)
         self.spans_file = self.workdir / "spans.jsonl"
         receiver = lab.spawn(
             self.telemetry_pod,
-            [sys.executable, "-m", "meshproxy.lab.spanlog", "--host", "0.0.0.0", "--port", str(OTLP_PORT),
-             "--out", str(self.spans_file)],
+            [
+                sys.executable,
+                "-m",
+                "meshproxy.lab.spanlog",
+                "--host",
+                "0.0.0.0",
+                "--port",
+                str(OTLP_PORT),
+                "--out",
+                str(self.spans_file),
+            ],
             name="otlp",
         )
         lab.wait_listening(self.telemetry_pod, OTLP_PORT, proc=receiver)
@@ -194,8 +215,9 @@ class Bench:
                 d.mkdir(exist_ok=True)
                 (d / "nginx.conf").write_text(NGINX_CONF.format(dir=d, upstream=upstream, port=port))
                 shutil.chown(d, PROXY_UID, PROXY_UID)
-                proc = self.lab.spawn(pod, [*pinned, "nginx", "-c", str(d / "nginx.conf")], name="nginx",
-                                      uid=PROXY_UID)
+                proc = self.lab.spawn(
+                    pod, [*pinned, "nginx", "-c", str(d / "nginx.conf")], name="nginx", uid=PROXY_UID
+                )
                 setup.procs.append(proc)
                 self.lab.wait_listening(pod, port, proc=proc)
             return setup
@@ -205,8 +227,9 @@ class Bench:
             path = self.workdir / f"{scenario}-{pod.name}.yaml"
             path.write_text(cfg)
             path.chmod(0o644)
-            proc = self.lab.spawn(pod, [*pinned, self.meshproxy, "run", "--config", str(path)],
-                                  name=scenario, uid=PROXY_UID)
+            proc = self.lab.spawn(
+                pod, [*pinned, self.meshproxy, "run", "--config", str(path)], name=scenario, uid=PROXY_UID
+            )
             setup.procs.append(proc)
             self.lab.wait_listening(pod, 15006, proc=proc)
             self.lab.wait_listening(pod, 15001, proc=proc)
@@ -221,9 +244,29 @@ class Bench:
 
     def load(self, rate: int, duration: float, out: Path) -> dict[str, Any]:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
-        argv = ["taskset", "-c", LOAD_CPU, self.fortio, "load", "-qps", str(rate), "-c", "16",
-                "-t", f"{duration}s", "-uniform", "-nocatchup", "-p", "50,90,99,99.9",
-                "-r", "0.00001", "-quiet", "-json", str(out), url]
+        argv = [
+            "taskset",
+            "-c",
+            LOAD_CPU,
+            self.fortio,
+            "load",
+            "-qps",
+            str(rate),
+            "-c",
+            "16",
+            "-t",
+            f"{duration}s",
+            "-uniform",
+            "-nocatchup",
+            "-p",
+            "50,90,99,99.9",
+            "-r",
+            "0.00001",
+            "-quiet",
+            "-json",
+            str(out),
+            url,
+        ]
         self.lab.exec(self.client, argv, timeout=duration + 60)
         data: dict[str, Any] = json.loads(out.read_text())
         return data
@@ -235,8 +278,10 @@ class Bench:
                 self.client,
                 [sys.executable, "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=2).read()"],
                 check=False,
-            ).returncode == 0,
-            15, "first request through the scenario",
+            ).returncode
+            == 0,
+            15,
+            "first request through the scenario",
         )
 
 
@@ -300,23 +345,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for rate in rates:
                         pids = [p.pid for p in setup.procs]
                         cpu0 = cpu_seconds(pids)
-                        data = bench.load(rate, args.duration, bench.workdir / f"{scenario}-{rate}-{rnd}.json")
+                        data = bench.load(
+                            rate, args.duration, bench.workdir / f"{scenario}-{rate}-{rnd}.json"
+                        )
                         cpu = cpu_seconds(pids) - cpu0
                         hist = data["DurationHistogram"]
                         count = int(hist["Count"])
                         ok = int(data["RetCodes"].get("200", 0))
                         row = {
-                            "round": rnd, "scenario": scenario, "rate": rate, "requests": count,
-                            "errors": count - ok, "actual_qps": data["ActualQPS"],
-                            "p50_ms": percentile(hist, 50), "p90_ms": percentile(hist, 90),
-                            "p99_ms": percentile(hist, 99), "max_ms": float(hist["Max"]) * 1000,
+                            "round": rnd,
+                            "scenario": scenario,
+                            "rate": rate,
+                            "requests": count,
+                            "errors": count - ok,
+                            "actual_qps": data["ActualQPS"],
+                            "p50_ms": percentile(hist, 50),
+                            "p90_ms": percentile(hist, 90),
+                            "p99_ms": percentile(hist, 99),
+                            "max_ms": float(hist["Max"]) * 1000,
                             "cpu_s_per_1000": (cpu / count * 1000) if setup.procs and count else None,
                             "rss_mb": [round(rss_mb(p), 1) for p in pids],
                         }
                         results.append(row)
-                        print(f"round {rnd} {scenario:18} {rate:5}/s p50 {row['p50_ms']:.3f} p90 "
-                              f"{row['p90_ms']:.3f} p99 {row['p99_ms']:.3f} ms errors {row['errors']} "
-                              f"cpu/1000 {row['cpu_s_per_1000'] or 0:.3f}s rss {row['rss_mb']}", flush=True)
+                        print(
+                            f"round {rnd} {scenario:18} {rate:5}/s p50 {row['p50_ms']:.3f} p90 "
+                            f"{row['p90_ms']:.3f} p99 {row['p99_ms']:.3f} ms errors {row['errors']} "
+                            f"cpu/1000 {row['cpu_s_per_1000'] or 0:.3f}s rss {row['rss_mb']}",
+                            flush=True,
+                        )
                 finally:
                     bench.stop(setup)
     return {"machine": machine(), "method": method(args), "rows": results, "summary": summarize(results)}
@@ -326,8 +382,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median over rounds per (scenario, rate); added latency against direct of the same round."""
     direct = {(r["round"], r["rate"]): r for r in rows if r["scenario"] == "direct"}
     out: list[dict[str, Any]] = []
-    keys = sorted({(r["scenario"], r["rate"]) for r in rows}, key=lambda k: (k[1], SCENARIOS.index(k[0])
-                                                                            if k[0] in SCENARIOS else 99))
+    keys = sorted(
+        {(r["scenario"], r["rate"]) for r in rows},
+        key=lambda k: (k[1], SCENARIOS.index(k[0]) if k[0] in SCENARIOS else 99),
+    )
     for scenario, rate in keys:
         mine = [r for r in rows if r["scenario"] == scenario and r["rate"] == rate]
         entry: dict[str, Any] = {"scenario": scenario, "rate": rate}
@@ -366,19 +424,29 @@ def machine() -> dict[str, Any]:
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
-        "cpu_model": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                           if ln.startswith("model name")), "unknown"),
+        "cpu_model": next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "unknown",
+        ),
         "python": platform.python_version(),
         "nginx": version(["nginx", "-v"]),
         "fortio": version([fortio(), "version"]),
-        "libraries": {p: pkg(p) for p in ("uvloop", "httptools", "h2", "opentelemetry-sdk", "prometheus-client")},
+        "libraries": {
+            p: pkg(p) for p in ("uvloop", "httptools", "h2", "opentelemetry-sdk", "prometheus-client")
+        },
     }
 
 
 def method(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "load_generator": "fortio (fixed rate, -uniform -nocatchup, 16 connections, keep-alive)",
-        "duration_s": args.duration, "rounds": args.rounds, "response_bytes": 1024,
+        "duration_s": args.duration,
+        "rounds": args.rounds,
+        "response_bytes": 1024,
         "pinning": f"proxies on CPU {PROXY_CPU}, load generator and backend on CPU {LOAD_CPU}",
         "hops": 2,
     }

@@ -201,7 +201,9 @@ def test_markdown_has_one_line_per_measurement() -> None:
         },
     ]
     text = report.markdown(_report(rows))
-    assert "| http-1000 | meshproxy | 1.500 | 2.400 | 3.000 | 6.0 | 1.000 | 2.000 | 0.200 | 31 |" in text
+    assert (
+        "| http-1000 | meshproxy | 1000 | 1.500 | 2.400 | 3.000 | 6.0 | 1.000 | 2.000 | 0.200 | 31 |" in text
+    )
     assert "| meshproxy | 2500 | 100% |" in text
     assert "| haproxy | 12.50 | 0.400 | 3 |" in text
     assert "| http-1000 | added_p99_ms | meshproxy |  | 2.00x |  |" in text
