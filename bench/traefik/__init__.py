@@ -1,0 +1,1 @@
+"""Building Traefik, the benchmark's peer proxy, from its Go module (see build.sh)."""
