@@ -51,6 +51,14 @@ node_netns() {
   in_node ip link set lo up
   in_node ip addr add "$NODE_IP/30" dev eth0
   in_node ip link set eth0 up
+  # The node's own connections to Service IPs (the API server calling the webhook)
+  # need a route before kube-proxy's OUTPUT DNAT picks the endpoint. There is no
+  # default route (and this kernel has no dummy devices), so route the Service range
+  # onto the pod bridge, made here (the CNI bridge plugin adopts it): a Service IP
+  # without endpoints then fails on the bridge instead of leaving the node.
+  in_node ip link add cni0 type bridge
+  in_node ip link set cni0 up
+  in_node ip route add "$SERVICE_CIDR" dev cni0
   # Pod<->service traffic crosses the bridge; conntrack must see it for kube-proxy's
   # DNAT replies (per-namespace since Linux 5.3). Forwarding between pods and node.
   modprobe br_netfilter 2>/dev/null || true
