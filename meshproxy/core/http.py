@@ -17,7 +17,7 @@ Concurrency: none; plain data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -50,7 +50,9 @@ class RequestHead:
         return get_header(self.headers, name)
 
     def with_headers(self, headers: Headers) -> RequestHead:
-        return replace(self, headers=headers)
+        # Direct construction: ``dataclasses.replace`` walks the fields on every call, and
+        # this runs several times per request.
+        return RequestHead(self.method, self.path, self.authority, headers, self.scheme, self.version)
 
 
 @dataclass(frozen=True, slots=True)

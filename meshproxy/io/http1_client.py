@@ -122,7 +122,11 @@ class _Conn(asyncio.Protocol):
         self.closed = False
         self.detached = False
         self.reused = False
+        # Idle expiry: ``idle_deadline`` moves on every release; the one timer re-arms itself
+        # lazily when it fires early (one timer per idle period, not one per request).
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.idle_deadline = 0.0
+        self.idle = False
         self.writable = asyncio.Event()
         self.writable.set()
         self._reset_exchange()
@@ -350,6 +354,12 @@ class _Conn(asyncio.Protocol):
 
     def idle_expired(self) -> None:
         self.idle_handle = None
+        if not self.idle or self.closed:
+            return  # in use again: re-armed when it goes back to the pool
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.idle_deadline:
+            self.idle_handle = loop.call_at(self.idle_deadline, self.idle_expired)
+            return
         self.close()
 
     async def exchange(self, head: RequestHead, body: BodyStream) -> UpstreamResponse:
@@ -478,9 +488,7 @@ class Http1Client:
         idle = self._idle.get(key)
         while idle:
             conn = idle.pop()  # most recently used first: the least likely to be timed out
-            if conn.idle_handle is not None:
-                conn.idle_handle.cancel()
-                conn.idle_handle = None
+            conn.idle = False
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
@@ -502,7 +510,14 @@ class Http1Client:
             conn.close()
             return
         timeout = self._idle_timeouts.get(conn.key, self.settings.idle_timeout)
-        conn.idle_handle = asyncio.get_running_loop().call_later(timeout, conn.idle_expired)
+        loop = asyncio.get_running_loop()
+        conn.idle = True
+        conn.idle_deadline = loop.time() + timeout
+        if conn.idle_handle is not None and conn.idle_handle.when() > conn.idle_deadline:
+            conn.idle_handle.cancel()  # the timeout was shortened by a new policy
+            conn.idle_handle = None
+        if conn.idle_handle is None:
+            conn.idle_handle = loop.call_at(conn.idle_deadline, conn.idle_expired)
         idle.append(conn)
 
     def _forget(self, conn: _Conn) -> None:

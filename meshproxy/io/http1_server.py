@@ -135,6 +135,12 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.draining = False
         self.in_flight = False
         self.task: asyncio.Task[None] | None = None
+        # The keep-alive / header deadline of the current wait, and the one timer that enforces
+        # it. The timer is re-armed lazily when it fires early, so a busy keep-alive connection
+        # costs one timer per timeout period rather than one per request.
+        self.wait_deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
 
     # ---- flow control -------------------------------------------------------------------
 
@@ -205,6 +211,9 @@ class Http1ServerProtocol(asyncio.Protocol):
                 item.body.feed_error(err)
         self.writable.set()
         self.item_ready.set()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.task is not None and not self.task.done() and self.in_flight:
             self.task.cancel()
 
@@ -300,24 +309,44 @@ class Http1ServerProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         req.expect_continue = False
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        self.wait_deadline = deadline
+        if self.timer is not None and self.timer_at <= deadline:
+            return  # fires early and re-arms itself for the later deadline
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer_at = deadline
+        self.timer = loop.call_at(deadline, self._timer_fired, loop)
+
+    def _timer_fired(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        if loop.time() >= self.wait_deadline:
+            self.item_ready.set()
+        else:
+            self._arm(loop, self.wait_deadline)
+
     async def _next_item(self) -> _Request | _Failure | None:
+        loop: asyncio.AbstractEventLoop | None = None
         while not self.pending:
             if self.closed or self.read_eof or self.draining:
                 return None
             self.item_ready.clear()
             idle = self.parsing is None
             limit = self.settings.keepalive_timeout if idle else self.settings.header_timeout
-            try:
-                async with asyncio.timeout(limit):
-                    await self.item_ready.wait()
-            except TimeoutError:
-                if self.pending:
-                    break
-                if idle:
-                    return None
-                # A request head that trickles in (slowloris) holds a connection for free.
-                self._pause("error")
-                return _Failure(ProtocolError(f"request head not received within {limit}s", status=408))
+            if loop is None:
+                loop = asyncio.get_running_loop()
+            deadline = loop.time() + limit
+            self._arm(loop, deadline)
+            await self.item_ready.wait()
+            if self.pending or loop.time() < deadline:
+                continue
+            if idle:
+                return None
+            # A request head that trickles in (slowloris) holds a connection for free.
+            self._pause("error")
+            return _Failure(ProtocolError(f"request head not received within {limit}s", status=408))
         item = self.pending.popleft()
         if len(self.pending) < self.settings.max_pipelined:
             self._resume("pipeline")
@@ -425,12 +454,24 @@ class Http1ResponseSink:
         self.chunked = False
         self.status = 0
         self.no_body = False
+        # A response head waiting to go out with the first body bytes (one send() instead
+        # of two for a small response); flushed at the end of this loop iteration at the
+        # latest, so a slow body never delays the head.
+        self.held: bytes | None = None
 
     def _write(self, data: bytes) -> None:
         t = self.conn.transport
         if t is None or self.conn.closed or t.is_closing():
+            self.held = None
             raise DownstreamClosedError("client connection closed")
+        if self.held is not None:
+            data, self.held = self.held + data, None
         t.write(data)
+
+    def _flush_held(self) -> None:
+        if self.held is not None:
+            with contextlib.suppress(DownstreamClosedError):
+                self._write(b"")
 
     async def send_head(self, head: ResponseHead, *, end_stream: bool = False) -> None:
         if self.started:
@@ -470,7 +511,15 @@ class Http1ResponseSink:
             headers.append(("connection", "keep-alive"))
         reason = head.reason or _phrase(head.status)
         block = f"HTTP/1.1 {head.status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        self._write(block.encode("latin-1") + b"\r\n")
+        data = block.encode("latin-1") + b"\r\n"
+        if end_stream or tunnel or self.no_body:
+            self._write(data)
+        else:
+            t = self.conn.transport
+            if t is None or self.conn.closed or t.is_closing():
+                raise DownstreamClosedError("client connection closed")
+            self.held = data
+            asyncio.get_running_loop().call_soon(self._flush_held)
         if end_stream:
             self.finished = True
         await self._drain()
@@ -490,12 +539,15 @@ class Http1ResponseSink:
         if self.chunked:
             tail = "".join(f"{k}: {v}\r\n" for k, v in trailers or ())
             self._write(b"0\r\n" + tail.encode("latin-1") + b"\r\n")
+        elif self.held is not None:
+            self._write(b"")
         self.finished = True
         await self._drain()
 
     async def reset(self) -> None:
         self.must_close = True
         self.finished = True
+        self.held = None
         if self.conn.transport is not None:
             self.conn.transport.abort()
 

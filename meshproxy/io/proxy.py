@@ -39,14 +39,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from meshproxy.config.model import Endpoint, InboundPort, RetryPolicy, Route, Service, TrafficPolicy
 from meshproxy.core import fault as fault_mod
 from meshproxy.core.balancer import EndpointPool
+from meshproxy.core.breaker import Breaker
+from meshproxy.core.breaker import State as BreakerState
 from meshproxy.core.errors import (
     ConfigError,
     ProtocolError,
@@ -237,7 +241,12 @@ class Call:
 
 
 Next = Callable[[Call], Awaitable[UpstreamResponse]]
-Layer = Callable[[Call, Next], Awaitable[UpstreamResponse]]
+
+
+class Layer(Protocol):
+    """One step of the stack: does its part, then (usually) ``await nxt(call)``."""
+
+    def __call__(self, call: Call, nxt: Next) -> Awaitable[UpstreamResponse]: ...
 
 
 class Proxy:
@@ -255,6 +264,7 @@ class Proxy:
         self.clients = clients
         self.telemetry = telemetry
         self.rng = rng or random.Random()
+        self._gauge_states: dict[str, tuple[Breaker, BreakerState]] = {}
         self._outbound = self._compose(
             [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
         )
@@ -592,8 +602,18 @@ class Proxy:
         return _track(resp, done)
 
     def _breaker_gauge(self, svc: Service) -> None:
-        if self.telemetry is not None:
-            self.telemetry.metrics.set_breaker_state(str(svc.key), self.runtime.breaker(svc).state.value)
+        if self.telemetry is None:
+            return
+        breaker = self.runtime.breaker(svc)
+        state = breaker.state
+        key = str(svc.key)
+        # The gauge is set only when the state changes (a labelled gauge write per request is
+        # measurable); a new Breaker object (service removed, then back) is always reported.
+        last = self._gauge_states.get(key)
+        if last is not None and last[0] is breaker and last[1] is state:
+            return
+        self._gauge_states[key] = (breaker, state)
+        self.telemetry.metrics.set_breaker_state(key, state.value)
 
     async def _balance(self, call: Call, nxt: Next) -> UpstreamResponse:
         if call.target is not None:
@@ -745,10 +765,9 @@ class Proxy:
 
 
 def _bind(layer: Layer, nxt: Next) -> Next:
-    async def bound(call: Call) -> UpstreamResponse:
-        return await layer(call, nxt)
-
-    return bound
+    # A partial, not a wrapping coroutine: calling it returns the layer's own coroutine, so
+    # each request creates one coroutine per layer instead of two.
+    return functools.partial(layer, nxt=nxt)
 
 
 def _upgrade_token(head: RequestHead) -> str | None:

@@ -1,0 +1,157 @@
+"""The data path's hot-path mechanics: write coalescing, lazy keep-alive and pool idle timers.
+
+These behaviours exist for speed, but a user relies on their semantics: a small response
+leaves in one segment, a streamed response's head is never held back waiting for its body,
+a busy keep-alive connection is not cut by a stale timer, an idle one is still closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from dp_rig import VIP, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
+
+from meshproxy.config.model import TrafficPolicy
+from meshproxy.core.http import RequestHead, ResponseHead
+from meshproxy.io.exchange import BodyStream, DownstreamContext, ResponseSink
+from meshproxy.io.http1_server import Http1ServerProtocol, Http1Settings
+from meshproxy.io.proxy import local_reply_for
+
+__all__ = ["event_loop_policy"]
+
+CTX = DownstreamContext(
+    direction="outbound",
+    peer_address="127.0.0.1",
+    peer_port=40000,
+    original_dst_address="127.0.0.1",
+    original_dst_port=8080,
+    connection_id=1,
+)
+
+
+class RecordingTransport:
+    """Enough of ``asyncio.Transport`` for the HTTP/1 server codec; records every write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as u:
+        yield u
+
+
+async def test_small_response_head_and_body_leave_in_one_write() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(status=200, headers=(("content-length", "5"),)))
+        await sink.send_data(b"hello")
+        await sink.send_end()
+
+    t = RecordingTransport()
+    proto = Http1ServerProtocol(handler, CTX, local_reply_for)
+    proto.connection_made(t)  # type: ignore[arg-type]
+    proto.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await wait_for(lambda: len(t.writes) > 0)
+    assert len(t.writes) == 1
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert t.writes[0].endswith(b"\r\n\r\nhello")
+    proto.connection_lost(None)
+
+
+async def test_a_streamed_response_head_is_not_held_back_by_a_slow_body() -> None:
+    release = asyncio.Event()
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(status=200, headers=()))
+        await release.wait()  # the first body chunk comes much later (server-sent events, ...)
+        await sink.send_data(b"late")
+        await sink.send_end()
+
+    t = RecordingTransport()
+    proto = Http1ServerProtocol(handler, CTX, local_reply_for)
+    proto.connection_made(t)  # type: ignore[arg-type]
+    proto.data_received(b"GET /events HTTP/1.1\r\nhost: x\r\n\r\n")
+    await wait_for(lambda: len(t.writes) > 0)
+    assert t.writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"transfer-encoding: chunked" in t.writes[0]
+    assert t.writes[0].endswith(b"\r\n\r\n")  # the head alone, before any body byte
+    release.set()
+    await wait_for(lambda: b"".join(t.writes).endswith(b"0\r\n\r\n"))
+    assert b"4\r\nlate\r\n" in b"".join(t.writes)
+    proto.connection_lost(None)
+
+
+async def test_busy_keepalive_connection_outlives_the_idle_timeout_and_an_idle_one_is_closed(
+    upstream: Upstream,
+) -> None:
+    timeout = 0.3
+    async with Sidecar(
+        snapshot(service(upstream.port)), (VIP, 80), http1=Http1Settings(keepalive_timeout=timeout)
+    ) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+        start = time.monotonic()
+        # Requests spaced below the timeout, for well over one timeout period: one connection.
+        while time.monotonic() - start < 3 * timeout:
+            writer.write(b"GET /hello HTTP/1.1\r\nhost: web\r\n\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"hello\n"
+            idle_from = time.monotonic()
+            await asyncio.sleep(timeout / 3)  # the client's think time: the thing under test
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+        idle_for = time.monotonic() - idle_from
+        assert timeout * 0.8 <= idle_for < timeout + 2.0
+        writer.close()
+
+
+async def test_pooled_upstream_connection_is_reused_while_busy_and_closed_once_idle(
+    upstream: Upstream,
+) -> None:
+    svc = service(upstream.port, policy=TrafficPolicy(idle_timeout=0.3))
+    async with (
+        Sidecar(snapshot(svc), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url) as http,
+    ):
+        start = time.monotonic()
+        while time.monotonic() - start < 0.9:
+            assert (await http.get("/hello")).status_code == 200
+            await asyncio.sleep(0.1)  # think time below the service's idle_timeout
+        assert sc.client.connects == 1
+        key = ("127.0.0.1", upstream.port)
+        assert sc.client.idle_count(key) == 1
+        await wait_for(lambda: sc.client.idle_count(key) == 0, within=5.0)
