@@ -26,7 +26,11 @@ finish() {
 trap finish EXIT
 
 MESHPROXY_E2E_KEEP=1 "$E2E_DIR/cluster-up.sh"   # teardown is ours (finish), after the test
+# What `make kind-up` does for a kind user: build the mesh image from this tree and
+# load it into the node; then the backends the journey checks (next to the cluster).
+step mesh-image "$E2E_DIR/images.sh" mesh
+"$E2E_DIR/addons.sh" jaeger prometheus
 # The journey must run, not skip: a missing cluster is a failure here.
 MESHPROXY_E2E_REQUIRED=1 MESHPROXY_E2E_ENV="$RUN/env" \
-  "$REPO/.venv/bin/pytest" -m e2e "$REPO/tests/e2e" -p no:cacheprovider -rA \
+  "$REPO/.venv/bin/pytest" -m e2e "$REPO/tests/e2e" -p no:cacheprovider -rA --durations=0 \
   --junitxml="$ARTIFACTS/junit.xml" "$@" 2>&1 | tee "$ARTIFACTS/pytest.log"
