@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.lab.demo import Demo
+from meshproxy.lab.mesh import admin_get
 from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason, wait_until
 from meshproxy.lab.spanlog import read_spans
 
@@ -91,7 +92,7 @@ def test_span_chain_through_three_sidecars(world_readable_lab: Lab) -> None:
     assert cat_client.attributes["mesh.backend"] in ("inventory-v1.demo:8080", "inventory-v2.demo:8080")
     assert inv_server.service == cat_client.attributes["mesh.backend"].split(".")[0]
 
-    text = demo.admin_get("catalog", "/metrics")
+    text = admin_get(world_readable_lab, demo.pods["catalog"], "/metrics")
     inbound = [
         s
         for f in text_string_to_metric_families(text)
