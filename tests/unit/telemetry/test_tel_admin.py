@@ -71,7 +71,12 @@ async def test_metrics_text_and_openmetrics_with_exemplar(admin: Any) -> None:
     names = {s.name for f in text_string_to_metric_families(r.text) for s in f.samples}
     assert "meshproxy_requests_total" in names
 
-    r = await client.get("/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"})
+    # The Accept header Prometheus sends when exemplar storage is on.
+    prometheus_accept = (
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+        "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+    )
+    r = await client.get("/metrics", headers={"accept": prometheus_accept})
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     exemplars = [s.exemplar for f in parse_openmetrics(r.text) for s in f.samples if s.exemplar is not None]
     assert [e.labels["trace_id"] for e in exemplars] == [hop.trace_id]
