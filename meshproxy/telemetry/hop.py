@@ -162,6 +162,7 @@ class HttpHop:
         source_namespace: str,
         span: trace.Span,
         request_id: str,
+        grpc: tuple[str, str] | None,
     ) -> None:
         self._tel = tel
         self.direction = direction
@@ -175,7 +176,7 @@ class HttpHop:
         self.sampled = span.get_span_context().trace_flags.sampled
         self._start = tel.clock()
         self._start_wall = tel.wall_clock()
-        self._grpc = _grpc_method(head)
+        self._grpc = grpc
         self._route: str | None = None
         self._backend: str | None = None
         self._retries = 0
@@ -618,6 +619,7 @@ class Telemetry:
             source_namespace=src_namespace,
             span=span,
             request_id=request_id,
+            grpc=grpc,
         )
 
     def _caller(self, headers: Headers) -> tuple[str, str]:
