@@ -683,6 +683,37 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def source_revision() -> str:
+    """The commit measured, with ``+dirty`` when the control plane's files differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(REPO),
+                "status",
+                "--porcelain",
+                "--",
+                "controlplane",
+                "meshproxy/xds",
+                "meshproxy/config",
+                "protos",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -730,6 +761,7 @@ def run(params: Params, workdir: Path, cp_args: Sequence[str] = ()) -> dict[str,
         "started": started.isoformat(timespec="seconds"),
         "params": asdict(params),
         "kubernetes": bins.version,
+        "revision": source_revision(),
         "controlplane_args": list(cp_args),
         "machine": info,
         "result": result,
@@ -755,7 +787,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"## Control plane convergence, {report['started']}",
         "",
         f"{p['proxies']} proxies ({p['workloads']} workloads), {p['services']} services, "
-        f"{p['endpoints']} endpoints; {p['changes']} EndpointSlice changes after {p['warmup']} warm-up. "
+        f"{p['endpoints']} endpoints; {p['changes']} EndpointSlice changes after {p['warmup']} warm-up; "
+        f"commit {report.get('revision', '?')}. "
         f"Kubernetes {report['kubernetes']}, {m['cpus']} CPUs ({m['cpu']}), load average at start "
         f"{m['loadavg_at_start'][0]}; Python {m['python']}, grpcio {m.get('grpcio', '?')}."
         + (
