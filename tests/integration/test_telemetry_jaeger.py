@@ -1,17 +1,26 @@
-"""The same A -> B -> C trace, exported to a real Jaeger (v2, in-memory storage) and read back
-through Jaeger's query API: what a user sees in the Jaeger UI.
+"""Traces in a real Jaeger (v2, in-memory storage), read back through its query API: what a
+user sees in the Jaeger UI.
+
+  * ``test_chain_reads_back_from_jaeger``: three sidecars' telemetry (no data path) export to
+    a Jaeger on loopback, on ports picked free for the test.
+  * ``test_sidecar_chain_in_jaeger``: the demo mesh (client -> frontend -> catalog ->
+    inventory, real sidecars with interception) in the netns lab, every sidecar exporting to
+    a Jaeger running in its own lab pod; the trace is read from inside that pod.
 
 Jaeger is built from its Go module by ``scripts/build-jaeger.sh`` (large; run it once, it is
-cached in ``$MESHPROXY_CACHE``). Without the cached binary the test is skipped with that advice.
-Jaeger listens on loopback only, on ports picked free for this test.
+cached in ``$MESHPROXY_CACHE``). Without the cached binary the tests are skipped with that advice.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +30,10 @@ from typing import Any
 import httpx
 import pytest
 from tel_chain import run_chain
+
+from meshproxy.lab import demo
+from meshproxy.lab.mesh import intercept, start_sidecar, wait_sidecar
+from meshproxy.lab.netns import Lab, Pod, cleanup_stale, unavailable_reason, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,14 +62,14 @@ extensions:
     storage:
       traces: mem
     http:
-      endpoint: 127.0.0.1:{query_port}
+      endpoint: {host}:{query_port}
     grpc:
-      endpoint: 127.0.0.1:{query_grpc_port}
+      endpoint: {host}:{query_grpc_port}
 receivers:
   otlp:
     protocols:
       grpc:
-        endpoint: 127.0.0.1:{otlp_port}
+        endpoint: {host}:{otlp_port}
 processors:
   batch:
     timeout: 100ms
@@ -88,15 +101,33 @@ class Jaeger:
     query_url: str
 
 
-@pytest.fixture
-def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
+def _require_binary() -> Path:
     binary = _binary()
     if not binary.exists():
         pytest.skip(f"no Jaeger binary at {binary}: run scripts/build-jaeger.sh once (a large Go build)")
+    return binary
+
+
+def parent_links(trace: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str | None, dict[str, Any]]]:
+    """``(service, kind) -> (span id, CHILD_OF parent id, span)`` from a Jaeger API trace."""
+    services = {p: v["serviceName"] for p, v in trace["processes"].items()}
+    out = {}
+    for s in trace["spans"]:
+        tags = {t["key"]: t["value"] for t in s["tags"]}
+        parent = next((r["spanID"] for r in s["references"] if r["refType"] == "CHILD_OF"), None)
+        out[services[s["processID"]], tags["span.kind"]] = (s["spanID"], parent, {**s, "tagmap": tags})
+    return out
+
+
+@pytest.fixture
+def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
+    binary = _require_binary()
     otlp_port, query_port, query_grpc_port = _free_ports(3)
     config = tmp_path / "jaeger.yaml"
     config.write_text(
-        CONFIG.format(otlp_port=otlp_port, query_port=query_port, query_grpc_port=query_grpc_port)
+        CONFIG.format(
+            host="127.0.0.1", otlp_port=otlp_port, query_port=query_port, query_grpc_port=query_grpc_port
+        )
     )
     log = (tmp_path / "jaeger.log").open("w")
     proc = subprocess.Popen([str(binary), "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
@@ -145,21 +176,91 @@ async def _get_trace(client: httpx.AsyncClient, trace_id: str, spans: int) -> di
 async def test_chain_reads_back_from_jaeger(jaeger: Jaeger) -> None:
     chain = await run_chain(jaeger.otlp_endpoint)
     async with httpx.AsyncClient(base_url=jaeger.query_url, timeout=5) as client:
-        trace = await _get_trace(client, chain.trace_id, 4)
-        services = {p: v["serviceName"] for p, v in trace["processes"].items()}
-        by = {}
-        for s in trace["spans"]:
-            tags = {t["key"]: t["value"] for t in s["tags"]}
-            by[services[s["processID"]], tags["span.kind"]] = s
-        parent = {
-            key: next((r["spanID"] for r in s["references"] if r["refType"] == "CHILD_OF"), None)
-            for key, s in by.items()
-        }
-        assert parent["a", "client"] is None
-        assert parent["b", "server"] == by["a", "client"]["spanID"]
-        assert parent["b", "client"] == by["b", "server"]["spanID"]
-        assert parent["c", "server"] == by["b", "client"]["spanID"]
-        assert by["a", "client"]["operationName"] == "GET b-default"
+        links = parent_links(await _get_trace(client, chain.trace_id, 4))
+        assert links["a", "client"][1] is None
+        assert links["b", "server"][1] == links["a", "client"][0]
+        assert links["b", "client"][1] == links["b", "server"][0]
+        assert links["c", "server"][1] == links["b", "client"][0]
+        assert links["a", "client"][2]["operationName"] == "GET b-default"
         # The service list of the Jaeger UI shows every sidecar.
         listed = (await client.get("/api/services")).json()["data"]
         assert {"a", "b", "c"} <= set(listed)
+
+
+@pytest.fixture
+def lab_with_jaeger() -> Iterator[tuple[Lab, Pod]]:
+    binary = _require_binary()
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"network-namespace lab required in CI but unavailable: {reason}")
+        pytest.skip(f"network-namespace lab unavailable: {reason}")
+    if shutil.which("iptables-restore") is None:
+        pytest.skip("needs iptables (make system-deps)")
+    cleanup_stale()
+    # Lab() makes its own world-readable workdir: the sidecars run as the proxy UID.
+    with Lab() as lab:
+        pod = lab.add_pod("jaeger")
+        config = lab.logdir / "jaeger.yaml"
+        config.write_text(
+            CONFIG.format(host="0.0.0.0", otlp_port=4317, query_port=16686, query_grpc_port=16685)
+        )
+        proc = lab.spawn(pod, [str(binary), "--config", str(config)], name="jaeger")
+        lab.wait_listening(pod, 4317, timeout=30, proc=proc)
+        lab.wait_listening(pod, 16686, timeout=30, proc=proc)
+        yield lab, pod
+
+
+def _query_in_pod(lab: Lab, pod: Pod, path: str) -> Any:
+    script = (
+        "import sys,urllib.request;"
+        f"sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:16686{path}', timeout=5).read().decode())"
+    )
+    done = lab.exec(pod, [sys.executable, "-c", script], check=False)
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+@pytest.mark.netns
+def test_sidecar_chain_in_jaeger(lab_with_jaeger: tuple[Lab, Pod]) -> None:
+    if importlib.util.find_spec("meshproxy.io.app") is None:
+        pytest.skip("the sidecar (meshproxy.io.app) has not landed yet")
+    lab, jaeger_pod = lab_with_jaeger
+    pods = {spec.name: lab.add_pod(spec.name, hosts=demo.hosts_file()) for spec in demo.PODS}
+    snapshots = demo.build_snapshots({n: p.ip for n, p in pods.items()}, f"http://{jaeger_pod.ip}:4317")
+    started = []
+    for spec in demo.PODS:
+        pod = pods[spec.name]
+        app = None
+        if spec.module:
+            argv = [sys.executable, "-m", spec.module]
+            app = lab.spawn(pod, argv, name="app", uid=demo.APP_UID, env=spec.env)
+        intercept(lab, pod)
+        started.append((pod, app, start_sidecar(lab, pod, snapshots[spec.name], wait=False)))
+    for pod, app, sidecar in started:
+        if app is not None:
+            lab.wait_listening(pod, demo.APP_PORT, timeout=20, proc=app)
+        wait_sidecar(lab, sidecar)
+    mesh = demo.Demo(lab, pods=pods)
+    mesh.warm_up()
+    result = mesh.load(2, 1)
+    assert result["status"] == {"200": 2}, result
+    trace_id = result["trace_ids"][-1]
+
+    def trace() -> dict[str, Any] | None:
+        body = _query_in_pod(lab, jaeger_pod, f"/api/traces/{trace_id}")
+        data = body["data"] if body else None
+        return dict(data[0]) if data and len(data[0]["spans"]) >= 6 else None
+
+    wait_until(lambda: trace() is not None, 30, f"6 spans of trace {trace_id} in Jaeger", 0.3)
+    links = parent_links(trace() or {})
+    inventory = next(k for k in links if k[0].startswith("inventory-") and k[1] == "server")
+    assert links["frontend", "server"][1] == links["client", "client"][0]
+    assert links["frontend", "client"][1] == links["frontend", "server"][0]
+    assert links["catalog", "server"][1] == links["frontend", "client"][0]
+    assert links["catalog", "client"][1] == links["catalog", "server"][0]
+    assert links[inventory][1] == links["catalog", "client"][0]
+    catalog_client = links["catalog", "client"][2]
+    assert catalog_client["operationName"] == "GET split"
+    assert catalog_client["tagmap"]["mesh.backend"] == f"{inventory[0]}.demo:8080"
+    services = _query_in_pod(lab, jaeger_pod, "/api/services")["data"]
+    assert {"client", "frontend", "catalog", inventory[0]} <= set(services)
