@@ -20,7 +20,7 @@ Concurrency: none; the propagators are stateless and shared.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Iterable, Sequence
 
 from opentelemetry.context import Context
@@ -108,4 +108,9 @@ def request_id(headers: Iterable[tuple[str, str]]) -> str | None:
 
 
 def new_request_id() -> str:
-    return str(uuid.uuid4())
+    """A random (version 4) UUID in its canonical text form, as Envoy generates them.
+
+    Formatted by hand: ``str(uuid.uuid4())`` builds a ``UUID`` object per request."""
+    h = os.urandom(16).hex()
+    variant = "89ab"[int(h[16], 16) & 3]
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
