@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import inspect
 import json
@@ -281,6 +282,11 @@ class Sidecar:
                 self.runtime.apply(self.static)
             else:
                 self.tasks.append(loop.create_task(self._control_plane(), name="xds-client"))
+            # Everything built so far (modules, config, telemetry pipeline) lives as long as the
+            # process: move it out of the collector's generations, so the full collections that
+            # per-request garbage triggers do not walk it again and again.
+            gc.collect()
+            gc.freeze()
             await self.stop.wait()
             log.info("shutting down", extra={"drain_seconds": self.args.drain_seconds})
         finally:
