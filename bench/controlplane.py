@@ -55,6 +55,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -225,6 +226,33 @@ def slice_body(service: int, name: str, ids: Sequence[int]) -> dict[str, Any]:
     }
 
 
+TEMPLATE_HASH = "5d8f7c6b9"  # a pod-template-hash, as a Deployment's ReplicaSet sets it
+
+
+def pod_meta(p: int, params: Params) -> dict[str, Any]:
+    """Proxy ``p``'s Pod metadata: a replica of Deployment ``wl-<p mod workloads>``.
+
+    The owner reference makes the control plane see the Deployment as the workload, so
+    replicas share one snapshot as in a real cluster (there is no controller-manager
+    here: the ReplicaSet itself need not exist).
+    """
+    wl = workload_name(p % params.workloads)
+    return {
+        "name": f"proxy-{p:04d}",
+        "namespace": NAMESPACE,
+        "labels": {"app": wl, "pod-template-hash": TEMPLATE_HASH},
+        "ownerReferences": [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": f"{wl}-{TEMPLATE_HASH}",
+                "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"bench/{wl}")),
+                "controller": True,
+            }
+        ],
+    }
+
+
 def create_mesh(api: kubernetes.client.ApiClient, params: Params) -> list[tuple[int, str, list[int]]]:
     """Namespace, service account, Services, EndpointSlices and one Pod per proxy."""
     # Any: the client's models are typed, its dict bodies (what we pass) are not.
@@ -254,11 +282,7 @@ def create_mesh(api: kubernetes.client.ApiClient, params: Params) -> list[tuple[
             (
                 core.create_namespaced_pod,
                 {
-                    "metadata": {
-                        "name": f"proxy-{p:04d}",
-                        "namespace": NAMESPACE,
-                        "labels": {"app": workload_name(p % params.workloads)},
-                    },
+                    "metadata": pod_meta(p, params),
                     "spec": {
                         "serviceAccountName": SERVICE_ACCOUNT,
                         "automountServiceAccountToken": False,

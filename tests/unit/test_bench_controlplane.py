@@ -19,10 +19,13 @@ from bench.controlplane import (
     Params,
     SimProxy,
     percentile,
+    pod_meta,
     response_head,
     slices_of,
+    workload_name,
 )
 from controlplane import convert as cp_convert
+from controlplane.index import workload_of
 from meshapi.discovery.v1 import discovery_pb2 as pb
 from meshproxy.xds import convert
 
@@ -133,3 +136,14 @@ def test_a_change_converges_when_the_last_proxy_acks_a_new_version() -> None:
     assert coord.converged_at == 1.5
     _ack(b, "w2", 2.0)  # later pushes do not move the convergence time
     assert coord.converged_at == 1.5
+
+
+def test_proxy_pods_are_replicas_of_their_workloads_deployment() -> None:
+    params = Params(
+        proxies=6, services=2, endpoints=4, workloads=3, changes=1, warmup=0, settle=0.1, timeout=1
+    )
+    owners = {
+        p: workload_of(pod_meta(p, params), pod_meta(p, params)["labels"]) for p in range(params.proxies)
+    }
+    assert owners[0] == owners[3] == ("Deployment", workload_name(0))
+    assert len(set(owners.values())) == params.workloads
