@@ -5,18 +5,27 @@ Owns: ``EndpointPool`` (one per service key, kept by the shell in a dict
 (its read-only view for /clusters).
 
 API:
-    EndpointPool(key, clock, rng, endpoints=(), policy=None)
+    EndpointPool(key, clock, rng, endpoints=(), policy=None, panic_threshold=50)
     pool.update(endpoints, policy)      new endpoint list / TrafficPolicy; state kept by (address, port)
     pool.pick(exclude=frozenset()) -> Endpoint | None
     pool.on_request_start(endpoint)     in-flight += 1
     pool.on_request_end(endpoint, outcome: Outcome)   in-flight -= 1, outlier accounting
     pool.stats() -> list[EndpointStats];  pool.ejections_total;  pool.ejections_by_reason
+    pool.in_panic;  pool.panic_picks      panic mode now; picks made in panic mode so far
     pool.endpoints -> tuple[Endpoint, ...];  pool.size;  pool.lb
 
 Picking:
   * Eligible: ready, not terminating, weight > 0, not ejected. If none is
     eligible, endpoints that are terminating but still serving are used (so
-    in-flight rollouts drain gracefully rather than fail). Never an ejected one.
+    in-flight rollouts drain gracefully rather than fail).
+  * Panic (Envoy's panic threshold): when the eligible endpoints are fewer than
+    ``panic_threshold`` percent of the usable ones (ready, not terminating,
+    weight > 0, ejected or not), outlier ejection is ignored and every usable
+    endpoint is picked from. Ejection is a guess from a few errors; when it has
+    removed most of a service, concentrating all traffic on the few endpoints
+    left (or answering UH for a single-endpoint service until an ejection ends)
+    does more harm than sending some requests to a host that may have recovered.
+    ``panic_threshold=0`` turns this off. ``in_panic``/``panic_picks`` report it.
   * ``exclude`` holds (address, port) pairs or Endpoints a retry wants to avoid;
     it is a preference: if it would leave nothing, it is ignored.
   * ROUND_ROBIN rotates over the eligible list; LEAST_REQUEST is power of two
@@ -87,11 +96,15 @@ class EndpointPool:
         "_lb",
         "_next_return",
         "_outlier",
+        "_panic",
+        "_panic_threshold",
         "_parked",
         "_rng",
         "_rr",
         "_states",
+        "_usable",
         "key",
+        "panic_picks",
     )
 
     def __init__(
@@ -101,8 +114,14 @@ class EndpointPool:
         rng: random.Random,
         endpoints: Iterable[Endpoint] = (),
         policy: TrafficPolicy | None = None,
+        panic_threshold: int = 50,
     ) -> None:
         self.key = key
+        # Envoy's default healthy_panic_threshold; a setting of the proxy, not of a service.
+        self._panic_threshold = panic_threshold
+        self._usable: list[_EndpointState] = []
+        self._panic = False
+        self.panic_picks = 0
         self._clock = clock
         self._rng = rng
         self._states: dict[EndpointId, _EndpointState] = {}
@@ -158,14 +177,17 @@ class EndpointPool:
         now = self._clock.now()
         eligible: list[_EndpointState] = []
         fallback: list[_EndpointState] = []
+        usable: list[_EndpointState] = []
         next_return: float | None = None
         for st in self._states.values():
             st.outlier.maybe_return(now)
+            ep = st.endpoint
+            if ep.weight > 0 and ep.ready and not ep.terminating:
+                usable.append(st)
             until = st.outlier.ejected_until
             if until is not None:
                 next_return = until if next_return is None else min(next_return, until)
                 continue
-            ep = st.endpoint
             if ep.weight <= 0:
                 continue
             if ep.ready and not ep.terminating:
@@ -174,7 +196,9 @@ class EndpointPool:
                 fallback.append(st)
         self._eligible = eligible
         self._fallback = fallback
+        self._usable = usable
         self._next_return = next_return
+        self._panic = bool(usable) and 100 * len(eligible) < self._panic_threshold * len(usable)
 
     def _refresh(self) -> None:
         if self._next_return is not None and self._clock.now() >= self._next_return:
@@ -183,7 +207,11 @@ class EndpointPool:
     def pick(self, exclude: Iterable[Endpoint | EndpointId] = frozenset()) -> Endpoint | None:
         """Choose an endpoint for one attempt, or None if none is usable (flag UH)."""
         self._refresh()
-        candidates = self._eligible or self._fallback
+        if self._panic:
+            self.panic_picks += 1
+            candidates = self._usable
+        else:
+            candidates = self._eligible or self._fallback
         if not candidates:
             return None
         avoid = {_eid(e) for e in exclude}
@@ -249,6 +277,12 @@ class EndpointPool:
         self._rebuild()
 
     # -- observation ------------------------------------------------------------------------------
+
+    @property
+    def in_panic(self) -> bool:
+        """Too few endpoints are healthy: picks ignore outlier ejection (see module doc)."""
+        self._refresh()
+        return self._panic
 
     @property
     def ejections_total(self) -> int:

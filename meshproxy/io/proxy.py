@@ -46,7 +46,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from meshproxy.config.model import Endpoint, InboundPort, RetryPolicy, Route, Service, TrafficPolicy
+from meshproxy.config.model import (
+    Endpoint,
+    InboundPort,
+    RetryPolicy,
+    Route,
+    Service,
+    ServiceKey,
+    TrafficPolicy,
+)
 from meshproxy.core import fault as fault_mod
 from meshproxy.core.balancer import EndpointPool
 from meshproxy.core.breaker import Breaker
@@ -265,6 +273,7 @@ class Proxy:
         self.telemetry = telemetry
         self.rng = rng or random.Random()
         self._gauge_states: dict[str, tuple[Breaker, BreakerState]] = {}
+        self._panicking: set[ServiceKey] = set()  # services whose pool is in panic mode (for logs)
         self._outbound = self._compose(
             [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
         )
@@ -622,7 +631,10 @@ class Proxy:
         svc = call.service
         assert svc is not None
         pool = self.runtime.pool(svc)
+        panics = pool.panic_picks
         ep = pool.pick(exclude=call.tried)
+        if pool.panic_picks != panics or svc.key in self._panicking:
+            self._panic_seen(svc, pool)
         if ep is None:
             raise LocalReplyError(Flag.UH, str(svc.key))
         call.endpoint = ep
@@ -655,6 +667,22 @@ class Proxy:
                 self._endpoint_done(svc, pool, ep, outcome)
 
         return _track(resp, done)
+
+    def _panic_seen(self, svc: Service, pool: EndpointPool) -> None:
+        """Count a pick made in panic mode; log when a service enters or leaves it."""
+        dest = str(svc.key)
+        if pool.in_panic:
+            if self.telemetry is not None:
+                self.telemetry.metrics.lb_panic(dest)
+            if svc.key not in self._panicking:
+                self._panicking.add(svc.key)
+                log.warning(
+                    "load balancer in panic mode: too few healthy endpoints, ignoring outlier ejection",
+                    extra={"service": dest, "endpoints": pool.size},
+                )
+        elif svc.key in self._panicking:
+            self._panicking.discard(svc.key)
+            log.info("load balancer left panic mode", extra={"service": dest})
 
     def _endpoint_done(self, svc: Service, pool: EndpointPool, ep: Endpoint, outcome: Outcome) -> None:
         """Outlier feedback for one attempt, and the ejection metrics when it ejected someone."""
@@ -720,8 +748,11 @@ class Proxy:
         chosen: Endpoint | None = None
         last: Exception | None = None
         for _ in range(3 if pool is not None else 1):
-            if pool is not None:
+            if pool is not None and svc is not None:
+                panics = pool.panic_picks
                 chosen = pool.pick(exclude=[e for e in candidates])
+                if pool.panic_picks != panics or svc.key in self._panicking:
+                    self._panic_seen(svc, pool)
                 if chosen is None:
                     break
                 candidates.append(chosen)

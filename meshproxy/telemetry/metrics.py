@@ -148,6 +148,12 @@ class ProxyMetrics:
         self.ejected_endpoints = Gauge(
             "meshproxy_ejected_endpoints", "Endpoints currently ejected.", ("destination",), registry=r
         )
+        self.panic_requests = Counter(
+            "meshproxy_lb_panic_requests",
+            "Endpoint picks made in panic mode (too few healthy endpoints: outlier ejection ignored).",
+            ("destination",),
+            registry=r,
+        )
         self.rate_limited_requests = Counter(
             "meshproxy_rate_limited", "Requests refused by the local rate limiter.", ("service",), registry=r
         )
@@ -220,6 +226,9 @@ class ProxyMetrics:
 
     def ejection(self, destination: str) -> None:
         self.outlier_ejections.labels(destination).inc()
+
+    def lb_panic(self, destination: str) -> None:
+        self.panic_requests.labels(destination).inc()
 
     def rate_limited(self, service: str) -> None:
         self.rate_limited_requests.labels(service).inc()

@@ -235,3 +235,56 @@ def test_ejection_rules() -> None:
     assert may_eject(0, 1, 50)  # Envoy: even the only endpoint
     assert not may_eject(1, 2, 50)
     assert not may_eject(0, 0, 100)
+
+
+# ---- panic mode (Envoy's healthy panic threshold) ------------------------------------------------
+
+
+def test_single_endpoint_service_stays_reachable_while_its_only_endpoint_is_ejected() -> None:
+    pool, clock = pool_of(A)
+    fail(pool, A, Outcome.GATEWAY_ERROR, 3)
+    assert pool.ejections_total == 1
+    assert {s.address: s for s in pool.stats()}[A.address].ejected_until == 30.0
+    # 0 of 1 healthy is below 50%: the ejected endpoint is used rather than answering UH.
+    assert pool.in_panic
+    assert pool.pick() == A
+    assert pool.panic_picks == 1
+    clock.advance(30.0)  # the ejection ends by itself: out of panic
+    assert not pool.in_panic
+    assert pool.pick() == A
+    assert pool.panic_picks == 1
+
+
+def test_panic_balances_over_every_usable_endpoint_including_ejected_ones() -> None:
+    od = OutlierDetection(consecutive_connect_failures=2, max_ejection_percent=100)
+    pool, clock = pool_of(A, B, C, D, od=od)
+    fail(pool, A, Outcome.CONNECT_FAILURE, 2)
+    fail(pool, B, Outcome.CONNECT_FAILURE, 2)
+    assert not pool.in_panic  # 2 of 4 healthy: exactly 50%, not below
+    assert {pool.pick() for _ in range(40)} == {C, D}
+    fail(pool, C, Outcome.CONNECT_FAILURE, 2)
+    assert pool.ejections_total == 3
+    assert pool.in_panic  # 1 of 4 healthy
+    before = pool.panic_picks
+    assert {pool.pick() for _ in range(40)} == {A, B, C, D}
+    assert pool.panic_picks == before + 40
+    clock.advance(od.base_ejection_time)
+    assert not pool.in_panic
+
+
+def test_panic_ignores_not_ready_endpoints_and_can_be_turned_off() -> None:
+    not_ready = Endpoint("198.18.1.8", 8080, ready=False)
+    pool, _ = pool_of(A, not_ready)
+    fail(pool, A, Outcome.CONNECT_FAILURE, 2)
+    assert pool.in_panic and {pool.pick() for _ in range(10)} == {A}  # never the not-ready one
+    clock = FakeClock()
+    off = EndpointPool(
+        "svc.demo:8080",
+        clock,
+        random.Random(1),
+        (A,),
+        TrafficPolicy(lb=LbPolicy.ROUND_ROBIN, outlier_detection=OD),
+        panic_threshold=0,
+    )
+    fail(off, A, Outcome.CONNECT_FAILURE, 2)
+    assert not off.in_panic and off.pick() is None  # the old behaviour: UH until the ejection ends
