@@ -474,7 +474,13 @@ class SimProxy:
 class ControlPlaneProcess:
     """``controlplane run --kubeconfig`` as a child; its ports and /proc figures."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
             [
@@ -492,6 +498,7 @@ class ControlPlaneProcess:
             stdout=subprocess.PIPE,
             stderr=self._log,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
@@ -755,7 +762,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(params: Params, workdir: Path, cp_args: Sequence[str] = ()) -> dict[str, Any]:
+def run(
+    params: Params, workdir: Path, cp_args: Sequence[str] = (), cp_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     bins, reason = locate_binaries()
     if bins is None:
         raise SystemExit(f"bench-controlplane: {reason}")
@@ -770,7 +779,7 @@ def run(params: Params, workdir: Path, cp_args: Sequence[str] = ()) -> dict[str,
             print(f"created the mesh in {time.monotonic() - t:.1f} s", flush=True)
         finally:
             api.close()  # type: ignore[no-untyped-call]
-        plane = ControlPlaneProcess(server.kubeconfig, workdir / "controlplane.log", cp_args)
+        plane = ControlPlaneProcess(server.kubeconfig, workdir / "controlplane.log", cp_args, cp_env)
         try:
             deadline = time.monotonic() + params.timeout
             while not plane.ready():
@@ -787,6 +796,7 @@ def run(params: Params, workdir: Path, cp_args: Sequence[str] = ()) -> dict[str,
         "kubernetes": bins.version,
         "revision": source_revision(),
         "controlplane_args": list(cp_args),
+        "controlplane_env": dict(cp_env or {}),
         "machine": info,
         "result": result,
     }
@@ -815,6 +825,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"commit {report.get('revision', '?')}. "
         f"Kubernetes {report['kubernetes']}, {m['cpus']} CPUs ({m['cpu']}), load average at start "
         f"{m['loadavg_at_start'][0]}; Python {m['python']}, grpcio {m.get('grpcio', '?')}."
+        + (
+            f" Control plane environment: `{' '.join(f'{k}={v}' for k, v in report['controlplane_env'].items())}`."
+            if report.get("controlplane_env")
+            else ""
+        )
         + (
             f" Control plane flags: `{' '.join(report['controlplane_args'])}`."
             if report["controlplane_args"]
@@ -854,6 +869,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON + Markdown report")
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    ap.add_argument(
+        "--cp-env", action="append", default=[], metavar="KEY=VALUE", help="environment of the control plane"
+    )
     ap.add_argument("cp_args", nargs="*", help="extra `controlplane run` flags (after --)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -879,7 +897,8 @@ def workdir(keep: bool) -> Iterator[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     params, args = parse_args(argv)
     with workdir(args.keep) as wd:
-        report = run(params, wd, args.cp_args)
+        env = dict(kv.split("=", 1) for kv in args.cp_env)
+        report = run(params, wd, args.cp_args, env)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"controlplane-{report['started'][:10]}{('-' + args.tag) if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
