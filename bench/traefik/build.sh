@@ -3,6 +3,8 @@
 #   bench/traefik/build.sh github.com/traefik/traefik/v3/cmd/traefik@v3.7.13 OUT
 # Called by scripts/go-tool.sh (which caches the result). Why not plain `go install`:
 #  - Traefik's go.mod has replace directives, so it is built from a wrapper module (go.mod.in);
+#  - Traefik uses a fork of github.com/abbot/go-http-auth that the proxy does not serve: a copy of
+#    the release v0.4.0 (./goauth) gets the two functions the fork adds (goauth/traefik_compat.go);
 #  - a few ACME DNS providers of lego depend on SDK modules the module proxy does not serve;
 #    a copy of lego (replace => ./lego; the module cache is read-only and untouched) has them
 #    dropped from its provider table. ACME is not used by the benchmark (file provider, plain HTTP/TCP).
@@ -28,4 +30,12 @@ chmod -R u+w "$work/lego"
 factory=providers/dns/zz_gen_dns_providers.go
 python3 "$HERE/prune_lego.py" "$lego/$factory" "$work/lego/$factory" $UNSERVED
 go mod edit -replace "github.com/go-acme/lego/v5=./lego"
+goauth=$(go list -m -f '{{.Dir}}' github.com/abbot/go-http-auth)
+rm -rf "$work/goauth"
+cp -r "$goauth" "$work/goauth"
+chmod -R u+w "$work/goauth"
+rm -rf "$work/goauth/examples"  # package main programs, not needed
+cp "$HERE/goauth/traefik_compat.go" "$work/goauth/"
+printf 'module github.com/abbot/go-http-auth\n\ngo 1.20\n' > "$work/goauth/go.mod"
+go mod edit -replace "github.com/abbot/go-http-auth=./goauth"
 go build -trimpath -o "$out" "$pkg"
