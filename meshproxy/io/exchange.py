@@ -76,9 +76,18 @@ class UpstreamResponse:
 
 class UpstreamClient(Protocol):
     async def request(
-        self, endpoint: Endpoint, head: RequestHead, body: BodyStream, *, connect_timeout: float
+        self,
+        endpoint: Endpoint,
+        head: RequestHead,
+        body: BodyStream,
+        *,
+        connect_timeout: float,
+        idle_timeout: float | None = None,
     ) -> UpstreamResponse:
         """Send ``head`` and stream ``body`` to ``endpoint``; return when the response head arrives.
+
+        ``idle_timeout`` (the destination's ``TrafficPolicy.idle_timeout``) closes pooled
+        connections to the endpoint that stay unused that long; None keeps the client's default.
 
         Raises ``meshproxy.core.errors.UpstreamConnectError`` if no connection could be made,
         ``UpstreamResetError`` if the connection/stream died before a response head.

@@ -468,6 +468,12 @@ class Http1ResponseSink:
             data, self.held = self.held + data, None
         t.write(data)
 
+    @property
+    def downstream_closed(self) -> bool:
+        """The client's connection is gone (read by the pipeline to tell DC from UC)."""
+        t = self.conn.transport
+        return self.conn.closed or t is None or t.is_closing()
+
     def _flush_held(self) -> None:
         if self.held is not None:
             with contextlib.suppress(DownstreamClosedError):

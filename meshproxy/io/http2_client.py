@@ -429,7 +429,7 @@ class _ClientConnection(H2Endpoint):
             return
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._idle_timer = self._loop.call_later(self._settings.idle_timeout, self._on_idle)
+        self._idle_timer = self._loop.call_later(self._pool.idle_timeout, self._on_idle)
 
     def _on_idle(self) -> None:
         self._idle_timer = None
@@ -474,6 +474,8 @@ class _EndpointPool:
         self.port = port
         self.label = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         self._settings = settings
+        # The destination service's TrafficPolicy.idle_timeout once a request passed one.
+        self.idle_timeout = settings.idle_timeout
         self.conns: list[_ClientConnection] = []  # usable connections (not going away)
         self._all: set[_ClientConnection] = set()  # including draining ones, for aclose()
         self._connecting: asyncio.Task[None] | None = None
@@ -563,14 +565,23 @@ class Http2Client:
         self._closed = False
 
     async def request(
-        self, endpoint: Endpoint, head: RequestHead, body: BodyStream, *, connect_timeout: float
+        self,
+        endpoint: Endpoint,
+        head: RequestHead,
+        body: BodyStream,
+        *,
+        connect_timeout: float,
+        idle_timeout: float | None = None,
     ) -> UpstreamResponse:
+        """``idle_timeout``: the destination's ``TrafficPolicy.idle_timeout`` (else the settings')."""
         if self._closed:
             raise UpstreamConnectError("client closed")
         key = (endpoint.address, endpoint.port)
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _EndpointPool(endpoint.address, endpoint.port, self._settings)
+        if idle_timeout is not None:
+            pool.idle_timeout = idle_timeout
         conn = await pool.acquire(connect_timeout)
         stream = conn.start_request(head, body)
         try:

@@ -55,6 +55,7 @@ from meshproxy.config.model import (
     ServiceKey,
     TrafficPolicy,
 )
+from meshproxy.config.model import Protocol as AppProtocol
 from meshproxy.core import fault as fault_mod
 from meshproxy.core.balancer import EndpointPool
 from meshproxy.core.breaker import Breaker
@@ -86,7 +87,6 @@ from meshproxy.io.exchange import (
     UpstreamClient,
     UpstreamResponse,
 )
-from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.runtime import Active, Runtime
 from meshproxy.io.tcp_relay import Parked, open_tcp, splice
 from meshproxy.telemetry.hop import HttpHop, Telemetry
@@ -95,6 +95,11 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_POLICY = TrafficPolicy()
 _PASSTHROUGH_CONNECT_TIMEOUT = 5.0
+# A response body that moves no byte (upstream silent, or client not reading) for this long is
+# reset with flag SI. Envoy's default stream_idle_timeout: long enough for slow streams and
+# long polls, short enough that a stalled upstream cannot pin a request (and its breaker slot,
+# pooled connection, memory) for ever. ``TrafficPolicy.timeout`` stops at the response head.
+STREAM_IDLE_TIMEOUT = 300.0
 
 
 class LocalReplyError(ProxyError):
@@ -241,7 +246,7 @@ class Call:
     tried: list[Endpoint] = field(default_factory=list)
     retries: int = 0
     per_try_timeout: float | None = None  # set by the retry layer, enforced by the balance layer
-    upstream_version: str = "1.1"
+    upgrade: bool = False  # an Upgrade or CONNECT request: HTTP/1.1 upstream whatever is declared
 
     @property
     def policy(self) -> TrafficPolicy:
@@ -267,8 +272,10 @@ class Proxy:
         *,
         telemetry: Telemetry | None = None,
         rng: random.Random | None = None,
+        stream_idle_timeout: float | None = STREAM_IDLE_TIMEOUT,
     ) -> None:
         self.runtime = runtime
+        self.stream_idle_timeout = stream_idle_timeout
         self.clients = clients
         self.telemetry = telemetry
         self.rng = rng or random.Random()
@@ -334,7 +341,7 @@ class Proxy:
             hop=hop,
             grpc=grpc,
             matched=matched,
-            upstream_version="2" if head.version == "2" and "2" in self.clients else "1.1",
+            upgrade=upgrade is not None or head.method == "CONNECT",
         )
         stack = self._inbound if ctx.direction == "inbound" else self._outbound
         try:
@@ -394,6 +401,7 @@ class Proxy:
         )
         sent = 0
         flag: str | None = None
+        watchdog: _StallWatchdog | None = None
         try:
             if tunnel:
                 await sink.send_head(head)
@@ -403,25 +411,49 @@ class Proxy:
             empty = known_length(body) == 0
             await sink.send_head(head, end_stream=empty)
             if not empty:
+                if self.stream_idle_timeout is not None:
+                    watchdog = _StallWatchdog(self.stream_idle_timeout)
                 while data := await body.read():
                     sent += len(data)
                     await sink.send_data(data)
+                    if watchdog is not None:
+                        watchdog.progress()
                 await sink.send_end(body.trailers)
             else:
                 await body.read()  # lets the accounting wrappers see the end
         except ProxyError as exc:
             # The client went away (any codec's "DC" error): nobody to tell. Otherwise the
-            # upstream failed mid-body: the client must see a reset, not a clean end.
-            downstream = exc.flag == Flag.DC.value
+            # upstream failed mid-body: the client must see a reset, not a clean end. The
+            # downstream is checked first: once the client is gone, whatever failed next
+            # (often the upstream read we abandoned) is a consequence, and the flag is DC.
+            downstream = exc.flag == Flag.DC.value or bool(getattr(sink, "downstream_closed", False))
             flag = Flag.DC.value if downstream else Flag.UC.value
             _abort_body(resp.body)
             if not downstream:
                 with contextlib.suppress(Exception):
                     await sink.reset()
+        except asyncio.CancelledError:
+            _abort_body(resp.body)
+            task = asyncio.current_task()
+            if watchdog is not None and watchdog.fired and task is not None and task.uncancel() == 0:
+                flag = Flag.SI.value  # our own stall timeout: reset the client's stream, carry on
+                log.info(
+                    "response body stalled, stream reset",
+                    extra={"service": str(call.service.key) if call.service else "", "sent": sent},
+                )
+                with contextlib.suppress(Exception):
+                    await sink.reset()
+                return
+            # The codecs cancel a request's task when its client disconnects (HTTP/1 connection
+            # lost, HTTP/2 RST_STREAM); shutdown's drain deadline does too. Either way: DC.
+            flag = Flag.DC.value
+            raise
         except BaseException:
             _abort_body(resp.body)
             raise
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             if hop is not None:
                 trailers = resp.body.trailers
                 grpc_status = get_header(trailers or resp.head.headers, "grpc-status")
@@ -698,17 +730,41 @@ class Proxy:
     async def _upstream(self, call: Call) -> UpstreamResponse:
         ep = call.endpoint
         assert ep is not None
-        client = self.clients.get(call.upstream_version) or self.clients["1.1"]
-        connect_timeout = call.policy.connect_timeout if call.service else _PASSTHROUGH_CONNECT_TIMEOUT
-        if isinstance(client, Http1Client) and call.service is not None:
+        client = self.clients.get(self._upstream_version(call)) or self.clients["1.1"]
+        if call.service is not None:
+            policy = call.service.policy
             return await client.request(
                 ep,
                 call.head,
                 call.body,
-                connect_timeout=connect_timeout,
-                idle_timeout=call.policy.idle_timeout,
+                connect_timeout=policy.connect_timeout,
+                idle_timeout=policy.idle_timeout,
             )
-        return await client.request(ep, call.head, call.body, connect_timeout=connect_timeout)
+        return await client.request(ep, call.head, call.body, connect_timeout=_PASSTHROUGH_CONNECT_TIMEOUT)
+
+    def _upstream_version(self, call: Call) -> str:
+        """The HTTP version spoken upstream: what the destination declares, else the client's.
+
+        gRPC always travels over HTTP/2 (it needs trailers); upgrades and CONNECT over
+        HTTP/1.1 (HTTP/2 cannot carry them). A service/inbound port declared ``http1``
+        gets HTTP/1.1 even from an HTTP/2 client, ``http2`` gets HTTP/2 (h2c prior
+        knowledge) even from an HTTP/1.1 client; ``auto`` keeps the client's version.
+        """
+        if "2" not in self.clients or call.upgrade:
+            return "1.1"
+        if call.grpc:
+            return "2"
+        if call.service is not None:
+            declared = call.service.protocol
+        elif call.inbound_port is not None:
+            declared = call.inbound_port.protocol
+        else:
+            declared = AppProtocol.AUTO
+        if declared is AppProtocol.HTTP2:
+            return "2"
+        if declared is AppProtocol.HTTP1:
+            return "1.1"
+        return "2" if call.head.version == "2" else "1.1"
 
     # ---- opaque TCP -------------------------------------------------------------------------
 
@@ -793,6 +849,43 @@ class Proxy:
                     bytes_received=stats.b_to_a if stats else 0,
                     flag=Flag.UC.value if stats is not None and stats.reset else None,
                 )
+
+
+class _StallWatchdog:
+    """Cancels the current task when a response body made no progress for ``idle`` seconds.
+
+    One timer per response, re-armed lazily when it fires before the deadline (progress only
+    moves a timestamp), so a fast body costs one timer, not one per chunk. ``fired`` tells
+    the task that the cancellation is ours (``Task.uncancel`` then undoes it).
+    """
+
+    __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "fired")
+
+    def __init__(self, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._idle = idle
+        self._last = self._loop.time()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + idle, self._check)
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        deadline = self._last + self._idle
+        if self._loop.time() < deadline:
+            self._handle = self._loop.call_at(deadline, self._check)
+            return
+        self._handle = None
+        if self._task is not None and not self._task.done():
+            self.fired = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 def _bind(layer: Layer, nxt: Next) -> Next:

@@ -12,7 +12,8 @@ Invariants:
   * Protocol detection looks at no more than ``detect.MAX_PREFIX`` bytes and waits at
     most ``sniff_timeout`` for them (server-first protocols send nothing: they become
     TCP). Ports declared opaque / services with protocol tcp are never sniffed; ports
-    declared http1/http2 skip detection.
+    declared http2 skip detection; ports declared http1 only tell HTTP/2 prior knowledge
+    from HTTP/1 (never TCP, and a silent client is HTTP/1 after the sniff timeout).
   * Every accepted connection is registered until it closes, so ``drain`` can stop
     them gracefully (finish in-flight requests, GOAWAY for HTTP/2) and abort the
     rest at the deadline.
@@ -80,6 +81,12 @@ class _Sniffer(asyncio.Protocol):
         self.done = False
         self.tcp_pending = False  # decided TCP, waiting for the upstream connection
         self.eof = False
+        self.http_only = False  # declared HTTP: anything that is not HTTP/2 is HTTP/1
+
+    def _decide(self, result: Detected) -> Detected:
+        if result is Detected.HTTP2 or not self.http_only:
+            return result
+        return Detected.HTTP1  # its parser answers garbage with 400, silence with 408
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
@@ -116,11 +123,12 @@ class _Sniffer(asyncio.Protocol):
         declared = lst.declared_protocol(dst)
         if declared is Protocol.TCP:
             self._handoff(Detected.TCP, eof=False)
-        elif declared is Protocol.HTTP1:
-            self._handoff(Detected.HTTP1, eof=False)
         elif declared is Protocol.HTTP2:
             self._handoff(Detected.HTTP2, eof=False)
         else:
+            # ``http1`` means "HTTP, never opaque TCP": the client may still speak HTTP/2 (prior
+            # knowledge) and the upstream request then goes out as HTTP/1.1 (Proxy._upstream_version).
+            self.http_only = declared is Protocol.HTTP1
             self.timer = asyncio.get_running_loop().call_later(lst.settings.sniff_timeout, self._timed_out)
 
     def data_received(self, data: bytes) -> None:
@@ -136,7 +144,7 @@ class _Sniffer(asyncio.Protocol):
         self.buffer += data
         result = detect(bytes(self.buffer))
         if result is not Detected.NEED_MORE:
-            self._handoff(result, eof=False)
+            self._handoff(self._decide(result), eof=False)
 
     def eof_received(self) -> bool:
         if self.tcp_pending:
@@ -147,7 +155,7 @@ class _Sniffer(asyncio.Protocol):
         if not self.buffer:
             return False  # connected and closed without a byte: nothing to proxy
         result = detect(bytes(self.buffer))
-        self._handoff(Detected.TCP if result is Detected.NEED_MORE else result, eof=True)
+        self._handoff(self._decide(Detected.TCP if result is Detected.NEED_MORE else result), eof=True)
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -161,7 +169,7 @@ class _Sniffer(asyncio.Protocol):
         self.timer = None
         if not self.done:
             result = detect(bytes(self.buffer)) if self.buffer else Detected.TCP
-            self._handoff(Detected.TCP if result is Detected.NEED_MORE else result, eof=False)
+            self._handoff(self._decide(Detected.TCP if result is Detected.NEED_MORE else result), eof=False)
 
     def _handoff(self, kind: Detected, *, eof: bool) -> None:
         if self.timer is not None:

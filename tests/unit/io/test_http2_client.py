@@ -306,6 +306,21 @@ async def test_idle_connection_is_closed() -> None:
         await up.connections[0].wait_closed()
 
 
+async def test_the_destinations_idle_timeout_overrides_the_client_default() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(200, ()), end_stream=True)
+
+    # The client default (60 s) would keep the connection for the whole test; the service's
+    # TrafficPolicy.idle_timeout passed with the request closes it.
+    async with upstream(handler) as up, client(Http2ClientSettings(idle_timeout=60.0)) as c:
+        response = await c.request(up.endpoint, get(), empty(), connect_timeout=1, idle_timeout=0.2)
+        assert await read_all(response.body) == b""
+        assert c.connection_count(up.endpoint) == 1
+        await eventually(lambda: c.connection_count(up.endpoint) == 0)
+
+
 async def test_abandoned_response_resets_upstream_stream() -> None:
     cancelled = asyncio.Event()
 
