@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from google.protobuf.duration_pb2 import Duration
 
@@ -276,6 +276,85 @@ def encode_response(encoded_snapshot: bytes, version: str, nonce: str) -> bytes:
     snapshot encoded once for every proxy of that version.
     """
     return pb.DiscoveryResponse(version_info=version, nonce=nonce).SerializeToString() + encoded_snapshot
+
+
+# ---------------------------------------------------------------- the wire, per service
+
+_SNAPSHOT_FIELD: int = pb.DiscoveryResponse.DESCRIPTOR.fields_by_name["snapshot"].number
+_SERVICES_FIELD: int = pb.Snapshot.DESCRIPTOR.fields_by_name["services"].number
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+    """One field of wire type 2 (a message, string or bytes) as protobuf encodes it."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+class ServiceBytesCache:
+    """Each service encoded once, as one entry of ``Snapshot.services`` on the wire.
+
+    Every workload's snapshot holds the very same ``Service`` objects, and a cluster
+    change alters a few services while compiling builds new, equal objects for all the
+    others. So lookups go by identity first (one dict lookup) and then by content (a
+    frozen ``Service`` hashes far faster than it encodes): after a change only the
+    services that changed are encoded. Bounded: an LRU by total encoded bytes, and the
+    identity index (which keeps its objects alive, so ids are never reused while
+    indexed) is dropped whenever it grows past ``max_ids``.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024, max_ids: int = 4096) -> None:
+        self._max_bytes = max_bytes
+        self._max_ids = max_ids
+        self._by_content: OrderedDict[model.Service, bytes] = OrderedDict()
+        self._by_id: dict[int, tuple[model.Service, bytes]] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._by_content)
+
+    def get(self, svc: model.Service) -> bytes:
+        entry = self._by_id.get(id(svc))
+        if entry is not None and entry[0] is svc:
+            self.hits += 1
+            return entry[1]
+        data = self._by_content.get(svc)
+        if data is None:
+            self.misses += 1
+            data = _length_delimited(_SERVICES_FIELD, _service(svc).SerializeToString())
+            self._by_content[svc] = data
+            self._bytes += len(data)
+            while self._bytes > self._max_bytes and len(self._by_content) > 1:
+                _, old = self._by_content.popitem(last=False)
+                self._bytes -= len(old)
+        else:
+            self.hits += 1
+            self._by_content.move_to_end(svc)
+        if len(self._by_id) >= self._max_ids:
+            self._by_id.clear()
+        self._by_id[id(svc)] = (svc, data)
+        return data
+
+
+def encode_snapshot_model(s: model.Snapshot, services: ServiceBytesCache) -> bytes:
+    """What ``encode_snapshot(snapshot_to_proto(s))`` is to a parser, from per-service encodings.
+
+    A parser takes a message's fields in any order and the entries of a repeated field
+    need not be adjacent, so the small per-workload part (workload, inbound, telemetry)
+    is encoded here and the services are appended as the cache's bytes: no message with
+    every endpoint is ever built or copied, per version or per proxy.
+    """
+    head = snapshot_to_proto(replace(s, services=())).SerializeToString()
+    return _length_delimited(_SNAPSHOT_FIELD, b"".join([head, *map(services.get, s.services)]))
 
 
 decode_discovery_request = pb.DiscoveryRequest.FromString

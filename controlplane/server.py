@@ -28,7 +28,7 @@ One stream, as implemented:
      after data and gRPC Python cannot reset a server stream), so the proxy
      learns it when it reads again, or keepalive ends a dead connection.
      Responses are written pre-encoded: each snapshot version is converted and
-     encoded once (``convert.encode_snapshot``), whatever the number of proxies.
+     encoded once (``convert.encode_snapshot_model``), whatever the number of proxies.
   4. When the stream ends, the node is unregistered (unless a newer stream of
      the same node took over).
 
@@ -166,9 +166,10 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         self._nonces = itertools.count(1)
         # Converting and encoding a big snapshot costs more than sending it: replicas of a
         # workload share one snapshot (convert and encode once per version, bounded LRU), and
-        # workloads share most services (convert each once per cluster change).
+        # workloads share most services: each is encoded once, and a cluster change only
+        # encodes the services it changed (convert.ServiceBytesCache).
         self._protos: OrderedDict[str, bytes] = OrderedDict()
-        self._service_protos = convert.ServiceProtoCache()
+        self._service_bytes = convert.ServiceBytesCache()
 
     # ---- the stream
 
@@ -337,7 +338,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
     def _encoded(self, snapshot: Snapshot) -> bytes:
         data = self._protos.get(snapshot.version)
         if data is None:
-            data = convert.encode_snapshot(convert.snapshot_to_proto(snapshot, self._service_protos))
+            data = convert.encode_snapshot_model(snapshot, self._service_bytes)
             self._protos[snapshot.version] = data
             while len(self._protos) > 64:
                 self._protos.popitem(last=False)
