@@ -38,6 +38,12 @@ class UpstreamTimeoutError(ProxyError):
     flag = "UT"
 
 
+class UpstreamOverflowError(ProxyError):
+    """A circuit-breaker limit refused the request (``max_connections``/``max_pending_requests``)."""
+
+    flag = "UO"
+
+
 class ProtocolError(ProxyError):
     """Malformed message from a peer. ``status`` is the reply a server should send."""
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from meshproxy.config.model import Endpoint
+from meshproxy.core.breaker import Admission
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 
 
@@ -74,6 +75,18 @@ class UpstreamResponse:
     body: BodyStream
 
 
+class ConnectionLimits(Protocol):
+    """The destination's connection budget (``meshproxy.core.breaker.Breaker`` implements it)."""
+
+    def try_acquire_connection(self) -> Admission: ...
+
+    def release_connection(self) -> None: ...
+
+    def try_acquire_pending(self) -> Admission: ...
+
+    def release_pending(self) -> None: ...
+
+
 class UpstreamClient(Protocol):
     async def request(
         self,
@@ -83,11 +96,15 @@ class UpstreamClient(Protocol):
         *,
         connect_timeout: float,
         idle_timeout: float | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> UpstreamResponse:
         """Send ``head`` and stream ``body`` to ``endpoint``; return when the response head arrives.
 
         ``idle_timeout`` (the destination's ``TrafficPolicy.idle_timeout``) closes pooled
         connections to the endpoint that stay unused that long; None keeps the client's default.
+        ``limits`` (the service's breaker): a new connection needs a ``max_connections`` slot;
+        without one the request waits for a pooled connection as a pending request
+        (``max_pending_requests``); beyond that it fails with ``UpstreamOverflowError`` (UO).
 
         Raises ``meshproxy.core.errors.UpstreamConnectError`` if no connection could be made,
         ``UpstreamResetError`` if the connection/stream died before a response head.

@@ -16,6 +16,11 @@ Invariants:
   * Response bodies are bounded queues: reading the upstream socket pauses above the
     high-water mark until the consumer catches up.
   * Interim 1xx responses (other than 101) are dropped; the caller sees the final one.
+  * With ``limits`` (the service's breaker) every open connection holds one
+    ``max_connections`` slot until it closes. A request that finds no idle connection and
+    no free slot waits as a pending request (``max_pending_requests``) until a connection
+    of the service goes idle or closes (an idle connection to another endpoint of the
+    service is closed to free its slot); beyond that it fails at once with UO.
 
 Concurrency: protocol callbacks on the event loop; one named upload task per
 exchange streams the request body while the caller awaits the response head.
@@ -33,10 +38,15 @@ from typing import cast
 import httptools
 
 from meshproxy.config.model import Endpoint
-from meshproxy.core.errors import ProtocolError, UpstreamConnectError, UpstreamResetError
+from meshproxy.core.errors import (
+    ProtocolError,
+    UpstreamConnectError,
+    UpstreamOverflowError,
+    UpstreamResetError,
+)
 from meshproxy.core.http import Headers, RequestHead, ResponseHead, get_header
 from meshproxy.io.body import BodyQueue, known_length
-from meshproxy.io.exchange import BodyStream, UpstreamResponse
+from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.sockopt import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -127,6 +137,7 @@ class _Conn(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.idle_deadline = 0.0
         self.idle = False
+        self.limits: ConnectionLimits | None = None  # holds one max_connections slot while open
         self.writable = asyncio.Event()
         self.writable.set()
         self._reset_exchange()
@@ -457,6 +468,7 @@ class Http1Client:
         self._idle: dict[PoolKey, deque[_Conn]] = {}
         self._idle_timeouts: dict[PoolKey, float] = {}
         self._all: set[_Conn] = set()
+        self._waiters: list[asyncio.Future[None]] = []  # pending requests (bounded by the limits)
         self.connects = 0  # connections opened, for tests and /clusters
 
     def idle_count(self, key: PoolKey) -> int:
@@ -470,12 +482,13 @@ class Http1Client:
         *,
         connect_timeout: float,
         idle_timeout: float | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> UpstreamResponse:
         key = (endpoint.address, endpoint.port)
         if idle_timeout is not None:
             self._idle_timeouts[key] = idle_timeout
         for _ in range(3):
-            conn = self._take_idle(key) or await self._connect(key, connect_timeout)
+            conn = self._take_idle(key) or await self._acquire(key, connect_timeout, limits)
             try:
                 return await conn.exchange(head, body)
             except _StaleConnectionError:
@@ -493,6 +506,59 @@ class Http1Client:
                 return conn
         return None
 
+    async def _acquire(self, key: PoolKey, connect_timeout: float, limits: ConnectionLimits | None) -> _Conn:
+        """A connection for one exchange within the service's connection budget (see module doc)."""
+        if limits is None:
+            return await self._connect(key, connect_timeout)
+        pending = False
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                conn = self._take_idle(key)
+                if conn is not None:
+                    return conn
+                if limits.try_acquire_connection():
+                    try:
+                        conn = await self._connect(key, connect_timeout)
+                    except BaseException:
+                        limits.release_connection()
+                        self._wake()
+                        raise
+                    conn.limits = limits
+                    return conn
+                if self._close_idle_of(limits):
+                    continue  # an idle connection to another endpoint gave its slot back
+                if not pending:
+                    admission = limits.try_acquire_pending()
+                    if not admission:
+                        raise UpstreamOverflowError(admission.reason)
+                    pending = True
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+        finally:
+            if pending:
+                limits.release_pending()
+
+    def _close_idle_of(self, limits: ConnectionLimits) -> bool:
+        for idle in self._idle.values():
+            for conn in idle:
+                if conn.limits is limits:
+                    conn.close()
+                    return True
+        return False
+
+    def _wake(self) -> None:
+        """A connection went idle or a slot was freed: pending requests look again."""
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
     async def _connect(self, key: PoolKey, connect_timeout: float) -> _Conn:
         loop = asyncio.get_running_loop()
         try:
@@ -509,6 +575,8 @@ class Http1Client:
         if len(idle) >= self.settings.max_idle_per_endpoint:
             conn.close()
             return
+        if self._waiters:
+            self._wake()
         timeout = self._idle_timeouts.get(conn.key, self.settings.idle_timeout)
         loop = asyncio.get_running_loop()
         conn.idle = True
@@ -521,6 +589,10 @@ class Http1Client:
         idle.append(conn)
 
     def _forget(self, conn: _Conn) -> None:
+        if conn.limits is not None:
+            conn.limits.release_connection()
+            conn.limits = None
+            self._wake()
         idle = self._idle.get(conn.key)
         if idle is not None:
             with contextlib.suppress(ValueError):

@@ -51,7 +51,12 @@ import h2.exceptions
 import h2.settings
 
 from meshproxy.config.model import Endpoint
-from meshproxy.core.errors import ProtocolError, UpstreamConnectError, UpstreamResetError
+from meshproxy.core.errors import (
+    ProtocolError,
+    UpstreamConnectError,
+    UpstreamOverflowError,
+    UpstreamResetError,
+)
 from meshproxy.core.h2util import (
     GoAway,
     h2_request_headers,
@@ -61,7 +66,7 @@ from meshproxy.core.h2util import (
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.body import KnownLength
-from meshproxy.io.exchange import BodyStream, UpstreamResponse
+from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.http2_common import (
     CANCEL,
     NO_ERROR,
@@ -213,6 +218,7 @@ class _ClientConnection(H2Endpoint):
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._heard = False  # any frame from the server since the last keepalive check
+        self.limits: ConnectionLimits | None = None  # holds one max_connections slot while open
 
     # -- asyncio.Protocol ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -408,6 +414,9 @@ class _ClientConnection(H2Endpoint):
             self.ready.exception()
         for stream in list(self._streams.values()):
             stream.fail(UpstreamResetError(f"upstream connection lost: {exc or 'closed'}"))
+        if self.limits is not None:
+            self.limits.release_connection()
+            self.limits = None
         self._pool.discard(self)
 
     # -- bookkeeping ----------------------------------------------------------------------
@@ -481,31 +490,51 @@ class _EndpointPool:
         self._connecting: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
-    async def acquire(self, connect_timeout: float) -> _ClientConnection:
+    async def acquire(
+        self, connect_timeout: float, limits: ConnectionLimits | None = None
+    ) -> _ClientConnection:
+        """A connection with a free stream. With ``limits`` (the service's breaker) a new
+        connection needs a ``max_connections`` slot; waiting for capacity counts as a pending
+        request (``max_pending_requests``), beyond which ``UpstreamOverflowError`` (UO)."""
         loop = asyncio.get_running_loop()
-        while True:
-            for conn in self.conns:
-                if conn.has_capacity():
-                    return conn
-            if self._connecting is not None:
-                await asyncio.shield(self._connecting)  # raises its UpstreamConnectError
-                continue
-            if len(self.conns) < self._settings.max_connections_per_endpoint:
-                task = loop.create_task(self._connect(connect_timeout), name=f"h2-connect {self.label}")
-                task.add_done_callback(_consume_exception)
-                self._connecting = task
-                continue
-            waiter = loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+        pending = False
+        try:
+            while True:
+                for conn in self.conns:
+                    if conn.has_capacity():
+                        return conn
+                if self._connecting is not None:
+                    await asyncio.shield(self._connecting)  # raises its UpstreamConnectError
+                    continue
+                if len(self.conns) < self._settings.max_connections_per_endpoint and (
+                    limits is None or limits.try_acquire_connection()
+                ):
+                    task = loop.create_task(
+                        self._connect(connect_timeout, limits), name=f"h2-connect {self.label}"
+                    )
+                    task.add_done_callback(_consume_exception)
+                    self._connecting = task
+                    continue
+                if limits is not None and not pending:
+                    admission = limits.try_acquire_pending()
+                    if not admission:
+                        raise UpstreamOverflowError(admission.reason)
+                    pending = True
+                waiter = loop.create_future()
+                self._waiters.append(waiter)
+                try:
+                    await waiter
+                finally:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
+        finally:
+            if pending and limits is not None:
+                limits.release_pending()
 
-    async def _connect(self, connect_timeout: float) -> None:
+    async def _connect(self, connect_timeout: float, limits: ConnectionLimits | None = None) -> None:
         loop = asyncio.get_running_loop()
         conn = _ClientConnection(self, self._settings)
+        conn.limits = limits  # the slot acquired for it; given back when the connection is lost
         transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(connect_timeout):
@@ -522,6 +551,11 @@ class _EndpointPool:
             raise UpstreamConnectError(f"{self.label}: {exc}") from None
         finally:
             self._connecting = None
+            if transport is None and conn.limits is not None:
+                # Never connected, so connection_lost (which gives the slot back) never runs.
+                conn.limits.release_connection()
+                conn.limits = None
+                self.wake()
         self.conns.append(conn)
         self._all.add(conn)
 
@@ -572,6 +606,7 @@ class Http2Client:
         *,
         connect_timeout: float,
         idle_timeout: float | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> UpstreamResponse:
         """``idle_timeout``: the destination's ``TrafficPolicy.idle_timeout`` (else the settings')."""
         if self._closed:
@@ -582,7 +617,7 @@ class Http2Client:
             pool = self._pools[key] = _EndpointPool(endpoint.address, endpoint.port, self._settings)
         if idle_timeout is not None:
             pool.idle_timeout = idle_timeout
-        conn = await pool.acquire(connect_timeout)
+        conn = await pool.acquire(connect_timeout, limits)
         stream = conn.start_request(head, body)
         try:
             response_head = await stream.head

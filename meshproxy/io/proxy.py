@@ -65,6 +65,7 @@ from meshproxy.core.errors import (
     ProtocolError,
     ProxyError,
     UpstreamConnectError,
+    UpstreamOverflowError,
     UpstreamResetError,
     UpstreamTimeoutError,
 )
@@ -119,6 +120,8 @@ def flag_for(exc: BaseException) -> Flag:
         return exc.flag_enum
     if isinstance(exc, UpstreamConnectError):
         return Flag.UF
+    if isinstance(exc, UpstreamOverflowError):
+        return Flag.UO
     if isinstance(exc, UpstreamTimeoutError | TimeoutError):
         return Flag.UT
     if isinstance(exc, UpstreamResetError):
@@ -628,6 +631,14 @@ class Proxy:
         except LocalReplyError:
             breaker.release_request(admission, None)
             raise
+        except UpstreamOverflowError:
+            # The pool found neither a connection slot nor a pending slot: an overload
+            # signal, not an upstream failure (failure accrual must not count it).
+            breaker.release_request(admission, None)
+            if self.telemetry is not None:
+                self.telemetry.metrics.breaker_rejected(str(svc.key), "max_pending_requests")
+            self._breaker_gauge(svc)
+            raise
         except BaseException:
             breaker.release_request(admission, False)
             self._breaker_gauge(svc)
@@ -739,6 +750,7 @@ class Proxy:
                 call.body,
                 connect_timeout=policy.connect_timeout,
                 idle_timeout=policy.idle_timeout,
+                limits=self.runtime.breaker(call.service),
             )
         return await client.request(ep, call.head, call.body, connect_timeout=_PASSTHROUGH_CONNECT_TIMEOUT)
 

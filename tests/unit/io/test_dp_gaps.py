@@ -15,8 +15,17 @@ import pytest
 from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
 from prometheus_client import CollectorRegistry
 
-from meshproxy.config.model import Endpoint, OutlierDetection, Protocol, Tracing, TrafficPolicy, Workload
+from meshproxy.config.model import (
+    CircuitBreaker,
+    Endpoint,
+    OutlierDetection,
+    Protocol,
+    Tracing,
+    TrafficPolicy,
+    Workload,
+)
 from meshproxy.config.model import Telemetry as TelemetrySettings
+from meshproxy.core.breaker import Limit
 from meshproxy.core.clock import FakeClock
 from meshproxy.core.http import RequestHead
 from meshproxy.io.body import BytesBody
@@ -183,3 +192,32 @@ async def test_a_stalled_response_body_is_reset_after_the_stream_idle_timeout() 
             writer.close()
     finally:
         await tel.shutdown(grace=1.0)
+
+
+async def test_max_connections_queues_pending_requests_and_max_pending_overflows_with_uo(
+    upstream: Upstream,
+) -> None:
+    limits = CircuitBreaker(max_connections=1, max_pending_requests=1)
+    policy = TrafficPolicy(retry=None, outlier_detection=None, circuit_breaker=limits)
+    async with (
+        Sidecar(snapshot(service(upstream.port, policy=policy)), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url, timeout=10) as client,
+    ):
+        breaker = sc.runtime.breakers[next(iter(sc.runtime.breakers))]
+        first = asyncio.create_task(client.get("/slow"))  # holds the only connection
+        await wait_for(lambda: upstream.server.requests == 1)
+        second = asyncio.create_task(client.get("/hello"))  # waits for that connection
+        await wait_for(lambda: breaker.count(Limit.PENDING) == 1)
+        third = await client.get("/hello")  # nothing left to wait in: overflow
+        assert third.status_code == 503
+        assert third.headers["x-meshproxy-flag"] == "UO"
+        assert "max_pending_requests=1" in third.headers["x-meshproxy-reason"]
+        assert upstream.server.requests == 1  # neither the second nor the third reached it yet
+        upstream.server.release.set()
+        r1, r2 = await asyncio.gather(first, second)
+        assert (r1.status_code, r2.status_code) == (200, 200)
+        assert r2.text == "hello\n"
+        assert len(upstream.server.connections) == 1  # the pending request reused the connection
+        assert sc.client.connects == 1
+        assert breaker.count(Limit.PENDING) == 0 and breaker.count(Limit.CONNECTIONS) == 1
+    assert breaker.count(Limit.CONNECTIONS) == 0  # given back when the pool closed it

@@ -13,8 +13,10 @@ import h2.connection
 import pytest
 import uvloop
 
-from meshproxy.config.model import Endpoint
-from meshproxy.core.errors import UpstreamConnectError, UpstreamResetError
+from meshproxy.config.model import CircuitBreaker, Endpoint
+from meshproxy.core.breaker import Breaker, Limit
+from meshproxy.core.clock import FakeClock
+from meshproxy.core.errors import UpstreamConnectError, UpstreamOverflowError, UpstreamResetError
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.body import BytesBody, KnownLength
 from meshproxy.io.exchange import BodyStream, DownstreamContext, ResponseSink
@@ -319,6 +321,27 @@ async def test_the_destinations_idle_timeout_overrides_the_client_default() -> N
         assert await read_all(response.body) == b""
         assert c.connection_count(up.endpoint) == 1
         await eventually(lambda: c.connection_count(up.endpoint) == 0)
+
+
+async def test_the_services_connection_budget_limits_new_connections() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(200, ()), end_stream=True)
+
+    limits = Breaker("svc.demo:80", CircuitBreaker(max_connections=1, max_pending_requests=0), FakeClock())
+    async with upstream(handler) as a, upstream(handler) as b, client() as c:
+        r = await c.request(a.endpoint, get(), empty(), connect_timeout=1, limits=limits)
+        assert await read_all(r.body) == b""
+        assert limits.count(Limit.CONNECTIONS) == 1
+        # A second endpoint would need a second connection: no slot, no pending slot -> UO.
+        with pytest.raises(UpstreamOverflowError):
+            await c.request(b.endpoint, get(), empty(), connect_timeout=1, limits=limits)
+        # The existing connection still multiplexes new streams.
+        r = await c.request(a.endpoint, get(), empty(), connect_timeout=1, limits=limits)
+        assert await read_all(r.body) == b""
+        assert c.connection_count(a.endpoint) == 1 and c.connection_count(b.endpoint) == 0
+    await eventually(lambda: limits.count(Limit.CONNECTIONS) == 0)
 
 
 async def test_abandoned_response_resets_upstream_stream() -> None:
