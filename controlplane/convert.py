@@ -357,6 +357,43 @@ def encode_snapshot_model(s: model.Snapshot, services: ServiceBytesCache) -> byt
     return _length_delimited(_SNAPSHOT_FIELD, b"".join([head, *map(services.get, s.services)]))
 
 
+# ---------------------------------------------------------------- incremental endpoint updates
+
+_ENDPOINTS_FIELD: int = pb.DiscoveryResponse.DESCRIPTOR.fields_by_name["endpoints"].number
+
+
+def encode_endpoint_update(
+    base: model.Snapshot, new: model.Snapshot, services: ServiceBytesCache
+) -> bytes | None:
+    """The ``EndpointUpdate`` payload that turns ``base`` into ``new``, or None if a full snapshot is needed.
+
+    Only when the two differ in nothing but endpoint lists (same services in the same
+    order, same routes, policies, workload, inbound and telemetry): then a proxy that
+    holds ``base`` rebuilds ``new`` exactly, content-hash version included. Services
+    are compared by their cached encodings, so an unchanged service costs a lookup.
+    """
+    if (
+        len(base.services) != len(new.services)
+        or base.workload != new.workload
+        or base.inbound != new.inbound
+        or base.telemetry != new.telemetry
+    ):
+        return None
+    changed = []
+    for old, svc in zip(base.services, new.services, strict=True):
+        if old is svc or services.get(old) == services.get(svc):
+            continue
+        if replace(old, endpoints=()) != replace(svc, endpoints=()):
+            return None  # something besides the endpoints changed
+        changed.append(
+            pb.ServiceEndpoints(service_key=svc.key, endpoints=[_endpoint(e) for e in svc.endpoints])
+        )
+    if not changed:
+        return None
+    update = pb.EndpointUpdate(base_version=base.version, services=changed)
+    return _length_delimited(_ENDPOINTS_FIELD, update.SerializeToString())
+
+
 decode_discovery_request = pb.DiscoveryRequest.FromString
 decode_list_proxies_request = pb.ListProxiesRequest.FromString
 decode_get_proxy_config_request = pb.GetProxyConfigRequest.FromString

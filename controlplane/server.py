@@ -29,6 +29,10 @@ One stream, as implemented:
      learns it when it reads again, or keepalive ends a dead connection.
      Responses are written pre-encoded: each snapshot version is converted and
      encoded once (``convert.encode_snapshot_model``), whatever the number of proxies.
+     Once a proxy ACKed what it was sent, a new snapshot that differs from it in
+     endpoint lists only goes as an ``EndpointUpdate`` (encoded once per pair of
+     versions); a FAILED_PRECONDITION NACK of one gets that version in full and
+     turns updates off for the stream.
   4. When the stream ends, the node is unregistered (unless a newer stream of
      the same node took over).
 
@@ -68,6 +72,8 @@ from meshproxy.config.load import dump
 from meshproxy.config.model import Snapshot
 
 log = logging.getLogger(__name__)
+
+_FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]  # a NACK saying "send it in full"
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]  # the stubs lack it
@@ -134,6 +140,13 @@ class _Stream:
     nacked: OrderedDict[str, None] = field(default_factory=OrderedDict)
     last_nack: str = ""
     reader_done: bool = False
+    # Incremental endpoint updates: used when the proxy ACKed what it was sent last and the
+    # new snapshot differs from that in endpoints only. A proxy that cannot apply one NACKs
+    # it with FAILED_PRECONDITION: it gets that version in full, and full snapshots only
+    # for the rest of the stream.
+    deltas: bool = True
+    sent_delta: bool = False
+    resend: bool = False  # send ``latest`` even though it is the version sent last
 
     def offer(self, snapshot: Snapshot) -> None:
         """Called by the cache on every new version; never blocks."""
@@ -170,6 +183,8 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         # encodes the services it changed (convert.ServiceBytesCache).
         self._protos: OrderedDict[str, bytes] = OrderedDict()
         self._service_bytes = convert.ServiceBytesCache()
+        # Endpoint updates by (base version, new version); None: a full snapshot is needed.
+        self._deltas: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
 
     # ---- the stream
 
@@ -258,10 +273,13 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
                 continue
             if snapshot.version in stream.nacked:
                 continue  # never resend what the proxy rejected
-            if stream.sent is not None and snapshot.version == stream.sent.version:
+            if stream.sent is not None and snapshot.version == stream.sent.version and not stream.resend:
                 continue
+            stream.resend = False
             nonce = f"{next(self._nonces)}"
-            msg = convert.encode_response(self._encoded(snapshot), snapshot.version, nonce)
+            payload = self._delta(stream, snapshot)
+            stream.sent_delta = payload is not None
+            msg = convert.encode_response(payload or self._encoded(snapshot), snapshot.version, nonce)
             # Record before writing: the ACK can arrive before write() returns.
             stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
             await self._write(stream, context, msg)
@@ -312,6 +330,17 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             return
         sent = stream.sent
         stream.sent_nonce = ""  # one answer per response
+        if stream.sent_delta and req.error_detail.code == _FAILED_PRECONDITION:
+            # The proxy could not rebuild the snapshot from the update (it does not hold the
+            # base): not a rejection of this version. Send it in full, and only full ones.
+            log.info(
+                "proxy cannot apply endpoint updates; sending full snapshots", extra={"node": stream.node_id}
+            )
+            stream.deltas = False
+            if stream.latest is None:
+                stream.latest, stream.resend = sent, True
+            stream.wake.set()
+            return
         if req.HasField("error_detail") and (req.error_detail.message or req.error_detail.code):
             stream.nacked[sent.version] = None
             while len(stream.nacked) > 64:
@@ -334,6 +363,21 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         stream.last_nack = ""
         self._metrics.acks.inc()
         self._metrics.push_latency.observe(max(0.0, self._clock() - stream.sent_at))
+
+    def _delta(self, stream: _Stream, snapshot: Snapshot) -> bytes | None:
+        """The encoded endpoint update from what the proxy ACKed to ``snapshot``, if one will do."""
+        base = stream.acked
+        if not stream.deltas or base is None or stream.sent is not base:
+            return None  # nothing ACKed yet, or a response in flight: its base is uncertain
+        key = (base.version, snapshot.version)
+        if key in self._deltas:
+            self._deltas.move_to_end(key)
+            return self._deltas[key]
+        data = convert.encode_endpoint_update(base, snapshot, self._service_bytes)
+        self._deltas[key] = data
+        while len(self._deltas) > 256:
+            self._deltas.popitem(last=False)
+        return data
 
     def _encoded(self, snapshot: Snapshot) -> bytes:
         data = self._protos.get(snapshot.version)

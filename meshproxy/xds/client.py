@@ -2,7 +2,9 @@
 
 Owns: the proxy side of the stream contract in
 ``protos/meshapi/discovery/v1/discovery.proto``: say who we are, receive full
-snapshots, validate and apply them, ACK or NACK each one, reconnect with
+snapshots and incremental endpoint updates (rebuilt on the last good snapshot;
+one we cannot rebuild is NACKed with FAILED_PRECONDITION and the server sends
+the full snapshot), validate and apply them, ACK or NACK each one, reconnect with
 jittered exponential backoff, and report the connection state.
 
 API (what ``meshproxy.io.app`` uses)::
@@ -14,7 +16,8 @@ API (what ``meshproxy.io.app`` uses)::
   * ``node``: ``meshproxy.xds.convert.ProxyNode`` (pod, namespace, service
     account, labels, pod IP, ...), sent as the first request of every stream.
   * ``apply(snapshot) -> None``: called on the event loop with each new
-    validated snapshot (conversion and validation run in a worker thread). Raise ``ConfigError`` to reject it: the client NACKs
+    validated snapshot, full or rebuilt from an incremental endpoint update of the
+    last good one (conversion and validation run in a worker thread). Raise ``ConfigError`` to reject it: the client NACKs
     with that message and the proxy keeps its last good snapshot. It must not
     block (swap the snapshot in with one assignment).
   * ``on_state(ConnectionState) -> None`` (optional): CONNECTING before each
@@ -193,10 +196,16 @@ class XdsClient:
         try:
             # Converting and validating a big snapshot takes a while (10,000 endpoints: tenths
             # of a second); a worker thread lets the proxy's loop keep serving meanwhile.
-            snapshot = await asyncio.to_thread(convert.received_snapshot, resp)
+            snapshot = await asyncio.to_thread(convert.received_response, resp, self.last_good)
             if self.last_good is None or snapshot.version != self.last_good.version:
                 self._apply(snapshot)
                 self.last_good = snapshot
+        except convert.BaseVersionMismatch as exc:
+            # Not a bad config: the server resends this version in full.
+            log.info(
+                "cannot apply an incremental update", extra={"version": resp.version_info, "error": str(exc)}
+            )
+            return convert.nack(last_good, resp.nonce, str(exc), code=convert.FAILED_PRECONDITION)
         except ConfigError as exc:
             log.warning("rejecting config", extra={"version": resp.version_info, "error": str(exc)})
             return convert.nack(last_good, resp.nonce, str(exc))

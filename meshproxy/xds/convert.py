@@ -26,7 +26,7 @@ including the content-hash version. Concurrency: none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -37,6 +37,14 @@ from meshproxy.config.load import _validate  # see snapshot_from_proto
 from meshproxy.core.errors import ConfigError
 
 INVALID_ARGUMENT = 3  # google.rpc.Code
+# A NACK with this code says "I cannot apply this incremental update" (not "this config
+# is bad"): the server answers with the full snapshot of the same version.
+FAILED_PRECONDITION = 9
+
+
+class BaseVersionMismatch(ConfigError):
+    """An incremental update for a snapshot this proxy does not hold (NACKed with FAILED_PRECONDITION)."""
+
 
 _PROTOCOL: dict[int, str] = {
     pb.PROTOCOL_AUTO: model.Protocol.AUTO.value,
@@ -200,6 +208,23 @@ def _route(r: pb.Route, path: str) -> model.Route:
     )
 
 
+def _endpoints(msgs: Any) -> tuple[model.Endpoint, ...]:
+    return tuple(
+        model.Endpoint(
+            address=e.address,
+            port=e.port,
+            ready=e.ready,
+            serving=e.serving,
+            terminating=e.terminating,
+            weight=e.weight,
+            pod=e.pod,
+            workload=e.workload,
+            zone=e.zone,
+        )
+        for e in msgs
+    )
+
+
 def _service(s: pb.Service, path: str) -> model.Service:
     return model.Service(
         name=s.name,
@@ -208,20 +233,7 @@ def _service(s: pb.Service, path: str) -> model.Service:
         protocol=model.Protocol(_enum(_PROTOCOL, s.protocol, f"{path}.protocol")),
         vips=tuple(s.vips),
         hostnames=tuple(s.hostnames),
-        endpoints=tuple(
-            model.Endpoint(
-                address=e.address,
-                port=e.port,
-                ready=e.ready,
-                serving=e.serving,
-                terminating=e.terminating,
-                weight=e.weight,
-                pod=e.pod,
-                workload=e.workload,
-                zone=e.zone,
-            )
-            for e in s.endpoints
-        ),
+        endpoints=_endpoints(s.endpoints),
         routes=tuple(_route(r, f"{path}.routes[{i}]") for i, r in enumerate(s.routes)),
         policy=_policy(s.policy, f"{path}.policy") if s.HasField("policy") else model.TrafficPolicy(),
         target_port=s.target_port or None,
@@ -292,14 +304,50 @@ def snapshot_from_proto(msg: pb.Snapshot) -> model.Snapshot:
 def received_snapshot(resp: pb.DiscoveryResponse) -> model.Snapshot:
     """The snapshot a response carries; its version must be the content hash the server claims."""
     if resp.WhichOneof("payload") != "snapshot":
-        # Incremental endpoint updates are reserved in the contract; this proxy NACKs them,
-        # which makes the server fall back to full snapshots.
-        raise ConfigError("payload", "only full snapshots are supported by this proxy")
+        # Incremental updates need the proxy's base snapshot: ``received_response``.
+        raise ConfigError("payload", "not a full snapshot")
     snapshot = snapshot_from_proto(resp.snapshot)
     if resp.version_info and snapshot.version != resp.version_info:
         raise ConfigError(
             "version_info",
             f"content hash {snapshot.version} does not match the announced {resp.version_info}",
+        )
+    return snapshot
+
+
+def received_response(resp: pb.DiscoveryResponse, base: model.Snapshot | None) -> model.Snapshot:
+    """The snapshot a response gives this proxy, which holds ``base`` (its last good snapshot).
+
+    A full snapshot stands alone. An ``EndpointUpdate`` replaces the endpoint lists of the
+    services it names in ``base`` and must give exactly the announced version (the
+    content hash), validated like a full snapshot. An update for a snapshot this proxy
+    does not hold raises ``BaseVersionMismatch``.
+    """
+    if resp.WhichOneof("payload") != "endpoints":
+        return received_snapshot(resp)
+    update = resp.endpoints
+    if base is None or update.base_version != base.version:
+        raise BaseVersionMismatch(
+            "endpoints.base_version",
+            f"update for {update.base_version or '(none)'}, but this proxy holds "
+            f"{base.version if base else 'no snapshot'}",
+        )
+    position = {str(svc.key): i for i, svc in enumerate(base.services)}
+    services = list(base.services)
+    for j, entry in enumerate(update.services):
+        i = position.get(entry.service_key)
+        if i is None:
+            raise BaseVersionMismatch(
+                f"endpoints.services[{j}].service_key", f"{entry.service_key!r} is not in the base snapshot"
+            )
+        services[i] = replace(services[i], endpoints=_endpoints(entry.endpoints))
+    snapshot = replace(base, services=tuple(services), version="")
+    _validate(snapshot)
+    snapshot = snapshot.with_version()
+    if resp.version_info and snapshot.version != resp.version_info:
+        raise ConfigError(
+            "version_info",
+            f"content hash {snapshot.version} after the update does not match the announced {resp.version_info}",
         )
     return snapshot
 
@@ -327,9 +375,11 @@ def ack(version: str, nonce: str) -> pb.DiscoveryRequest:
     return pb.DiscoveryRequest(version_info=version, response_nonce=nonce)
 
 
-def nack(last_good_version: str, nonce: str, message: str) -> pb.DiscoveryRequest:
+def nack(
+    last_good_version: str, nonce: str, message: str, code: int = INVALID_ARGUMENT
+) -> pb.DiscoveryRequest:
     return pb.DiscoveryRequest(
         version_info=last_good_version,
         response_nonce=nonce,
-        error_detail=pb.ErrorDetail(code=INVALID_ARGUMENT, message=message),
+        error_detail=pb.ErrorDetail(code=code, message=message),
     )
