@@ -39,7 +39,7 @@ class E2EError(AssertionError):
 
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval: float = 0.5) -> T:
-    """Poll ``probe`` until it returns something other than None/False; fail after ``timeout``."""
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
@@ -47,7 +47,7 @@ def wait_for(probe: Callable[[], T | None], timeout: float, what: str, interval:
             value = probe()
         except (OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
             value, last = None, exc
-        if value is not None and value is not False:
+        if value:
             return value
         if time.monotonic() > deadline:
             raise E2EError(f"timed out after {timeout:.0f}s waiting for {what} (last error: {last!r})")
@@ -99,20 +99,17 @@ class Cluster:
             raise E2EError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
-    def kubectl_popen(self, *args: str, stdin: str | None = None) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [str(self.kubectl_bin), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self._env(),
-        )
-        assert proc.stdin is not None
-        if stdin is not None:
-            proc.stdin.write(stdin)
-        proc.stdin.close()
-        return proc
+    def kubectl_popen(self, *args: str, stdin: Path) -> subprocess.Popen[str]:
+        """kubectl in the background, its standard input read from the file ``stdin``."""
+        with stdin.open() as f:
+            return subprocess.Popen(
+                [str(self.kubectl_bin), *args],
+                stdin=f,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=self._env(),
+            )
 
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +39,8 @@ DEMO_NS = "demo"
 RELEASE = "meshproxy"
 DEMO_DIR = REPO / "deploy" / "demo" / "k8s"
 CHART = REPO / "deploy" / "helm" / "meshproxy"
-LOADGEN_SCRIPT = (Path(__file__).parent / "loadgen.py").read_text()
+LOADGEN_PATH = Path(__file__).parent / "loadgen.py"
+LOADGEN_SCRIPT = LOADGEN_PATH.read_text()
 FRONTEND = "http://frontend.demo:8080/"
 INVENTORY = "http://inventory.demo:8080/stock"
 DEMO_APPS = ("frontend", "catalog", "inventory")
@@ -102,7 +105,7 @@ class Background:
 
     def __init__(self, cluster: Cluster, seconds: float, concurrency: int = 2, url: str = FRONTEND) -> None:
         self.proc = cluster.kubectl_popen(
-            *load_args(url, seconds=seconds, concurrency=concurrency), stdin=LOADGEN_SCRIPT
+            *load_args(url, seconds=seconds, concurrency=concurrency), stdin=LOADGEN_PATH
         )
         self.seconds = seconds
 
@@ -177,6 +180,8 @@ def mesh(cluster: Cluster) -> Iterator[Cluster]:
         "--set", "jaeger.enabled=false",
         "--set", f"tracing.otlpGrpcEndpoint=http://{cluster.node_ip}:4317",
         "--wait", "--timeout", "5m",
+        # Debugging only (documented in docs/e2e.md): extra helm arguments.
+        *shlex.split(os.environ.get("MESHPROXY_E2E_HELM_ARGS", "")),
     )  # fmt: skip
     # 3. The demo namespace, annotated for injection, then the demo itself.
     cluster.kubectl("apply", "-f", str(DEMO_DIR / "00-namespace.yaml"))
@@ -202,8 +207,12 @@ def test_every_demo_pod_runs_with_its_sidecar_ready(mesh: Cluster) -> None:
 
 def test_requests_flow_through_every_hop(mesh: Cluster) -> None:
     load = drive(mesh, n=60)
-    assert load.failed == 0, load
-    assert sum(load.versions.values()) == 60
+    # Every request answered by the frontend; every 200 carries the inventory's answer
+    # from the end of the chain. (inventory v2 fails 10 % on purpose: whether the mesh
+    # hides those is test_retries_hide_the_failures_of_inventory_v2's question.)
+    assert not load.errors and set(load.status) <= {"200", "502"}, load
+    assert load.ok >= 50, load
+    assert sum(load.versions.values()) == load.ok
     assert set(load.versions) <= {"v1", "v2"}, load.versions
 
 
@@ -222,8 +231,8 @@ def spans_by_kind(trace: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]
 
 def test_jaeger_has_client_and_server_span_per_hop(mesh: Cluster) -> None:
     load = drive(mesh, n=10, concurrency=1)
-    assert load.failed == 0, load
-    trace_id = load.trace_ids[-1]
+    assert load.trace_ids, load
+    trace_id = load.trace_ids[-1]  # a request answered 200 through every hop
 
     def complete() -> dict[str, Any] | None:
         trace = mesh.jaeger_trace(trace_id)
@@ -250,10 +259,12 @@ def test_jaeger_has_client_and_server_span_per_hop(mesh: Cluster) -> None:
         assert any(p is not None and src in p[0] and p[1] == "client" for p in parents), (
             f"{dst}'s server span is not a child of a {src} client span"
         )
-        # The mesh's attributes: the HTTP status on every server span of the hop.
+        # The mesh's attributes: who called whom, and the HTTP status, on the hop's server span.
         for s in servers:
             tags = s["tagmap"]
-            assert any(k in tags for k in ("http.response.status_code", "http.status_code")), tags
+            assert tags.get("mesh.source.workload") == src, tags
+            assert str(tags.get("mesh.destination.service", "")).startswith(dst), tags
+            assert tags.get("http.response.status_code") == 200, tags
 
 
 # ---- (2) metrics ---------------------------------------------------------------------------------
@@ -263,24 +274,32 @@ def test_prometheus_shows_request_metrics_per_hop(mesh: Cluster) -> None:
     load = drive(mesh, n=30)
     assert load.failed == 0, load
 
-    def per_hop() -> dict[tuple[str, str], float] | None:
-        rows = mesh.promql("sum by (app, reporter, destination_service) (meshproxy_requests_total)")
-        seen: dict[tuple[str, str], float] = {}
-        for row in rows:
-            m = row["metric"]
-            seen[(m.get("app", ""), m.get("reporter", "") + ":" + m.get("destination_service", ""))] = float(
-                row["value"][1]
-            )
+    def per_hop() -> list[tuple[str, str, float, float]] | None:
+        # Each hop is counted at both ends: by the caller's sidecar (reporter="source") and
+        # by the callee's (reporter="destination"), like Istio's standard metrics.
+        rows = mesh.promql(
+            "sum by (app, reporter, source_workload, destination_service) (meshproxy_requests_total)"
+        )
+        hops = []
         for src, dst in HOPS:
             out = [
-                v
-                for (app, key), v in seen.items()
-                if app == src and key.startswith("outbound:") and dst in key
+                float(r["value"][1])
+                for r in rows
+                if r["metric"].get("app") == src
+                and r["metric"].get("reporter") == "source"
+                and r["metric"].get("destination_service", "").startswith(dst)
             ]
-            inn = [v for (app, key), v in seen.items() if app == dst and key.startswith("inbound:")]
-            if not out or not inn or min(out + inn) < 30:
+            inn = [
+                float(r["value"][1])
+                for r in rows
+                if r["metric"].get("app") == dst
+                and r["metric"].get("reporter") == "destination"
+                and r["metric"].get("source_workload") == src
+            ]
+            if not out or not inn or min(sum(out), sum(inn)) < 30:
                 return None
-        return seen
+            hops.append((src, dst, sum(out), sum(inn)))
+        return hops
 
     wait_for(per_hop, 60, "meshproxy_requests_total for every hop, outbound and inbound, in Prometheus")
 
@@ -297,8 +316,8 @@ def test_httproute_split_moves_ten_percent_to_v2(mesh: Cluster) -> None:
         wait_for(lambda: drive(mesh, n=40, concurrency=4).versions.get("v2", 0) > 0, 30, "v2 to get traffic")
         took = time.monotonic() - t0
         load = drive(mesh, n=400, concurrency=4)
-        assert load.failed == 0, load
-        share = load.versions.get("v2", 0) / 400
+        assert load.ok >= 380 and not load.errors, load  # failures: see the retries test below
+        share = load.versions.get("v2", 0) / load.ok
         # Binomial(400, 0.1): mean 40, sd 6; 4 %..18 % is more than +-4 sd.
         assert 0.04 <= share <= 0.18, load.versions
         assert took < 30
@@ -306,7 +325,7 @@ def test_httproute_split_moves_ten_percent_to_v2(mesh: Cluster) -> None:
         # The same split is visible in Prometheus (inbound requests per inventory version).
         def by_version() -> dict[str, float] | None:
             rows = mesh.promql(
-                'sum by (version) (increase(meshproxy_requests_total{app="inventory",reporter="inbound"}[1m]))'
+                'sum by (version) (increase(meshproxy_requests_total{app="inventory",reporter="destination"}[1m]))'
             )
             got = {r["metric"].get("version", ""): float(r["value"][1]) for r in rows}
             return got if got.get("v2", 0) > 0 and got.get("v1", 0) > got.get("v2", 0) else None
@@ -319,47 +338,88 @@ def test_httproute_split_moves_ten_percent_to_v2(mesh: Cluster) -> None:
 # ---- (4) circuit breaker ------------------------------------------------------------------------
 
 
-def test_circuit_breaker_opens_under_overload_and_closes_after(mesh: Cluster) -> None:
-    try:
-        mesh.apply("""
+def test_retries_hide_the_failures_of_inventory_v2(mesh: Cluster) -> None:
+    # The demo's promise (deploy/demo/k8s/40-traffic.yaml): v2 fails 10 % of its requests
+    # and the TrafficPolicy's retries (5xx, 2 attempts) on the inventory Service hide them.
+    load = drive(mesh, n=300, concurrency=4)
+    assert load.versions.get("v2", 0) > 0, load.versions
+    assert load.failed == 0, load
+
+
+BREAKER_POLICY = """
 apiVersion: policy.meshproxy.io/v1alpha1
 kind: TrafficPolicy
-metadata: {name: inventory-resilience, namespace: demo}
+metadata: {name: e2e-breaker, namespace: demo}
 spec:
-  targetRef: {group: "", kind: Service, name: inventory}
-  timeout: 5s
+  targetRef: {group: "", kind: Service, name: inventory-v1}
   circuitBreaker: {maxConnections: 1, maxPendingRequests: 1, maxRequests: 1, maxRetries: 1}
-""")
+"""
+BREAKER_STATE = 'meshproxy_circuit_breaker_state{app="loadgen",destination=~"inventory-v1.*"}'
 
-        # Overload inventory directly from loadgen: 16 concurrent callers, 1 allowed.
+
+def breaker_gauge(cluster: Cluster, pod_ip: str, destination: str) -> set[float]:
+    """Values of meshproxy_circuit_breaker_state for ``destination`` on one sidecar, now."""
+    text = cluster.in_node(["curl", "-sf", f"http://{pod_ip}:15000/metrics"])
+    return {
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("meshproxy_circuit_breaker_state{") and f'destination="{destination}' in line
+    }
+
+
+def test_circuit_breaker_opens_under_overload_and_closes_after(mesh: Cluster) -> None:
+    url = "http://inventory-v1.demo:8080/stock"
+    try:
+        mesh.apply(BREAKER_POLICY)
+
+        # 16 concurrent callers, 1 request allowed at a time: the rest overflow.
         def overflowing() -> Load | None:
-            load = drive(mesh, INVENTORY, seconds=8, concurrency=16)
-            return load if load.status.get("503", 0) > 0 and load.flags.get("UO", 0) > 0 else None
+            load = drive(mesh, url, seconds=6, concurrency=16)
+            return load if load.flags.get("UO", 0) > 0 else None
 
         load = wait_for(overflowing, 90, "503 UO answers from the circuit breaker under overload")
+        assert load.status.get("503", 0) >= load.flags["UO"], load  # UO answers are 503s
         assert load.ok > 0, load  # the one allowed request at a time still goes through
-        opened = mesh.promql('max_over_time(meshproxy_circuit_breaker_state{app="loadgen"}[1m]) >= 1')
-        assert opened, "the breaker state gauge never showed open"
-        # After the overload, the breaker closes: a calm caller gets only 200s, and the gauge is 0.
-        calm = drive(mesh, INVENTORY, n=20, concurrency=1)
+        rejected = mesh.promql(
+            'sum(meshproxy_circuit_breaker_rejections_total{app="loadgen",destination=~"inventory-v1.*"})'
+        )
+        assert rejected and float(rejected[0]["value"][1]) > 0, rejected
+        # The state gauge, read from loadgen's sidecar while the overload lasts.
+        pod_ip = mesh.get_json("-n", DEMO_NS, "pod", "loadgen")["status"]["podIP"]
+        bg = Background(mesh, seconds=8, concurrency=16, url=url)
+        seen: set[float] = set()
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            seen |= breaker_gauge(mesh, pod_ip, "inventory-v1")
+        bg.result()
+        assert 1.0 in seen, f"breaker state gauge never open under overload (values seen: {sorted(seen)})"
+        # After the overload the breaker closes: a calm caller gets only 200s, gauge 0.
+        calm = drive(mesh, url, n=20, concurrency=1)
         assert calm.failed == 0, calm
         wait_for(
-            lambda: all(
-                float(r["value"][1]) == 0
-                for r in mesh.promql('meshproxy_circuit_breaker_state{app="loadgen"}')
-            )
-            and mesh.promql('meshproxy_circuit_breaker_state{app="loadgen"}'),
+            lambda: (rows := mesh.promql(BREAKER_STATE)) and all(float(r["value"][1]) == 0 for r in rows),
             30,
             "the breaker state gauge back to closed",
         )
     finally:
-        restore_demo_policies(mesh)
+        mesh.kubectl("-n", DEMO_NS, "delete", "trafficpolicy", "e2e-breaker", "--ignore-not-found")
 
 
 # ---- (5) pod deletion, (6) control plane restart -------------------------------------------------
 
 
-def test_deleting_a_demo_pod_during_traffic_fails_no_request(mesh: Cluster) -> None:
+@pytest.fixture
+def v1_only(mesh: Cluster) -> Iterator[Cluster]:
+    """All inventory traffic on v1, whose answers are never injected failures: what
+    fails in the next tests is then what the pod deletion or restart caused."""
+    apply_split(mesh, 100, 0)
+    wait_for(lambda: drive(mesh, n=40).versions == {"v1": 40}, 60, "every request on v1 (split 100/0)")
+    yield mesh
+    restore_demo_policies(mesh)
+
+
+def test_deleting_a_demo_pod_during_traffic_fails_no_request(v1_only: Cluster) -> None:
+    mesh = v1_only
     mesh.kubectl("-n", DEMO_NS, "scale", "deployment/catalog", "--replicas=2")
     wait_for(lambda: demo_settled(mesh), 180, "a second catalog pod ready")
     # Both catalog pods known to the callers before one goes.
@@ -377,7 +437,8 @@ def test_deleting_a_demo_pod_during_traffic_fails_no_request(mesh: Cluster) -> N
     wait_for(lambda: demo_settled(mesh), 180, "catalog back to one pod")
 
 
-def test_restarting_the_control_plane_during_traffic_fails_no_request(mesh: Cluster) -> None:
+def test_restarting_the_control_plane_during_traffic_fails_no_request(v1_only: Cluster) -> None:
+    mesh = v1_only
     bg = Background(mesh, seconds=40)
     time.sleep(5)
     mesh.kubectl("-n", MESH_NS, "rollout", "restart", "deployment")
