@@ -125,13 +125,15 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise ValueError("varint too long")
 
 
-def response_head(raw: bytes) -> tuple[str, str]:
-    """``(version_info, nonce)`` of an encoded ``DiscoveryResponse`` without decoding the snapshot.
+def response_head(raw: bytes) -> tuple[str, str, str]:
+    """``(version_info, nonce, payload)`` of an encoded ``DiscoveryResponse``, without decoding the payload.
+
+    ``payload`` is ``"snapshot"``, ``"endpoints"`` (an incremental update) or ``""``.
 
     Walks the top-level fields and skips the payload by its length, so the cost does not
     grow with the snapshot (field order on the wire is not assumed).
     """
-    version = nonce = ""
+    version = nonce = payload = ""
     pos = 0
     while pos < len(raw):
         key, pos = _varint(raw, pos)
@@ -144,6 +146,8 @@ def response_head(raw: bytes) -> tuple[str, str]:
                 version = raw[pos : pos + length].decode()
             elif number == 2:
                 nonce = raw[pos : pos + length].decode()
+            elif number in _PAYLOADS:
+                payload = _PAYLOADS[number]
             pos += length
         elif wire_type == 0:
             _, pos = _varint(raw, pos)
@@ -153,7 +157,12 @@ def response_head(raw: bytes) -> tuple[str, str]:
             pos += 4
         else:
             raise ValueError(f"unsupported wire type {wire_type}")
-    return version, nonce
+    return version, nonce, payload
+
+
+_PAYLOADS = {
+    pb.DiscoveryResponse.DESCRIPTOR.fields_by_name[name].number: name for name in ("snapshot", "endpoints")
+}
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -382,7 +391,7 @@ class Coordinator:
         self.converged_at = 0.0  # when the last waiting proxy ACKed
         self.done = asyncio.Event()
         self.last_response = time.monotonic()
-        self.responses: list[tuple[float, int]] = []  # (received at, bytes) since the last reset
+        self.responses: list[tuple[float, int, str]] = []  # (received at, bytes, payload) since a reset
 
     def start(self, baseline: list[str], marker: str) -> None:
         self.baseline = baseline
@@ -390,9 +399,9 @@ class Coordinator:
         self.waiting = set(range(self.count))
         self.done.clear()
 
-    def on_response(self, now: float, size: int) -> None:
+    def on_response(self, now: float, size: int, payload: str) -> None:
         self.last_response = now
-        self.responses.append((now, size))
+        self.responses.append((now, size, payload))
 
     def on_ack(self, proxy: SimProxy) -> None:
         if proxy.index not in self.waiting:
@@ -420,6 +429,7 @@ class SimProxy:
     responses: int = 0
     streams: int = 0
     errors: list[str] = field(default_factory=list)
+    by_service: dict[str, frozenset[str]] = field(default_factory=dict)  # the witness's view
 
     async def run(self) -> None:
         while True:
@@ -432,6 +442,18 @@ class SimProxy:
             except grpc.aio.AioRpcError as exc:
                 self.errors.append(f"{exc.code().name}: {exc.details()}")
             await asyncio.sleep(0.2)  # reconnect backoff, not synchronisation
+
+    def _witness(self, msg: Any) -> frozenset[str]:
+        """Every endpoint address the proxy would now hold (full snapshots and updates)."""
+        if msg.WhichOneof("payload") == "snapshot":
+            self.by_service = {
+                f"{s.name}.{s.namespace}:{s.port}": frozenset(e.address for e in s.endpoints)
+                for s in msg.snapshot.services
+            }
+        else:
+            for entry in msg.endpoints.services:
+                self.by_service[entry.service_key] = frozenset(e.address for e in entry.endpoints)
+        return frozenset().union(*self.by_service.values())
 
     async def _stream(self) -> None:
         async with grpc.aio.insecure_channel(self.target, options=channel_options()) as channel:
@@ -449,14 +471,11 @@ class SimProxy:
                         return
                     now = time.monotonic()
                     self.responses += 1
-                    self.coordinator.on_response(now, len(raw))
+                    version, nonce, payload = response_head(raw)
+                    self.coordinator.on_response(now, len(raw), payload)
                     addresses = self.acked_addresses
                     if self.witness:
-                        msg = pb.DiscoveryResponse.FromString(raw)
-                        version, nonce = msg.version_info, msg.nonce
-                        addresses = frozenset(a.address for s in msg.snapshot.services for a in s.endpoints)
-                    else:
-                        version, nonce = response_head(raw)
+                        addresses = self._witness(pb.DiscoveryResponse.FromString(raw))
                     await call.write(convert.ack(version, nonce))
                     self.acked_version, self.acked_at, self.acked_addresses = (
                         version,
@@ -565,6 +584,7 @@ class ChangeSample:
     reference: float  # t0 -> the plain watch saw it
     api_write: float  # t0 -> the PATCH returned
     pushes: int  # responses to all proxies caused by this change
+    endpoint_updates: int  # how many of them were incremental (EndpointUpdate)
     bytes_per_push: float
     cpu_seconds: float  # control plane utime+stime from t0 to quiet
     bench_cpu_seconds: float  # this process (the simulated proxies), same interval
@@ -606,7 +626,7 @@ async def measure(
             lambda: all(px.acked_version for px in proxies), params.timeout, "every proxy's first ACK"
         )
         initial_sync = time.monotonic() - connect_start
-        initial_bytes = sum(size for _, size in coord.responses) / max(1, len(coord.responses))
+        initial_bytes = sum(size for _, size, _ in coord.responses) / max(1, len(coord.responses))
         cpu_connect = plane.cpu_seconds() - cpu_before_connect
         mem_connected = plane.memory()
         await wait_until(
@@ -646,12 +666,14 @@ async def measure(
                 params.timeout,
                 "a quiet stream",
             )
-            pushes = [size for at, size in coord.responses if at >= t0]
+            pushes = [size for at, size, _ in coord.responses if at >= t0]
+            updates = sum(1 for at, _, kind in coord.responses if at >= t0 and kind == "endpoints")
             sample = ChangeSample(
                 convergence=converged,
                 reference=ref,
                 api_write=t_written - t0,
                 pushes=len(pushes),
+                endpoint_updates=updates,
                 bytes_per_push=sum(pushes) / len(pushes) if pushes else 0.0,
                 cpu_seconds=plane.cpu_seconds() - cpu0,
                 bench_cpu_seconds=time.process_time() - own0,
@@ -659,8 +681,8 @@ async def measure(
             tag = "warmup" if k < params.warmup else f"{k - params.warmup + 1}/{params.changes}"
             print(
                 f"change {tag}: convergence {sample.convergence * 1000:.0f} ms, reference "
-                f"{sample.reference * 1000:.0f} ms, pushes {sample.pushes}, "
-                f"{sample.bytes_per_push / 1024:.0f} KiB/push, cp cpu {sample.cpu_seconds:.2f} s",
+                f"{sample.reference * 1000:.0f} ms, pushes {sample.pushes} ({sample.endpoint_updates} updates), "
+                f"{sample.bytes_per_push / 1024:.1f} KiB/push, cp cpu {sample.cpu_seconds:.2f} s",
                 flush=True,
             )
             if k >= params.warmup:
@@ -689,6 +711,7 @@ async def measure(
         "convergence_minus_reference_s": summarize([c - r for c, r in zip(conv, refs, strict=True)]),
         "api_write_s": summarize([s.api_write for s in samples]),
         "pushes_per_change": sum(s.pushes for s in samples) / len(samples),
+        "endpoint_updates_per_change": sum(s.endpoint_updates for s in samples) / len(samples),
         "server_pushes_per_change": server_pushes / len(samples),
         "bytes_per_push": sum(s.bytes_per_push * s.pushes for s in samples)
         / max(1, sum(s.pushes for s in samples)),
@@ -850,7 +873,9 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---:|",
         f"| pushes per change (received / server counter) | {r['pushes_per_change']:.0f} / "
         f"{r['server_pushes_per_change']:.0f} |",
-        f"| bytes per push (serialized DiscoveryResponse) | {r['bytes_per_push'] / 1024:.0f} KiB |",
+        f"| of which incremental endpoint updates | {r.get('endpoint_updates_per_change', 0):.0f} |",
+        f"| bytes per push (serialized DiscoveryResponse) | {r['bytes_per_push'] / 1024:.1f} KiB |",
+        f"| bytes per proxy at connect (full snapshot) | {r['initial_bytes_per_push'] / 1024:.0f} KiB |",
         f"| control plane CPU per change | {r['cpu_seconds_per_change']:.2f} s |",
         f"| simulated proxies' CPU per change (the benchmark process) | "
         f"{r.get('bench_cpu_seconds_per_change', float('nan')):.2f} s |",

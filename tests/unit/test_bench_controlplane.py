@@ -51,17 +51,31 @@ def test_response_head_reads_version_and_nonce_of_a_plain_encoding(endpoints: in
     raw = pb.DiscoveryResponse(
         version_info="0123456789abcdef", nonce="42", snapshot=_snapshot(endpoints)
     ).SerializeToString()
-    assert response_head(raw) == ("0123456789abcdef", "42")
+    assert response_head(raw) == ("0123456789abcdef", "42", "snapshot")
 
 
 def test_response_head_reads_the_control_planes_pre_encoded_responses() -> None:
     raw = cp_convert.encode_response(cp_convert.encode_snapshot(_snapshot(50)), "v-1", "9001")
-    assert response_head(raw) == ("v-1", "9001")
+    assert response_head(raw) == ("v-1", "9001", "snapshot")
     # The payload first and the header after it is the same message on the wire.
     header = pb.DiscoveryResponse(version_info="v-2", nonce="7").SerializeToString()
     tail_first = pb.DiscoveryResponse(snapshot=_snapshot(5)).SerializeToString() + header
-    assert response_head(tail_first) == ("v-2", "7")
+    assert response_head(tail_first) == ("v-2", "7", "snapshot")
     assert pb.DiscoveryResponse.FromString(tail_first).version_info == "v-2"
+
+
+def test_response_head_tells_an_endpoint_update_apart() -> None:
+    update = pb.EndpointUpdate(
+        base_version="v-1",
+        services=[pb.ServiceEndpoints(service_key="a.b:80", endpoints=[pb.Endpoint(address="198.18.0.1")])],
+    )
+    raw = pb.DiscoveryResponse(version_info="v-2", nonce="3", endpoints=update).SerializeToString()
+    assert response_head(raw) == ("v-2", "3", "endpoints")
+    assert response_head(pb.DiscoveryResponse(version_info="v", nonce="1").SerializeToString()) == (
+        "v",
+        "1",
+        "",
+    )
 
 
 def test_response_head_refuses_a_truncated_message() -> None:
@@ -147,3 +161,24 @@ def test_proxy_pods_are_replicas_of_their_workloads_deployment() -> None:
     }
     assert owners[0] == owners[3] == ("Deployment", workload_name(0))
     assert len(set(owners.values())) == params.workloads
+
+
+def test_the_witness_follows_full_snapshots_and_endpoint_updates() -> None:
+    witness = _proxy(Coordinator(1), 0, witness=True)
+    full = pb.DiscoveryResponse(
+        snapshot=pb.Snapshot(
+            services=[
+                pb.Service(name="a", namespace="n", port=80, endpoints=[pb.Endpoint(address="198.18.0.1")]),
+                pb.Service(name="b", namespace="n", port=80, endpoints=[pb.Endpoint(address="198.18.0.2")]),
+            ]
+        )
+    )
+    assert witness._witness(full) == {"198.18.0.1", "198.18.0.2"}
+    update = pb.DiscoveryResponse(
+        endpoints=pb.EndpointUpdate(
+            services=[
+                pb.ServiceEndpoints(service_key="a.n:80", endpoints=[pb.Endpoint(address="198.18.0.9")])
+            ]
+        )
+    )
+    assert witness._witness(update) == {"198.18.0.9", "198.18.0.2"}

@@ -30,8 +30,10 @@ def test_toy_mesh_converges_and_is_reported(tmp_path: Path) -> None:
     r = report["result"]
     assert len(r["samples"]) == params.changes
     for s in r["samples"]:
-        # Every proxy's snapshot holds every service, so each change is one push per proxy.
+        # Every proxy's snapshot holds every service, so each change is one push per proxy,
+        # and (each proxy having ACKed its last one) an incremental endpoint update.
         assert s["pushes"] == params.proxies
+        assert s["endpoint_updates"] == params.proxies
         assert s["bytes_per_push"] > 0
         assert s["reference"] > 0
         assert s["convergence"] > 0
