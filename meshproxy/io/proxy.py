@@ -178,15 +178,25 @@ None abandoned by the proxy (a retry discarded it, or the client went away)."""
 
 
 class _Tracked:
-    """A response body that runs ``on_end(verdict)`` exactly once: at its end, on error or on abort."""
+    """A response body that runs its ``on_end(verdict)`` callbacks exactly once: at its end, on
+    error or on abort, in the order they were added (innermost layer first)."""
+
+    __slots__ = ("_inner", "_on_end")
 
     def __init__(self, inner: BodyStream, on_end: Callable[[EndVerdict], None]) -> None:
         self._inner = inner
-        self._on_end: Callable[[EndVerdict], None] | None = on_end
+        self._on_end: list[Callable[[EndVerdict], None]] | None = [on_end]
+
+    def add(self, on_end: Callable[[EndVerdict], None]) -> bool:
+        """Also run ``on_end``; False if the body already ended (the caller wraps instead)."""
+        if self._on_end is None:
+            return False
+        self._on_end.append(on_end)
+        return True
 
     def _end(self, ok: EndVerdict) -> None:
-        cb, self._on_end = self._on_end, None
-        if cb is not None:
+        callbacks, self._on_end = self._on_end, None
+        for cb in callbacks or ():
             cb(ok)
 
     @property
@@ -227,6 +237,9 @@ def _abort_body(body: BodyStream) -> None:
 
 
 def _track(resp: UpstreamResponse, on_end: Callable[[EndVerdict], None]) -> UpstreamResponse:
+    # Layers stacked on one response share one wrapper: each wrapper costs a coroutine per read.
+    if isinstance(resp.body, _Tracked) and resp.body.add(on_end):
+        return resp
     return UpstreamResponse(head=resp.head, body=_Tracked(resp.body, on_end))
 
 

@@ -163,6 +163,10 @@ class Runtime:
         self.pools: dict[ServiceKey, EndpointPool] = {}
         self.breakers: dict[ServiceKey, Breaker] = {}
         self.budgets: dict[ServiceKey, RetryBudgetState] = {}
+        # id(service) of the current snapshot -> (service, pool, breaker, budget): the pipeline
+        # asks several times per request, and ``Service.key`` formats a string on each call.
+        # The tuple holds the service, so its id cannot be reused while the entry exists.
+        self._by_id: dict[int, tuple[Service, EndpointPool, Breaker, RetryBudgetState | None]] = {}
         self._buckets: dict[str, tuple[RateLimit, TokenBucket]] = {}
 
     @property
@@ -181,6 +185,11 @@ class Runtime:
         ports = MappingProxyType({p.port: p for p in snapshot.inbound.ports})
         active = Active(snapshot=snapshot, table=table, inbound_ports=ports)
         self._update_state(snapshot)
+        self._by_id = {
+            id(svc): (svc, self.pools[svc.key], self.breakers[svc.key], self.budgets.get(svc.key))
+            for svc in snapshot.services
+            if svc.key in self.pools and svc.key in self.breakers
+        }
         self.active = active
         self._persist(snapshot)
         if self.on_applied is not None:
@@ -211,6 +220,9 @@ class Runtime:
                 del table[key]
 
     def pool(self, svc: Service) -> EndpointPool:
+        held = self._by_id.get(id(svc))
+        if held is not None and held[0] is svc:
+            return held[1]
         pool = self.pools.get(svc.key)
         if pool is None:  # a service from a snapshot newer than our state: cannot happen after apply
             pool = self.pools[svc.key] = EndpointPool(
@@ -219,6 +231,9 @@ class Runtime:
         return pool
 
     def breaker(self, svc: Service) -> Breaker:
+        held = self._by_id.get(id(svc))
+        if held is not None and held[0] is svc:
+            return held[2]
         b = self.breakers.get(svc.key)
         if b is None:
             b = self.breakers[svc.key] = Breaker(svc.key, svc.policy.circuit_breaker, self.clock)
@@ -227,6 +242,9 @@ class Runtime:
     def budget(self, svc: Service) -> RetryBudgetState | None:
         if svc.policy.retry is None:
             return None
+        held = self._by_id.get(id(svc))
+        if held is not None and held[0] is svc and held[3] is not None:
+            return held[3]
         b = self.budgets.get(svc.key)
         if b is None:
             b = self.budgets[svc.key] = RetryBudgetState(svc.policy.retry.budget, self.clock)

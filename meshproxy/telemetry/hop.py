@@ -62,6 +62,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -477,6 +478,7 @@ class Telemetry:
         self._extra_exporters = tuple(extra_exporters)
         self._schedule_delay_millis = schedule_delay_millis
         self._sources: set[tuple[str, str]] = set()
+        self._ids = random.Random()  # request ids (seeded from the OS; see propagation.new_request_id)
         self._retired: list[threading.Thread] = []
         self._stopping = threading.Event()
         self.retire_grace = RETIRE_GRACE
@@ -581,7 +583,7 @@ class Telemetry:
         span = self.tracing.tracer.start_span(
             name, context=parent if parent is not None else Context(), kind=kind
         )
-        request_id = propagation.request_id(head.headers) or propagation.new_request_id()
+        request_id = propagation.request_id(head.headers) or propagation.new_request_id(self._ids)
         if span.is_recording():
             host, port = _split_authority(head.authority)
             attrs: dict[str, str | int] = {

@@ -21,6 +21,7 @@ Concurrency: none; the propagators are stateless and shared.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterable, Sequence
 
 from opentelemetry.context import Context
@@ -107,10 +108,13 @@ def request_id(headers: Iterable[tuple[str, str]]) -> str | None:
     return None
 
 
-def new_request_id() -> str:
+def new_request_id(rng: random.Random | None = None) -> str:
     """A random (version 4) UUID in its canonical text form, as Envoy generates them.
 
-    Formatted by hand: ``str(uuid.uuid4())`` builds a ``UUID`` object per request."""
-    h = os.urandom(16).hex()
+    Formatted by hand: ``str(uuid.uuid4())`` builds a ``UUID`` object per request. With
+    ``rng`` (the caller's generator, seeded from the OS) no system call is made per id:
+    request ids need to be unique, not secret (OpenTelemetry's trace ids are made the
+    same way)."""
+    h = f"{rng.getrandbits(128):032x}" if rng is not None else os.urandom(16).hex()
     variant = "89ab"[int(h[16], 16) & 3]
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"

@@ -3,8 +3,10 @@ stock OpenTelemetry encoder builds; request ids stay canonical UUIDs."""
 
 from __future__ import annotations
 
+import random
 import uuid
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -90,8 +92,9 @@ def test_an_empty_batch_is_an_empty_request() -> None:
     assert encode_spans([]).SerializeToString() == b""
 
 
-def test_generated_request_ids_are_distinct_canonical_version4_uuids() -> None:
-    ids = [new_request_id() for _ in range(2000)]
+@pytest.mark.parametrize("rng", [None, random.Random()], ids=["os", "rng"])
+def test_generated_request_ids_are_distinct_canonical_version4_uuids(rng: random.Random | None) -> None:
+    ids = [new_request_id(rng) for _ in range(2000)]
     assert len(set(ids)) == len(ids)
     for text in ids:
         u = uuid.UUID(text)
