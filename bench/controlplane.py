@@ -544,6 +544,17 @@ class ControlPlaneProcess:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    # The control plane's own histograms: where its part of convergence goes.
+    STAGES = (
+        "meshcp_convergence_latency_seconds",  # first event of a burst -> snapshots published
+        "meshcp_compile_duration_seconds",  # compile_mesh
+        "meshcp_push_latency_seconds",  # response sent -> its ACK
+    )
+
+    def stage_sums(self) -> dict[str, tuple[float, float]]:
+        """``(sum, count)`` of each stage histogram."""
+        return {n: (self.metric(f"{n}_sum"), self.metric(f"{n}_count")) for n in self.STAGES}
+
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -635,6 +646,7 @@ async def measure(
 
         samples: list[ChangeSample] = []
         pushes_before = plane.metric("meshcp_pushes_total")
+        stages_before = plane.stage_sums()
         cpu_start = plane.cpu_seconds()
         window_start = time.monotonic()
         for k in range(params.warmup + params.changes):
@@ -689,11 +701,18 @@ async def measure(
                 samples.append(sample)
             else:
                 pushes_before = plane.metric("meshcp_pushes_total")
+                stages_before = plane.stage_sums()
                 cpu_start = plane.cpu_seconds()
                 window_start = time.monotonic()
         window = time.monotonic() - window_start
         cpu_window = plane.cpu_seconds() - cpu_start
         server_pushes = plane.metric("meshcp_pushes_total") - pushes_before
+        stages_after = plane.stage_sums()
+        stages = {
+            name: (stages_after[name][0] - stages_before[name][0])
+            / max(1.0, stages_after[name][1] - stages_before[name][1])
+            for name in stages_after
+        }
         mem_end = plane.memory()
     finally:
         for t in tasks:
@@ -713,6 +732,7 @@ async def measure(
         "pushes_per_change": sum(s.pushes for s in samples) / len(samples),
         "endpoint_updates_per_change": sum(s.endpoint_updates for s in samples) / len(samples),
         "server_pushes_per_change": server_pushes / len(samples),
+        "controlplane_stage_means_s": stages,
         "bytes_per_push": sum(s.bytes_per_push * s.pushes for s in samples)
         / max(1, sum(s.pushes for s in samples)),
         "initial_sync_s": initial_sync,
@@ -885,6 +905,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"| control plane RSS: connected / end / peak | {r['rss_mib_connected']:.0f} / {r['rss_mib_end']:.0f} / "
         f"{r['rss_mib_peak']:.0f} MiB |",
         f"| proxy reconnects | {r['proxy_reconnects']} |",
+        *(
+            f"| control plane mean `{name}` | {value * 1000:.0f} ms |"
+            for name, value in r.get("controlplane_stage_means_s", {}).items()
+        ),
     ]
     return "\n".join(lines) + "\n"
 
