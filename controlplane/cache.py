@@ -206,7 +206,8 @@ class Reconciler:
         state = self._index.state()
         if self._mesh is None or self._state is not state:
             started = self._clock()
-            self._mesh = compile_mesh(state, self._settings)
+            # The previous mesh lets unchanged services be taken over instead of recompiled.
+            self._mesh = compile_mesh(state, self._settings, previous=self._mesh)
             self._state = state
             self._by_shape = {}
             if self._metrics is not None:

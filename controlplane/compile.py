@@ -44,11 +44,12 @@ import enum
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from controlplane.index import (
     OPAQUE_PORTS_ANNOTATION,
     ClusterState,
+    EndpointSliceInfo,
     HTTPRouteInfo,
     ObjKey,
     PodInfo,
@@ -122,6 +123,46 @@ class MeshConfig:
     # once per mesh so every workload of that namespace shares the objects and their JSON.
     local_services: tuple[model.Service, ...] = ()
     local_json: tuple[str, ...] = ()
+    # What each service port was compiled from, so the next ``compile_mesh`` reuses the
+    # service, its local variant and their JSON when none of it changed: an endpoint
+    # change then costs the services it touched, not the whole mesh.
+    reuse: Mapping[model.ServiceKey, _Compiled] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class _Compiled:
+    """One compiled service port and its inputs, compared by identity where the Index keeps
+    unchanged objects (``ServiceInfo``, each ``EndpointSliceInfo``, the pods mapping)."""
+
+    info: ServiceInfo
+    slices: tuple[EndpointSliceInfo, ...]
+    pods: Mapping[ObjKey, PodInfo]
+    policy: model.TrafficPolicy
+    routes: tuple[model.Route, ...]
+    cluster_domain: str
+    service: model.Service
+    text: str
+    local: model.Service
+    local_text: str
+
+    def still_valid(
+        self,
+        info: ServiceInfo,
+        slices: tuple[EndpointSliceInfo, ...],
+        pods: Mapping[ObjKey, PodInfo],
+        policy: model.TrafficPolicy,
+        routes: tuple[model.Route, ...],
+        cluster_domain: str,
+    ) -> bool:
+        return (
+            self.info is info
+            and self.pods is pods  # endpoints carry their pod's workload; pod-selected ones more
+            and len(self.slices) == len(slices)
+            and all(a is b for a, b in zip(self.slices, slices, strict=True))
+            and self.cluster_domain == cluster_domain
+            and self.policy == policy
+            and self.routes == routes
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,8 +491,15 @@ def validate(state: ClusterState) -> list[PolicyStatus]:
 # ---------------------------------------------------------------- the mesh
 
 
-def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
-    """Every service of the mesh, with its endpoints, routes and policy, plus policy statuses."""
+def compile_mesh(
+    state: ClusterState, settings: MeshSettings, previous: MeshConfig | None = None
+) -> MeshConfig:
+    """Every service of the mesh, with its endpoints, routes and policy, plus policy statuses.
+
+    ``previous`` (the mesh compiled before, with the same settings) only saves work: each
+    service port whose inputs are the very objects it was compiled from is taken over
+    as it was; the result equals a compile without it.
+    """
     statuses, policies = _resolve_policies(state)
     attached: dict[model.ServiceKey, list[_Attached]] = {}
     for rkey in sorted(state.http_routes):
@@ -467,21 +515,30 @@ def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
     for (ns, _), pod in sorted(state.pods.items()):
         pods_by_ns.setdefault(ns, []).append(pod)
 
-    services = []
+    services: list[model.Service] = []
+    texts: list[str] = []
+    local: list[model.Service] = []
+    local_texts: list[str] = []
+    reuse: dict[model.ServiceKey, _Compiled] = {}
+    before = previous.reuse if previous is not None else {}
     for okey in sorted(state.services):
         svc = state.services[okey]
         if not _meshable(svc):
             continue
         opaque = _port_list(dict(svc.annotations).get(OPAQUE_PORTS_ANNOTATION))
         policy = policies.get(okey, model.TrafficPolicy())
+        slices = state.endpoint_slices.get((svc.namespace, svc.name)) or ()
         for port in sorted(_tcp_ports(svc), key=lambda p: p.port):
-            endpoints = _endpoints_from_slices(state, svc, port)
-            if endpoints is None:
-                endpoints = _endpoints_from_pods(pods_by_ns.get(svc.namespace, ()), svc, port)
             skey = _service_key(svc.namespace, svc.name, port.port)
             routes = tuple(a.route for a in sorted(attached.get(skey, []), key=lambda a: a.sort_key))
-            services.append(
-                model.Service(
+            done = before.get(skey)
+            if done is None or not done.still_valid(
+                svc, slices, state.pods, policy, routes, settings.cluster_domain
+            ):
+                endpoints = _endpoints_from_slices(state, svc, port)
+                if endpoints is None:
+                    endpoints = _endpoints_from_pods(pods_by_ns.get(svc.namespace, ()), svc, port)
+                service = model.Service(
                     name=svc.name,
                     namespace=svc.namespace,
                     port=port.port,
@@ -493,10 +550,26 @@ def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
                     policy=policy,
                     target_port=port.target_port if isinstance(port.target_port, int) else None,
                 )
-            )
+                text = _canonical(service)
+                local_service = replace(service, hostnames=(service.name, *service.hostnames))
+                done = _Compiled(
+                    info=svc,
+                    slices=slices,
+                    pods=state.pods,
+                    policy=policy,
+                    routes=routes,
+                    cluster_domain=settings.cluster_domain,
+                    service=service,
+                    text=text,
+                    local=local_service,
+                    local_text=_rehost(text, service, local_service),
+                )
+            reuse[skey] = done
+            services.append(done.service)
+            texts.append(done.text)
+            local.append(done.local)
+            local_texts.append(done.local_text)
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
-    texts = [_canonical(s) for s in services]
-    local = [replace(s, hostnames=(s.name, *s.hostnames)) for s in services]
     return MeshConfig(
         revision=state.revision,
         services=tuple(services),
@@ -504,7 +577,8 @@ def compile_mesh(state: ClusterState, settings: MeshSettings) -> MeshConfig:
         policies=policies,
         service_json=tuple(texts),
         local_services=tuple(local),
-        local_json=tuple(_rehost(t, s, ls) for t, s, ls in zip(texts, services, local, strict=True)),
+        local_json=tuple(local_texts),
+        reuse=reuse,
     )
 
 
