@@ -56,7 +56,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -183,6 +183,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
         # encodes the services it changed (convert.ServiceBytesCache).
         self._protos: OrderedDict[str, bytes] = OrderedDict()
         self._service_bytes = convert.ServiceBytesCache()
+        self._full_slots = asyncio.Semaphore(settings.max_full_pushes)
         # Endpoint updates by (base version, new version); None: a full snapshot is needed.
         self._deltas: OrderedDict[tuple[str, str], bytes | None] = OrderedDict()
 
@@ -276,20 +277,48 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             if stream.sent is not None and snapshot.version == stream.sent.version and not stream.resend:
                 continue
             stream.resend = False
-            nonce = f"{next(self._nonces)}"
             payload = self._delta(stream, snapshot)
+            release = None
+            if payload is None:
+                # A full snapshot: take a slot before building the per-proxy message, so a
+                # connect storm holds max_full_pushes of them in memory, not one per proxy.
+                release = await self._full_slot()
+                if stream.reader_done:
+                    release()
+                    raise _StreamClosed
             stream.sent_delta = payload is not None
+            nonce = f"{next(self._nonces)}"
             msg = convert.encode_response(payload or self._encoded(snapshot), snapshot.version, nonce)
             # Record before writing: the ACK can arrive before write() returns.
             stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
-            await self._write(stream, context, msg)
+            await self._write(stream, context, msg, release)
             self._metrics.pushes.inc()
             log.debug(
                 "snapshot sent", extra={"node": stream.node_id, "version": snapshot.version, "nonce": nonce}
             )
 
-    async def _write(self, stream: _Stream, context: Ctx, msg: Any) -> None:
+    async def _full_slot(self) -> Callable[[], None]:
+        """Wait for a full-snapshot slot; returns its release (idempotent)."""
+        await self._full_slots.acquire()
+        released = False
+
+        def release(*_: object) -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._full_slots.release()
+
+        return release
+
+    async def _write(
+        self, stream: _Stream, context: Ctx, msg: Any, release: Callable[..., None] | None = None
+    ) -> None:
         write = asyncio.ensure_future(context.write(msg))
+        if release is not None:
+            # The slot returns when the write is done, or after full_push_slot_time if the
+            # proxy does not read (the write then continues outside the limit).
+            write.add_done_callback(release)
+            asyncio.get_running_loop().call_later(self._settings.full_push_slot_time, release)
         deadline = self._clock() + self._settings.send_timeout
         while not write.done():
             remaining = deadline - self._clock()
