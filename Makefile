@@ -106,3 +106,14 @@ gateway-api-crds: k8s-bins
 images:
 	./scripts/system-deps.sh --k8s
 	./scripts/build-images.sh
+
+# The kind walkthrough of the README (needs kind + Docker on your machine; scripts/kind.sh).
+.PHONY: kind-up demo-traffic traces kind-down
+kind-up:
+	./scripts/kind.sh up
+demo-traffic:
+	./scripts/kind.sh traffic
+traces:
+	./scripts/kind.sh traces
+kind-down:
+	./scripts/kind.sh down
