@@ -147,6 +147,7 @@ class _Stream:
     deltas: bool = True
     sent_delta: bool = False
     resend: bool = False  # send ``latest`` even though it is the version sent last
+    release_slot: Callable[[], None] | None = None  # the full-push slot of the response in flight
 
     def offer(self, snapshot: Snapshot) -> None:
         """Called by the cache on every new version; never blocks."""
@@ -259,6 +260,8 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
+            if stream.release_slot is not None:
+                stream.release_slot()
             release()
 
     async def _write_loop(self, stream: _Stream, context: Ctx) -> None:
@@ -291,6 +294,7 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             msg = convert.encode_response(payload or self._encoded(snapshot), snapshot.version, nonce)
             # Record before writing: the ACK can arrive before write() returns.
             stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
+            stream.release_slot = release
             await self._write(stream, context, msg, release)
             self._metrics.pushes.inc()
             log.debug(
@@ -315,9 +319,9 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
     ) -> None:
         write = asyncio.ensure_future(context.write(msg))
         if release is not None:
-            # The slot returns when the write is done, or after full_push_slot_time if the
-            # proxy does not read (the write then continues outside the limit).
-            write.add_done_callback(release)
+            # The slot returns with the proxy's answer (it has read the whole message: a
+            # finished write only means gRPC queued it, still in memory), or after
+            # full_push_slot_time if the proxy is slow (the message goes on without a slot).
             asyncio.get_running_loop().call_later(self._settings.full_push_slot_time, release)
         deadline = self._clock() + self._settings.send_timeout
         while not write.done():
@@ -359,6 +363,9 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
             return
         sent = stream.sent
         stream.sent_nonce = ""  # one answer per response
+        if stream.release_slot is not None:
+            stream.release_slot()
+            stream.release_slot = None
         if stream.sent_delta and req.error_detail.code == _FAILED_PRECONDITION:
             # The proxy could not rebuild the snapshot from the update (it does not hold the
             # base): not a rejection of this version. Send it in full, and only full ones.

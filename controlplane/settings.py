@@ -62,12 +62,13 @@ class ControlPlaneSettings:
     # proxy is noticed in about 20-30 s (the stream contract promises about 30 s).
     keepalive_time: float = 10.0
     keepalive_timeout: float = 10.0
-    # Full snapshots being written at once. A full snapshot of a big mesh is hundreds of KiB
-    # held in memory until the proxy has read it, so when every proxy connects at once (a
-    # control plane restart, the first rollout) memory would be proxies x snapshot: 1000 x
-    # 500 KiB measured by make bench-controlplane. Endpoint updates are small and unlimited.
-    # A write holds its slot until it completes or for full_push_slot_time at most, so a
-    # proxy that does not read delays the others by that much, never blocks them.
+    # Full snapshots in flight at once. A full snapshot of a big mesh is hundreds of KiB held
+    # in memory (gRPC's transport queue) until the proxy has read it, so when every proxy
+    # connects at once (a control plane restart, the first rollout) memory would peak at
+    # proxies x snapshot: 1000 x 500 KiB in make bench-controlplane. Endpoint updates are
+    # small and not limited. A response holds its slot until the proxy answers it (ACK or
+    # NACK) or for full_push_slot_time at most, so a proxy that does not read delays the
+    # others by that much, never blocks them.
     max_full_pushes: int = 32
     full_push_slot_time: float = 1.0
     # A 10,000-endpoint snapshot is a few MB; gRPC's 4 MB default would refuse it.
