@@ -207,7 +207,8 @@ def markdown(report: Row) -> str:
     sat = [e for e in summary if e["test"].endswith("-sat")]
     if sat:
         lines += [
-            "**Saturation** (fortio -qps 0; both proxies share one core)",
+            f"**Saturation** (fortio -qps 0, {meth.get('sat_connections', meth['connections'])} connections; "
+            "both proxies share one core)",
             "",
             "| scenario | req/s | proxy core busy | CPU s/1000 req | p50 ms | p99 ms | errors |",
             "|---|---|---|---|---|---|---|",
