@@ -25,7 +25,7 @@ mkdir -p "$RUN"/{logs,pids,pki,etc,cni/net.d,cni/ipam,containerd,kubelet}
 on_exit() {
   local rc=$?
   if [ $rc -ne 0 ]; then
-    log "cluster-up failed (exit $rc); logs -> $ARTIFACTS"
+    log "cluster-up failed (exit $rc) in step: $(cat "$RUN/current-step" 2>/dev/null || echo '?'); logs -> $ARTIFACTS"
     "$E2E_DIR/collect-artifacts.sh" || true
     if [ "${MESHPROXY_E2E_KEEP:-0}" != 1 ]; then "$E2E_DIR/cluster-down.sh" || true; fi
   fi

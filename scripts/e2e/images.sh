@@ -44,9 +44,9 @@ mesh() {
   [ -x "$script" ] || { log "scripts/build-images.sh (helper \"helm\") is not there yet"; return 1; }
   "$script" >&2
   local a
-  for a in "$IMAGES"/meshproxy-[0-9]*.oci.tar "$IMAGES"/meshproxy.oci.tar; do
-    [ -f "$a" ] && import "$a"
-  done
+  local version
+  version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -1)
+  import "$IMAGES/meshproxy-$version.oci.tar"
 }
 
 for what in "$@"; do "$what"; done

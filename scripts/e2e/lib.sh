@@ -50,7 +50,10 @@ step() {
   local name=$1; shift
   local t0=$SECONDS
   log "$name ..."
+  # Named in the failure report when "$@" fails (set -e ends the script right there).
+  echo "$name" >"$RUN/current-step"
   "$@"
+  rm -f "$RUN/current-step"
   local dt=$((SECONDS - t0))
   printf '%-28s %4ds\n' "$name" "$dt" >>"$RUN/timings.txt"
   log "$name done (${dt}s)"

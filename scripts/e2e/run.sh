@@ -14,7 +14,10 @@ t0=$SECONDS
 finish() {
   local rc=$?
   [ -f "$RUN/timings.txt" ] && cp "$RUN/timings.txt" "$ARTIFACTS/" 2>/dev/null
-  if [ $rc -ne 0 ]; then "$E2E_DIR/collect-artifacts.sh" || true; fi
+  if [ $rc -ne 0 ]; then
+    [ -f "$RUN/current-step" ] && log "failed in step: $(cat "$RUN/current-step")"
+    "$E2E_DIR/collect-artifacts.sh" || true
+  fi
   if [ "${MESHPROXY_E2E_KEEP:-0}" = 1 ]; then
     log "cluster kept (MESHPROXY_E2E_KEEP=1): KUBECONFIG=$KUBECONFIG_ADMIN"
   else

@@ -32,7 +32,7 @@ import pytest
 
 from tests.e2e.conftest import REPO, Cluster, E2EError, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 MESH_NS = "meshproxy-system"
 DEMO_NS = "demo"
@@ -143,6 +143,28 @@ def demo_settled(cluster: Cluster) -> bool:
     return bool(pods) and all(pod_ready(p) and has_sidecar(p) for p in pods)
 
 
+def why_not_ready(cluster: Cluster) -> str:
+    """For a failure message: each demo pod that is not ready, and the kubelet's last words on it."""
+    lines = []
+    events = cluster.get_json("-n", DEMO_NS, "events")["items"]
+    for pod in demo_pods(cluster):
+        if pod_ready(pod) and has_sidecar(pod):
+            continue
+        name = pod["metadata"]["name"]
+        statuses = pod["status"].get("initContainerStatuses", []) + pod["status"].get("containerStatuses", [])
+        states = ", ".join(
+            f"{c['name']}: ready={c.get('ready')} restarts={c.get('restartCount')}" for c in statuses
+        )
+        lines.append(f"{name} (sidecar: {has_sidecar(pod)}) {states}")
+        warnings = [
+            e["message"]
+            for e in events
+            if e["involvedObject"].get("name") == name and e.get("type") == "Warning"
+        ]
+        lines += [f"    {m}" for m in warnings[-3:]]
+    return "\n".join(lines)
+
+
 def apply_split(cluster: Cluster, v1: int, v2: int) -> None:
     cluster.apply(f"""
 apiVersion: gateway.networking.k8s.io/v1
@@ -188,7 +210,10 @@ def mesh(cluster: Cluster) -> Iterator[Cluster]:
     cluster.kubectl("annotate", "--overwrite", "namespace", DEMO_NS, "meshproxy.io/inject=enabled")
     cluster.kubectl("apply", "-f", str(DEMO_DIR))
     cluster.apply(LOADGEN)
-    wait_for(lambda: demo_settled(cluster), 300, "every demo pod Running with its sidecar ready")
+    try:
+        wait_for(lambda: demo_settled(cluster), 300, "every demo pod Running with its sidecar ready")
+    except E2EError as exc:
+        raise E2EError(f"{exc}\n{why_not_ready(cluster)}") from None
     yield cluster
 
 
