@@ -241,7 +241,8 @@ class Reconciler:
         """Compile for every connected proxy and publish; returns how many proxies changed."""
         first = self._debouncer.take()
         changed = 0
-        for node_id, node in list(self._nodes.items()):
+        # By namespace: workloads of one namespace share the mesh's one-entry version memo.
+        for node_id, node in sorted(self._nodes.items(), key=lambda item: item[1].namespace):
             if self._cache.set(node_id, self._snapshot_for(node)):
                 changed += 1
         if first is not None and self._metrics is not None:
