@@ -78,7 +78,9 @@ class BodyQueue:
         resume: Callable[[], None] = _noop,
         content_length: int | None = None,
         on_first_read: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        self._loop = loop  # the codec's loop, if it knows it (saves a lookup per wait)
         self._chunks: deque[bytes] = deque()
         self._size = 0
         self._high = high_water
@@ -161,7 +163,7 @@ class BodyQueue:
                 raise self._error
             if self._ended:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = (self._loop or asyncio.get_running_loop()).create_future()
             try:
                 await self._waiter
             finally:

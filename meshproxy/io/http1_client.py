@@ -112,6 +112,7 @@ class _ResponseBody(BodyQueue):
             pause=t.pause_reading,
             resume=t.resume_reading,
             content_length=content_length,
+            loop=conn.loop,
         )
         self._conn = conn
 
@@ -137,6 +138,7 @@ class _Conn(asyncio.Protocol):
         self.idle_handle: asyncio.TimerHandle | None = None
         self.idle_deadline = 0.0
         self.idle = False
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.limits: ConnectionLimits | None = None  # holds one max_connections slot while open
         self.writable = asyncio.Event()
         self.writable.set()
@@ -169,6 +171,8 @@ class _Conn(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=self.client.settings.write_high_water)
+        # Looked up once: on Python 3.11 every get_running_loop() is a getpid() system call.
+        self.loop = asyncio.get_running_loop()
         set_nodelay(transport.get_extra_info("socket"))
 
     def pause_writing(self) -> None:
@@ -375,7 +379,8 @@ class _Conn(asyncio.Protocol):
 
     async def exchange(self, head: RequestHead, body: BodyStream) -> UpstreamResponse:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
+        loop = self.loop
+        assert loop is not None
         self.head_future = loop.create_future()
         self.request_head = head
         if head.method == "CONNECT":
@@ -578,7 +583,7 @@ class Http1Client:
         if self._waiters:
             self._wake()
         timeout = self._idle_timeouts.get(conn.key, self.settings.idle_timeout)
-        loop = asyncio.get_running_loop()
+        loop = conn.loop or asyncio.get_running_loop()
         conn.idle = True
         conn.idle_deadline = loop.time() + timeout
         if conn.idle_handle is not None and conn.idle_handle.when() > conn.idle_deadline:

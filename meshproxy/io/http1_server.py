@@ -124,7 +124,11 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: _Parsing | None = None
         self.pending: deque[_Request | _Failure] = deque()
-        self.item_ready: asyncio.Event = asyncio.Event()
+        # Woken when a request head, an error, EOF or shutdown arrives. A bare future rather
+        # than an asyncio.Event: Event.wait looks the loop up on every call, and on Python 3.11
+        # that is a getpid() system call, several per request across the data path.
+        self.waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.writable: asyncio.Event = asyncio.Event()
         self.writable.set()
         self.pause_reasons: set[str] = set()
@@ -168,9 +172,8 @@ class Http1ServerProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, hence a cast, not an assert.
         self.transport = t = cast(asyncio.Transport, transport)
         t.set_write_buffer_limits(high=self.settings.write_high_water)
-        self.task = asyncio.get_running_loop().create_task(
-            self._serve(), name=f"http1-conn-{self.ctx.connection_id}"
-        )
+        self.loop = asyncio.get_running_loop()
+        self.task = self.loop.create_task(self._serve(), name=f"http1-conn-{self.ctx.connection_id}")
 
     def data_received(self, data: bytes) -> None:
         if self.upgrade_buffer is not None:
@@ -196,7 +199,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         p = self.parsing
         if p is not None and p.request is not None and not p.request.body.complete:
             p.request.body.feed_error(DownstreamClosedError("client closed the connection mid-body"))
-        self.item_ready.set()
+        self._wake()
         # Keep the transport open: a half-closed client still waits for its response.
         return True
 
@@ -210,7 +213,7 @@ class Http1ServerProtocol(asyncio.Protocol):
             if isinstance(item, _Request):
                 item.body.feed_error(err)
         self.writable.set()
-        self.item_ready.set()
+        self._wake()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -224,7 +227,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.parsing = None
         self.pending.append(_Failure(error))
         self._pause("error")
-        self.item_ready.set()
+        self._wake()
 
     # ---- httptools callbacks ------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class Http1ServerProtocol(asyncio.Protocol):
                 pause=lambda: self._pause("body"),
                 resume=lambda: self._resume("body"),
                 content_length=length,
+                loop=self.loop,
             ),
             keep_alive=self.parser.should_keep_alive(),
             upgrade=upgrade,
@@ -289,7 +293,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.pending.append(req)
         if len(self.pending) >= self.settings.max_pipelined:
             self._pause("pipeline")
-        self.item_ready.set()
+        self._wake()
 
     def on_body(self, body: bytes) -> None:
         assert self.parsing is not None and self.parsing.request is not None
@@ -309,6 +313,11 @@ class Http1ServerProtocol(asyncio.Protocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         req.expect_continue = False
 
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
         self.wait_deadline = deadline
         if self.timer is not None and self.timer_at <= deadline:
@@ -323,23 +332,25 @@ class Http1ServerProtocol(asyncio.Protocol):
         if self.closed:
             return
         if loop.time() >= self.wait_deadline:
-            self.item_ready.set()
+            self._wake()
         else:
             self._arm(loop, self.wait_deadline)
 
     async def _next_item(self) -> _Request | _Failure | None:
-        loop: asyncio.AbstractEventLoop | None = None
+        loop = self.loop
+        assert loop is not None
         while not self.pending:
             if self.closed or self.read_eof or self.draining:
                 return None
-            self.item_ready.clear()
             idle = self.parsing is None
             limit = self.settings.keepalive_timeout if idle else self.settings.header_timeout
-            if loop is None:
-                loop = asyncio.get_running_loop()
             deadline = loop.time() + limit
             self._arm(loop, deadline)
-            await self.item_ready.wait()
+            self.waiter = loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
             if self.pending or loop.time() < deadline:
                 continue
             if idle:
@@ -424,7 +435,7 @@ class Http1ServerProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """Graceful drain: finish the request in flight (if any), then close."""
         self.draining = True
-        self.item_ready.set()
+        self._wake()
 
     def detach_transport(self) -> tuple[asyncio.Transport, bytes]:
         assert self.transport is not None
@@ -467,6 +478,11 @@ class Http1ResponseSink:
         if self.held is not None:
             data, self.held = self.held + data, None
         t.write(data)
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The connection's event loop (spares the pipeline a lookup per request)."""
+        return self.conn.loop
 
     @property
     def downstream_closed(self) -> bool:
@@ -525,7 +541,9 @@ class Http1ResponseSink:
             if t is None or self.conn.closed or t.is_closing():
                 raise DownstreamClosedError("client connection closed")
             self.held = data
-            asyncio.get_running_loop().call_soon(self._flush_held)
+            loop = self.conn.loop
+            assert loop is not None
+            loop.call_soon(self._flush_held)
         if end_stream:
             self.finished = True
         await self._drain()

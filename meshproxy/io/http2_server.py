@@ -124,6 +124,11 @@ class _ServerStream:
     def response_ended(self) -> bool:
         return self._ended
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The connection's event loop (spares the pipeline a lookup per request)."""
+        return self._conn._loop
+
     # -- ResponseSink -------------------------------------------------------------------
     async def send_head(self, head: ResponseHead, *, end_stream: bool = False) -> None:
         if self._head_sent or self._pending_head is not None:

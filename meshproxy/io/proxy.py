@@ -263,6 +263,8 @@ class Call:
     retries: int = 0
     per_try_timeout: float | None = None  # set by the retry layer, enforced by the balance layer
     upgrade: bool = False  # an Upgrade or CONNECT request: HTTP/1.1 upstream whatever is declared
+    loop: asyncio.AbstractEventLoop | None = None  # looked up once per request (timers)
+    task: asyncio.Task[object] | None = None  # the request's task (timeouts cancel it)
 
     @property
     def policy(self) -> TrafficPolicy:
@@ -359,6 +361,10 @@ class Proxy:
             matched=matched,
             upgrade=upgrade is not None or head.method == "CONNECT",
         )
+        # The codecs' sinks know their loop: asking asyncio costs a getpid() system call on
+        # Python 3.11, measurable at one per request.
+        call.loop = loop = getattr(sink, "loop", None) or asyncio.get_running_loop()
+        call.task = asyncio.current_task(loop)
         stack = self._inbound if ctx.direction == "inbound" else self._outbound
         try:
             resp = await stack(call)
@@ -428,7 +434,10 @@ class Proxy:
             await sink.send_head(head, end_stream=empty)
             if not empty:
                 if self.stream_idle_timeout is not None:
-                    watchdog = _StallWatchdog(self.stream_idle_timeout)
+                    loop = call.loop or asyncio.get_running_loop()
+                    watchdog = _StallWatchdog(
+                        self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
+                    )
                 while data := await body.read():
                     sent += len(data)
                     await sink.send_data(data)
@@ -450,7 +459,7 @@ class Proxy:
                     await sink.reset()
         except asyncio.CancelledError:
             _abort_body(resp.body)
-            task = asyncio.current_task()
+            task = call.task or asyncio.current_task()
             if watchdog is not None and watchdog.fired and task is not None and task.uncancel() == 0:
                 flag = Flag.SI.value  # our own stall timeout: reset the client's stream, carry on
                 log.info(
@@ -553,13 +562,20 @@ class Proxy:
         limit = call.route.timeout if call.route is not None and call.route.timeout else call.policy.timeout
         if limit is None:
             return await nxt(call)
+        # asyncio.timeout() would do, but it looks the loop and task up again (on Python 3.11
+        # each lookup is a getpid() system call); the request's own are at hand.
+        loop, task = call.loop, call.task
+        assert loop is not None and task is not None
+        deadline = _Deadline(task)
+        handle = loop.call_later(limit, deadline.fire)
         try:
-            async with asyncio.timeout(limit) as cm:
-                return await nxt(call)
-        except TimeoutError as exc:
-            if cm.expired():
+            return await nxt(call)
+        except asyncio.CancelledError as exc:
+            if deadline.fired and task.uncancel() == 0:
                 raise UpstreamTimeoutError(f"{call.service.key}: no response within {limit}s") from exc
             raise
+        finally:
+            handle.cancel()
 
     async def _retry(self, call: Call, nxt: Next) -> UpstreamResponse:
         svc = call.service
@@ -876,6 +892,21 @@ class Proxy:
                 )
 
 
+class _Deadline:
+    """Cancels ``task`` when fired and remembers it did (so the cancellation can be told apart)."""
+
+    __slots__ = ("fired", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.fired = False
+
+    def fire(self) -> None:
+        if not self.task.done():
+            self.fired = True
+            self.task.cancel()
+
+
 class _StallWatchdog:
     """Cancels the current task when a response body made no progress for ``idle`` seconds.
 
@@ -886,9 +917,11 @@ class _StallWatchdog:
 
     __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "fired")
 
-    def __init__(self, idle: float) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
+    def __init__(
+        self, idle: float, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None
+    ) -> None:
+        self._loop = loop
+        self._task = task
         self._idle = idle
         self._last = self._loop.time()
         self.fired = False

@@ -221,3 +221,25 @@ async def test_max_connections_queues_pending_requests_and_max_pending_overflows
         assert sc.client.connects == 1
         assert breaker.count(Limit.PENDING) == 0 and breaker.count(Limit.CONNECTIONS) == 1
     assert breaker.count(Limit.CONNECTIONS) == 0  # given back when the pool closed it
+
+
+async def test_a_client_gone_while_waiting_for_the_head_is_dc_not_a_timeout(upstream: Upstream) -> None:
+    registry = CollectorRegistry()
+    tel = Telemetry.build(
+        TelemetrySettings(tracing=Tracing(sampling_ratio=0.0)), Workload(name="c"), registry=registry
+    )
+    policy = TrafficPolicy(timeout=5.0, retry=None, outlier_detection=None)
+    try:
+        async with Sidecar(snapshot(service(upstream.port, policy=policy)), (VIP, 80), telemetry=tel) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+            writer.write(b"GET /slow HTTP/1.1\r\nhost: web\r\n\r\n")
+            await writer.drain()
+            await wait_for(lambda: upstream.server.requests == 1)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # gone (RST) inside the request timeout
+            await wait_for(lambda: _requests_by_flag(registry).get("DC", 0.0) == 1.0)
+            assert "UT" not in _requests_by_flag(registry)
+            upstream.server.release.set()
+    finally:
+        await tel.shutdown(grace=1.0)
