@@ -191,8 +191,16 @@ def restore_demo_policies(cluster: Cluster) -> None:
 def mesh(cluster: Cluster) -> Iterator[Cluster]:
     # 1. Gateway API CRDs (a prerequisite the chart documents).
     cluster.kubectl("apply", "--server-side", "-f", str(cluster.gateway_api_crds))
-    for crd in ("httproutes.gateway.networking.k8s.io",):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+    # (`kubectl wait` fails on a CRD that has no status yet: poll instead.)
+    def established() -> bool:
+        crd = cluster.get_json("crd", "httproutes.gateway.networking.k8s.io")
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in crd.get("status", {}).get("conditions", [])
+        )
+
+    wait_for(established, 60, "the HTTPRoute CRD Established")
     # 2. The chart, with the demo's values; spans go to the Jaeger next to the cluster
     #    (the bundled Jaeger's image cannot be pulled here).
     cluster.helm(
