@@ -98,6 +98,33 @@ def mesh_pods(lab: Any, snapshots: Mapping[Any, Any]) -> dict[str, Any]:
     return started
 
 
+def start_sidecar(
+    lab: Any,
+    pod: Any,
+    snapshot: Any | None,
+    *,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    wait: bool = True,
+) -> Any:
+    """``meshproxy run`` in ``pod`` as the proxy UID, from ``snapshot`` (static) or ``args``.
+
+    Like ``meshproxy.lab.mesh.start_sidecar``, plus an environment (``OTEL_*``) and no config
+    file at all when the sidecar gets its config from the control plane (``--control-plane``).
+    """
+    from meshproxy.lab.mesh import PROXY_UID, config_yaml, wait_sidecar
+
+    argv = [PY, "-m", "meshproxy", "run", "--pod-ip", pod.ip, "--pod-name", f"{pod.name}-0"]
+    if snapshot is not None:
+        config = lab.logdir / f"{pod.name}.sidecar.yaml"
+        config.write_text(config_yaml(snapshot.with_version()))
+        argv += ["--config", str(config)]
+    proc = lab.spawn(pod, [*argv, *args], name="sidecar", uid=PROXY_UID, env=env)
+    if wait:
+        wait_sidecar(lab, proc, timeout=30)
+    return proc
+
+
 def client(lab: Any, pod: Any, command: str, *args: str, timeout: float = 120.0) -> Any:
     """Run one of this file's clients in ``pod``; its one JSON line, parsed."""
     done = lab.exec(pod, [PY, RIG, command, *args], timeout=timeout, check=False)

@@ -288,7 +288,7 @@ def test_ejected_endpoint_returns_after_it_recovers(mesh: Mesh) -> None:
     assert s2_hits(mesh, "outlier") == hits_before
 
     def back() -> bool:
-        return mesh.load(url, 6, concurrency=1)["names"].get("s2", 0) > 0
+        return int(mesh.load(url, 6, concurrency=1)["names"].get("s2", 0)) > 0
 
     wait_for(back, 30, "s2 receiving traffic again after its ejection time")
     assert clusters_endpoint(mesh, "outlier.demo:80", mesh.s2.ip)["healthy"]
