@@ -7,7 +7,7 @@ four services, one per behaviour under test, each on its own VIP and with its ow
 * ``split``   90/10 between ``split-v1`` (s1) and ``split-v2`` (s2)
 * ``flaky``   s1 and s2, retries on gateway errors, no outlier detection
 * ``breaker`` s1 only, ``max_requests: 2``, no retries
-* ``outlier`` s1 and s2, ejection after 3 consecutive 5xx for 4 s, no retries
+* ``outlier`` s1 and s2, ejection after 3 consecutive 5xx for 5 s, no retries
 
 The apps' behaviour per area (``/flaky/...`` and so on) is switched from inside their pod
 over loopback, and every wait polls a state (the app's counters, the sidecar's metrics).
@@ -49,7 +49,7 @@ from meshproxy.lab.netns import Lab, Pod
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 SPLIT_VIP, FLAKY_VIP, BREAKER_VIP, OUTLIER_VIP = "198.19.0.20", "198.19.0.21", "198.19.0.22", "198.19.0.23"
-EJECTION_SECONDS = 3.0
+EJECTION_SECONDS = 5.0
 
 
 @dataclass
