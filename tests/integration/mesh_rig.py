@@ -462,6 +462,23 @@ def serve_grpc(port: int) -> None:
         for i in range(int(request)):
             yield str(i).encode()
 
+    gates: dict[bytes, threading.Event] = {}
+    gates_lock = threading.Lock()
+
+    def gate_for(key: bytes) -> threading.Event:
+        with gates_lock:
+            return gates.setdefault(key, threading.Event())
+
+    def gate(request: bytes, context: Any) -> Iterator[bytes]:
+        # One message now, the next only after the client (through the mesh) released it:
+        # a proxy holding server-stream messages back would deadlock this call.
+        yield b"first"
+        yield b"rest" if gate_for(request).wait(30) else b"never released"
+
+    def release(request: bytes, context: Any) -> bytes:
+        gate_for(request).set()
+        return b"released"
+
     def fail(request: bytes, context: Any) -> bytes:
         context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")
         return b""  # not reached: abort raises
@@ -472,6 +489,8 @@ def serve_grpc(port: int) -> None:
             "Unary": grpc.unary_unary_rpc_method_handler(unary),
             "Count": grpc.unary_stream_rpc_method_handler(count),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
+            "Gate": grpc.unary_stream_rpc_method_handler(gate),
+            "Release": grpc.unary_unary_rpc_method_handler(release),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -672,12 +691,22 @@ def cmd_grpc(target: str) -> dict[str, Any]:
         trailers = dict(call.trailing_metadata() or ())
         count = channel.unary_stream("/mesh.Test/Count", None, None)
         stream = [m.decode() for m in count(b"300", timeout=20)]
+        gated = iter(channel.unary_stream("/mesh.Test/Gate", None, None)(b"g1", timeout=40))
+        first = next(gated).decode()
+        channel.unary_unary("/mesh.Test/Release", None, None)(b"g1", timeout=20)
+        gate = [first, *(m.decode() for m in gated)]
         try:
             channel.unary_unary("/mesh.Test/Fail", None, None)(b"", timeout=20)
             fail: list[str] = ["no error"]
         except grpc.RpcError as err:
             fail = [err.code().name, err.details() or ""]
-    return {"unary": reply.decode(), "trailer": trailers.get("x-app-trailer"), "stream": stream, "fail": fail}
+    return {
+        "unary": reply.decode(),
+        "trailer": trailers.get("x-app-trailer"),
+        "stream": stream,
+        "gate": gate,
+        "fail": fail,
+    }
 
 
 def cmd_load(url: str, n: int, concurrency: int, until: str | None, headers: Sequence[str]) -> dict[str, Any]:

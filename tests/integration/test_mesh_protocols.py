@@ -133,6 +133,8 @@ def test_grpc_unary_and_server_streaming_with_grpcio(mesh: Mesh) -> None:
     assert r["unary"] == "pong:ping"
     assert r["trailer"] == "kept"  # the app's trailers survive both hops
     assert r["stream"] == [str(i) for i in range(300)]
+    # A server-stream message reached the client while the call was still open.
+    assert r["gate"] == ["first", "rest"]
     assert r["fail"] == ["PERMISSION_DENIED", "not for you"]
 
 
