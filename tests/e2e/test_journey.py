@@ -197,7 +197,7 @@ def mesh(cluster: Cluster) -> Iterator[Cluster]:
         crd = cluster.get_json("crd", "httproutes.gateway.networking.k8s.io")
         return any(
             c["type"] == "Established" and c["status"] == "True"
-            for c in crd.get("status", {}).get("conditions", [])
+            for c in (crd.get("status") or {}).get("conditions") or []
         )
 
     wait_for(established, 60, "the HTTPRoute CRD Established")
