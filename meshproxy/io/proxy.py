@@ -532,12 +532,14 @@ class Proxy:
     async def _rate_limit(self, call: Call, nxt: Next) -> UpstreamResponse:
         port = call.inbound_port
         policy = port.rate_limit if port is not None else None
-        name = f"inbound:{call.ctx.original_dst_port}"
-        if policy is None and port is not None and port.service:
-            for svc in call.active.snapshot.services:
-                if svc.name == port.service and svc.policy.rate_limit is not None:
-                    policy, name = svc.policy.rate_limit, f"service:{svc.name}.{svc.namespace}"
-                    break
+        name = ""
+        if policy is not None:
+            name = f"inbound:{call.ctx.original_dst_port}"
+        elif port is not None and port.service:
+            # Indexed at apply time: a scan of every service per inbound request grew with the mesh.
+            by_service = call.active.service_rate_limits.get(port.service)
+            if by_service is not None:
+                policy, name = by_service
         if policy is not None and not self.runtime.bucket(name, policy).try_acquire():
             if self.telemetry is not None:
                 self.telemetry.metrics.rate_limited(port.service if port and port.service else name)

@@ -62,6 +62,9 @@ class Active:
     snapshot: Snapshot
     table: RouteTable
     inbound_ports: Mapping[int, InboundPort] = field(default_factory=dict)
+    # Service name -> (its rate limit, bucket name): the first service of that name with a
+    # rate limit, for inbound ports that name a service but set no limit of their own.
+    service_rate_limits: Mapping[str, tuple[RateLimit, str]] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -183,7 +186,16 @@ class Runtime:
         except (re.error, ValueError) as exc:
             raise ConfigError("services", f"cannot build the route table: {exc}") from exc
         ports = MappingProxyType({p.port: p for p in snapshot.inbound.ports})
-        active = Active(snapshot=snapshot, table=table, inbound_ports=ports)
+        limits: dict[str, tuple[RateLimit, str]] = {}
+        for svc in snapshot.services:
+            if svc.policy.rate_limit is not None and svc.name not in limits:
+                limits[svc.name] = (svc.policy.rate_limit, f"service:{svc.name}.{svc.namespace}")
+        active = Active(
+            snapshot=snapshot,
+            table=table,
+            inbound_ports=ports,
+            service_rate_limits=MappingProxyType(limits),
+        )
         self._update_state(snapshot)
         self._by_id = {
             id(svc): (svc, self.pools[svc.key], self.breakers[svc.key], self.budgets.get(svc.key))

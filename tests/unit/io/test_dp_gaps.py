@@ -231,7 +231,7 @@ async def test_a_client_gone_while_waiting_for_the_head_is_dc_not_a_timeout(upst
     policy = TrafficPolicy(timeout=5.0, retry=None, outlier_detection=None)
     try:
         async with Sidecar(snapshot(service(upstream.port, policy=policy)), (VIP, 80), telemetry=tel) as sc:
-            reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+            _reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
             writer.write(b"GET /slow HTTP/1.1\r\nhost: web\r\n\r\n")
             await writer.drain()
             await wait_for(lambda: upstream.server.requests == 1)

@@ -112,6 +112,28 @@ async def test_inbound_rate_limit_answers_429_rl(upstream: Upstream) -> None:
     assert upstream.server.requests == 3
 
 
+async def test_inbound_port_without_a_limit_uses_its_services_rate_limit(upstream: Upstream) -> None:
+    clock = FakeClock()
+    limited = service(
+        upstream.port, policy=TrafficPolicy(rate_limit=RateLimit(requests_per_second=1, burst=1))
+    )
+    port = InboundPort(port=upstream.port, service=limited.name)
+    snap = Snapshot(
+        services=(limited,), inbound=Inbound(app_address="127.0.0.1", ports=(port,))
+    ).with_version()
+    async with (
+        Sidecar(snap, ("198.18.0.20", upstream.port), direction="inbound", clock=clock) as sc,
+        httpx.AsyncClient(base_url=sc.url) as client,
+    ):
+        assert (await client.get("/hello")).status_code == 200
+        r = await client.get("/hello")
+        assert r.status_code == 429
+        assert r.headers["x-meshproxy-flag"] == "RL"
+        assert "service:web.demo" in r.headers["x-meshproxy-reason"]
+        clock.advance(1.0)
+        assert (await client.get("/hello")).status_code == 200
+
+
 async def test_no_config_yet_is_503_nc(upstream: Upstream) -> None:
     async with (
         Sidecar(None, ("127.0.0.1", upstream.port)) as sc,
