@@ -4,7 +4,8 @@ Topology (one lab for the module): pod ``client`` runs the callers, pod ``server
 apps (HTTP on 8080, gRPC on 50051, a TCP echo on 7000, a server-first "SMTP" on 2525). Both
 pods get ``meshproxy iptables install`` and a ``meshproxy run`` sidecar as the proxy UID; the
 callers only know service VIPs, so every connection goes app -> client sidecar (15001) ->
-server sidecar (15006) -> app on the server pod's loopback.
+server sidecar (15006) -> app on the server pod's loopback. Where the kernel has IPv6, the
+HTTP app is also reached by an IPv6 VIP and endpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 WEB_VIP, GRPC_VIP, ECHO_VIP, SMTP_VIP = "198.19.0.10", "198.19.0.11", "198.19.0.12", "198.19.0.13"
 WEB = f"http://{WEB_VIP}"
+WEB6_VIP = "2001:2:0:1::10"
 BIG = 200 * 1024 * 1024
 RSS_GROWTH_LIMIT_KIB = 32 * 1024  # 200 MB through a buffering proxy would blow through this
 
@@ -65,12 +67,15 @@ def mesh() -> Iterator[Mesh]:
                 endpoints=(Endpoint(sv.ip, target, pod="server-0", workload="server"),),
             )
 
-        services = (
+        services: tuple[Service, ...] = (
             svc("web", WEB_VIP, 80, 8080, Protocol.AUTO),
             svc("grpc", GRPC_VIP, 50051, 50051, Protocol.HTTP2),
             svc("echo", ECHO_VIP, 7000, 7000, Protocol.TCP),
             svc("smtp", SMTP_VIP, 2525, 2525, Protocol.AUTO),  # sniffed: detection must give up
         )
+        if sv.ip6:  # the same app by an IPv6 VIP and endpoint (ip6tables rules, IP6T_SO_ORIGINAL_DST)
+            v6 = Endpoint(sv.ip6, 8080, pod="server-0", workload="server")
+            services += (Service("web6", "demo", 80, vips=(WEB6_VIP,), endpoints=(v6,)),)
         inbound = Inbound(
             ports=(
                 InboundPort(8080, service="web"),
@@ -100,6 +105,17 @@ def test_keep_alive_reuses_the_client_connection_and_the_upstream_one(mesh: Mesh
     assert len(peers) == 1 and next(iter(peers))[0] == "127.0.0.1", r
     counts = [reply["n"] for reply in r["replies"]]
     assert counts == list(range(counts[0], counts[0] + 6)), counts
+
+
+def test_http_over_ipv6_through_both_sidecars(mesh: Mesh) -> None:
+    if not mesh.server.ip6:
+        pytest.skip("the kernel has no IPv6")
+    r = mesh.run("get", f"http://[{WEB6_VIP}]/v6/hello")
+    assert r["status"] == 200 and r["json"]["name"] == "server", r
+    text = admin_get(mesh.lab, mesh.client, "/metrics")
+    assert (
+        metric(text, "meshproxy_requests_total", reporter="source", destination_service="web6.demo:80") == 1
+    )
 
 
 def test_chunked_response_streams_to_the_client_before_it_ends(mesh: Mesh) -> None:

@@ -8,6 +8,7 @@ four services, one per behaviour under test, each on its own VIP and with its ow
 * ``flaky``   s1 and s2, retries on gateway errors, no outlier detection
 * ``breaker`` s1 only, ``max_requests: 2``, no retries
 * ``outlier`` s1 and s2, ejection after 3 consecutive 5xx for 5 s, no retries
+* ``accrual`` s1 only, circuit opens after 3 consecutive failures for 4 s, no retries
 
 The apps' behaviour per area (``/flaky/...`` and so on) is switched from inside their pod
 over loopback, and every wait polls a state (the app's counters, the sidecar's metrics).
@@ -49,6 +50,7 @@ from meshproxy.lab.netns import Lab, Pod
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 SPLIT_VIP, FLAKY_VIP, BREAKER_VIP, OUTLIER_VIP = "198.19.0.20", "198.19.0.21", "198.19.0.22", "198.19.0.23"
+ACCRUAL_VIP = "198.19.0.24"
 EJECTION_SECONDS = 5.0
 
 
@@ -86,7 +88,7 @@ def mesh() -> Iterator[Mesh]:
                 **kw,
             )
 
-        services = (
+        services: tuple[Service, ...] = (
             svc(
                 "split",
                 SPLIT_VIP,
@@ -137,6 +139,18 @@ def mesh() -> Iterator[Mesh]:
                         base_ejection_time=EJECTION_SECONDS,
                         max_ejection_percent=50,
                     ),
+                ),
+            ),
+        )
+        services += (
+            svc(
+                "accrual",
+                ACCRUAL_VIP,
+                (ep1,),
+                policy=TrafficPolicy(
+                    retry=None,
+                    outlier_detection=None,
+                    circuit_breaker=CircuitBreaker(consecutive_failures=3, open_duration=4.0),
                 ),
             ),
         )
@@ -252,6 +266,29 @@ def test_breaker_gauge_reads_open_under_overload_and_closed_after(mesh: Mesh) ->
         wait_for(lambda: breaker_gauge(mesh) == 1, 10, "the breaker gauge reading open")
     assert r["flags"] == {"UO": 4}
     wait_for(lambda: breaker_gauge(mesh) == 0, 30, "the breaker gauge back to closed")
+
+
+def test_circuit_opens_on_consecutive_failures_and_a_probe_closes_it(mesh: Mesh) -> None:
+    url = f"http://{ACCRUAL_VIP}/accrual/item"
+
+    def gauge() -> float:
+        return metric(mesh.metrics(), "meshproxy_circuit_breaker_state", destination="accrual.demo:80")
+
+    control(mesh.lab, mesh.s1, "mode", area="accrual", mode="fail")
+    failing = mesh.load(url, 3, concurrency=1)
+    assert failing["status"] == {"503": 3} and not failing["flags"], failing  # the app's own 503s
+    # Open: answered by the sidecar (CO) without reaching the app, and the gauge says so.
+    served = sum(control(mesh.lab, mesh.s1, "stats")["hits"]["accrual"].values())
+    rejected = mesh.load(url, 5, concurrency=1)
+    assert rejected["status"] == {"503": 5} and rejected["flags"] == {"CO": 5}, rejected
+    assert sum(control(mesh.lab, mesh.s1, "stats")["hits"]["accrual"].values()) == served
+    assert gauge() == 1
+    # The app recovers; after open_duration one probe goes through, succeeds, and closes it.
+    control(mesh.lab, mesh.s1, "mode", area="accrual", mode="ok")
+    wait_for(lambda: mesh.load(url, 1, concurrency=1)["status"] == {"200": 1}, 30, "a successful probe")
+    assert gauge() == 0
+    after = mesh.load(url, 10, concurrency=2)
+    assert after["status"] == {"200": 10}, after
 
 
 def clusters_endpoint(mesh: Mesh, service: str, address: str) -> dict[str, Any]:
