@@ -214,7 +214,7 @@ class EndpointPool:
             candidates = self._eligible or self._fallback
         if not candidates:
             return None
-        avoid = {_eid(e) for e in exclude}
+        avoid = {_eid(e) for e in exclude} if exclude else None
         if avoid:
             preferred = [st for st in candidates if _eid(st.endpoint) not in avoid]
             if preferred:

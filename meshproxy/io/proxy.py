@@ -204,6 +204,11 @@ class _Tracked:
         return known_length(self._inner)
 
     @property
+    def complete(self) -> bool:
+        """The whole body has arrived (it may not all have been read yet), if the inner body says."""
+        return bool(getattr(self._inner, "complete", False))
+
+    @property
     def trailers(self) -> Headers | None:
         return self._inner.trailers
 
@@ -297,7 +302,7 @@ class Proxy:
         self.clients = clients
         self.telemetry = telemetry
         self.rng = rng or random.Random()
-        self._gauge_states: dict[str, tuple[Breaker, BreakerState]] = {}
+        self._gauge_states: dict[int, tuple[Breaker, BreakerState]] = {}
         self._panicking: set[ServiceKey] = set()  # services whose pool is in panic mode (for logs)
         self._outbound = self._compose(
             [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
@@ -433,7 +438,8 @@ class Proxy:
             empty = known_length(body) == 0
             await sink.send_head(head, end_stream=empty)
             if not empty:
-                if self.stream_idle_timeout is not None:
+                # A body that already arrived whole (the common small response) cannot stall.
+                if self.stream_idle_timeout is not None and not getattr(body, "complete", False):
                     loop = call.loop or asyncio.get_running_loop()
                     watchdog = _StallWatchdog(
                         self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
@@ -689,14 +695,17 @@ class Proxy:
             return
         breaker = self.runtime.breaker(svc)
         state = breaker.state
-        key = str(svc.key)
         # The gauge is set only when the state changes (a labelled gauge write per request is
-        # measurable); a new Breaker object (service removed, then back) is always reported.
-        last = self._gauge_states.get(key)
-        if last is not None and last[0] is breaker and last[1] is state:
+        # measurable). Keyed by breaker identity, so a new Breaker (service removed, then back)
+        # is always reported; the entry holds the breaker, so its id is not reused meanwhile.
+        last = self._gauge_states.get(id(breaker))
+        if last is not None and last[1] is state:
             return
-        self._gauge_states[key] = (breaker, state)
-        self.telemetry.metrics.set_breaker_state(key, state.value)
+        if len(self._gauge_states) > 2 * len(self.runtime.breakers) + 16:
+            live = {id(b) for b in self.runtime.breakers.values()}
+            self._gauge_states = {k: v for k, v in self._gauge_states.items() if k in live}
+        self._gauge_states[id(breaker)] = (breaker, state)
+        self.telemetry.metrics.set_breaker_state(str(svc.key), state.value)
 
     async def _balance(self, call: Call, nxt: Next) -> UpstreamResponse:
         if call.target is not None:
@@ -707,7 +716,7 @@ class Proxy:
         pool = self.runtime.pool(svc)
         panics = pool.panic_picks
         ep = pool.pick(exclude=call.tried)
-        if pool.panic_picks != panics or svc.key in self._panicking:
+        if pool.panic_picks != panics or (self._panicking and svc.key in self._panicking):
             self._panic_seen(svc, pool)
         if ep is None:
             raise LocalReplyError(Flag.UH, str(svc.key))
@@ -850,7 +859,7 @@ class Proxy:
             if pool is not None and svc is not None:
                 panics = pool.panic_picks
                 chosen = pool.pick(exclude=[e for e in candidates])
-                if pool.panic_picks != panics or svc.key in self._panicking:
+                if pool.panic_picks != panics or (self._panicking and svc.key in self._panicking):
                     self._panic_seen(svc, pool)
                 if chosen is None:
                     break
