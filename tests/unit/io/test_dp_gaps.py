@@ -243,3 +243,37 @@ async def test_a_client_gone_while_waiting_for_the_head_is_dc_not_a_timeout(upst
             upstream.server.release.set()
     finally:
         await tel.shutdown(grace=1.0)
+
+
+async def test_breaker_gauge_follows_the_circuit_through_open_and_closed(upstream: Upstream) -> None:
+    clock = FakeClock(1000.0)
+    registry = CollectorRegistry()
+    tel = Telemetry.build(
+        TelemetrySettings(tracing=Tracing(sampling_ratio=0.0)), Workload(name="c"), registry=registry
+    )
+    breaker = CircuitBreaker(consecutive_failures=2, open_duration=5.0)
+    policy = TrafficPolicy(retry=None, outlier_detection=None, circuit_breaker=breaker)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("meshproxy_circuit_breaker_state", {"destination": "web.demo:80"})
+
+    try:
+        async with (
+            Sidecar(
+                snapshot(service(upstream.port, policy=policy)), (VIP, 80), clock=clock, telemetry=tel
+            ) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            assert (await client.get("/hello")).status_code == 200
+            assert gauge() == 0.0  # closed
+            for _ in range(2):
+                assert (await client.get("/status/500")).status_code == 500
+            assert gauge() == 1.0  # open
+            for _ in range(3):  # repeated identical states are not re-written, still open
+                assert (await client.get("/hello")).headers["x-meshproxy-flag"] == "CO"
+            assert gauge() == 1.0
+            clock.advance(5.0)
+            assert (await client.get("/hello")).status_code == 200  # the probe closes it
+            assert gauge() == 0.0
+    finally:
+        await tel.shutdown(grace=1.0)
