@@ -108,10 +108,10 @@ def test_keep_alive_reuses_the_client_connection_and_the_upstream_one(mesh: Mesh
     # And the hop between the sidecars: one pooled connection into the server's 15006 from
     # the client pod (this is the module's first test; nothing else has connected yet).
     established = mesh.lab.exec(mesh.server, ["ss", "-Htn", "state", "established", "sport = :15006"])
-    peers = [line.split()[-1] for line in established.stdout.splitlines()]
+    remotes = [line.split()[-1] for line in established.stdout.splitlines()]
     # (the listener is dual-stack, so IPv4 peers show as [::ffff:a.b.c.d]:port)
-    hosts = [p.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") for p in peers]
-    assert hosts == [mesh.client.ip], peers
+    hosts = [p.rsplit(":", 1)[0].strip("[]").removeprefix("::ffff:") for p in remotes]
+    assert hosts == [mesh.client.ip], remotes
 
 
 def test_http_over_ipv6_through_both_sidecars(mesh: Mesh) -> None:
