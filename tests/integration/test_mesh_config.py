@@ -189,11 +189,11 @@ def test_shifting_the_split_under_load_fails_no_request(mesh: Mesh) -> None:
 
 
 def test_adding_an_endpoint_under_load_fails_no_request(mesh: Mesh) -> None:
-    before = mesh.hits("v1b")
-    assert before == 0  # not Ready: never picked
+    assert mesh.hits("v1b") == 0  # not Ready: never picked
+    served_before = mesh.hits("v1") + mesh.hits("v2")
     load = Load.start(mesh)
     try:
-        wait_for(lambda: mesh.hits("v1") + mesh.hits("v2") > 0, 30, "load flowing")
+        wait_for(lambda: mesh.hits("v1") + mesh.hits("v2") >= served_before + 50, 30, "load flowing")
         # What the kubelet does once the new pod's probes pass: its Ready condition turns True.
         write(mesh.manifests / "v1b.yaml", pod_manifest(mesh.pods["v1b"], {"app": "web", "version": "v1"}))
         wait_for(lambda: mesh.hits("v1b") >= 30, 30, "the new endpoint v1b serving")
