@@ -201,3 +201,29 @@ def test_adding_an_endpoint_under_load_fails_no_request(mesh: Mesh) -> None:
         r = load.finish()
     assert set(r["status"]) == {"200"} and not r["errors"], r
     assert r["names"].get("v1b", 0) > 0, r
+
+
+def test_removing_an_endpoint_under_load_fails_no_request(mesh: Mesh) -> None:
+    v1b = mesh.pods["v1b"]
+    write(mesh.manifests / "v1b.yaml", pod_manifest(v1b, {"app": "web", "version": "v1"}))
+    load = Load.start(mesh)
+    try:
+        start = mesh.hits("v1b")
+        wait_for(lambda: mesh.hits("v1b") >= start + 20, 30, "v1b serving under load")
+        # The pod goes away (its app keeps answering what it already got, as a terminating
+        # pod does): the control plane drops the endpoint, requests in flight finish.
+        (mesh.manifests / "v1b.yaml").unlink()
+
+        def endpoint_gone() -> bool:
+            dump = json.loads(admin_get(mesh.lab, mesh.pods["client"], "/config_dump"))
+            addresses = {e["address"] for s in dump["services"] for e in s.get("endpoints", ())}
+            return v1b.ip not in addresses
+
+        wait_for(endpoint_gone, 30, "v1b gone from the client sidecar's config")
+        frozen = mesh.hits("v1b")
+        served = mesh.hits("v1") + mesh.hits("v2")
+        wait_for(lambda: mesh.hits("v1") + mesh.hits("v2") >= served + 50, 30, "load flowing without v1b")
+        assert mesh.hits("v1b") == frozen  # no new request went to the removed endpoint
+    finally:
+        r = load.finish()
+    assert set(r["status"]) == {"200"} and not r["errors"], r
