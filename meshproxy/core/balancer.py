@@ -12,6 +12,7 @@ API:
     pool.on_request_end(endpoint, outcome: Outcome)   in-flight -= 1, outlier accounting
     pool.stats() -> list[EndpointStats];  pool.ejections_total;  pool.ejections_by_reason
     pool.in_panic;  pool.panic_picks      panic mode now; picks made in panic mode so far
+    pool.ejected_count                    endpoints ejected now
     pool.endpoints -> tuple[Endpoint, ...];  pool.size;  pool.lb
 
 Picking:
@@ -90,6 +91,7 @@ class EndpointPool:
 
     __slots__ = (
         "_clock",
+        "_ejected",
         "_ejections_by_reason",
         "_eligible",
         "_fallback",
@@ -121,6 +123,7 @@ class EndpointPool:
         self._panic_threshold = panic_threshold
         self._usable: list[_EndpointState] = []
         self._panic = False
+        self._ejected = 0
         self.panic_picks = 0
         self._clock = clock
         self._rng = rng
@@ -179,6 +182,7 @@ class EndpointPool:
         fallback: list[_EndpointState] = []
         usable: list[_EndpointState] = []
         next_return: float | None = None
+        ejected = 0
         for st in self._states.values():
             st.outlier.maybe_return(now)
             ep = st.endpoint
@@ -186,6 +190,7 @@ class EndpointPool:
                 usable.append(st)
             until = st.outlier.ejected_until
             if until is not None:
+                ejected += 1
                 next_return = until if next_return is None else min(next_return, until)
                 continue
             if ep.weight <= 0:
@@ -197,6 +202,7 @@ class EndpointPool:
         self._eligible = eligible
         self._fallback = fallback
         self._usable = usable
+        self._ejected = ejected
         self._next_return = next_return
         self._panic = bool(usable) and 100 * len(eligible) < self._panic_threshold * len(usable)
 
@@ -277,6 +283,12 @@ class EndpointPool:
         self._rebuild()
 
     # -- observation ------------------------------------------------------------------------------
+
+    @property
+    def ejected_count(self) -> int:
+        """Endpoints ejected now (as of the last pick or the clock check this makes)."""
+        self._refresh()
+        return self._ejected
 
     @property
     def in_panic(self) -> bool:

@@ -303,6 +303,7 @@ class Proxy:
         self.telemetry = telemetry
         self.rng = rng or random.Random()
         self._gauge_states: dict[int, tuple[Breaker, BreakerState]] = {}
+        self._ejected_reported: dict[int, tuple[EndpointPool, int]] = {}  # id(pool) -> last gauge value
         self._panicking: set[ServiceKey] = set()  # services whose pool is in panic mode (for logs)
         self._outbound = self._compose(
             [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
@@ -659,6 +660,8 @@ class Proxy:
                 self.telemetry.metrics.breaker_rejected(
                     str(svc.key), admission.limit.value if admission.limit else "circuit_open"
                 )
+                # A saturated limit reads "open" until a release brings it below the maximum.
+                self._breaker_gauge(svc)
             raise LocalReplyError(admission.flag or Flag.UO, admission.reason)
         try:
             resp = await nxt(call)
@@ -718,6 +721,10 @@ class Proxy:
         ep = pool.pick(exclude=call.tried)
         if pool.panic_picks != panics or (self._panicking and svc.key in self._panicking):
             self._panic_seen(svc, pool)
+        if self._ejected_reported:
+            last = self._ejected_reported.get(id(pool))
+            if last is not None and last[1] != pool.ejected_count:
+                self._ejected_gauge(svc, pool)  # an ejection ended since the last report
         if ep is None:
             raise LocalReplyError(Flag.UH, str(svc.key))
         call.endpoint = ep
@@ -774,9 +781,26 @@ class Proxy:
         if pool.ejections_total != before and self.telemetry is not None:
             dest = str(svc.key)
             self.telemetry.metrics.ejection(dest)
-            now_ejected = sum(1 for st in pool.stats() if not st.healthy and st.ejected_until is not None)
-            self.telemetry.metrics.set_ejected(dest, now_ejected)
+            self._ejected_gauge(svc, pool)
             log.info("endpoint ejected", extra={"service": dest, "endpoint": f"{ep.address}:{ep.port}"})
+
+    def _ejected_gauge(self, svc: Service, pool: EndpointPool) -> None:
+        """Keep ``meshproxy_ejected_endpoints`` equal to the pool's count, written on change only.
+
+        Ejections end lazily (the pool notices at its next pick), so the pick path calls this too."""
+        if self.telemetry is None:
+            return
+        n = pool.ejected_count
+        last = self._ejected_reported.get(id(pool))
+        if last is None and n == 0:
+            return  # never ejected: no series, as before any ejection
+        if last is not None and last[1] == n:
+            return
+        if len(self._ejected_reported) > 2 * len(self.runtime.pools) + 16:
+            live = {id(p) for p in self.runtime.pools.values()}
+            self._ejected_reported = {k: v for k, v in self._ejected_reported.items() if k in live}
+        self._ejected_reported[id(pool)] = (pool, n)
+        self.telemetry.metrics.set_ejected(str(svc.key), n)
 
     async def _upstream(self, call: Call) -> UpstreamResponse:
         ep = call.endpoint

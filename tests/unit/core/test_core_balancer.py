@@ -129,8 +129,10 @@ def test_update_keeps_state_and_survives_in_flight_removal() -> None:
 
 def test_connect_failures_eject_and_endpoint_returns_after_its_time() -> None:
     pool, clock = pool_of(A, B, C, D)
+    assert pool.ejected_count == 0
     fail(pool, A, Outcome.CONNECT_FAILURE, 2)
     assert pool.ejections_total == 1
+    assert pool.ejected_count == 1
     assert pool.ejections_by_reason[EjectReason.CONSECUTIVE_CONNECT_FAILURES] == 1
     assert A not in {pool.pick() for _ in range(30)}
     st = {s.address: s for s in pool.stats()}[A.address]
@@ -140,6 +142,7 @@ def test_connect_failures_eject_and_endpoint_returns_after_its_time() -> None:
     remaining = {s.address: s for s in pool.stats()}[A.address].ejection_remaining
     assert remaining == pytest.approx(0.1)
     clock.advance(0.1)
+    assert pool.ejected_count == 0  # the ejection ended by itself
     assert A in {pool.pick() for _ in range(30)}
     assert {s.address: s for s in pool.stats()}[A.address].ejected_until is None
 

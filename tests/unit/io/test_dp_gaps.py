@@ -277,3 +277,60 @@ async def test_breaker_gauge_follows_the_circuit_through_open_and_closed(upstrea
             assert gauge() == 0.0
     finally:
         await tel.shutdown(grace=1.0)
+
+
+async def test_breaker_gauge_reads_open_while_max_requests_is_saturated(upstream: Upstream) -> None:
+    registry = CollectorRegistry()
+    tel = Telemetry.build(
+        TelemetrySettings(tracing=Tracing(sampling_ratio=0.0)), Workload(name="c"), registry=registry
+    )
+    policy = TrafficPolicy(retry=None, outlier_detection=None, circuit_breaker=CircuitBreaker(max_requests=1))
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("meshproxy_circuit_breaker_state", {"destination": "web.demo:80"})
+
+    try:
+        async with (
+            Sidecar(snapshot(service(upstream.port, policy=policy)), (VIP, 80), telemetry=tel) as sc,
+            httpx.AsyncClient(base_url=sc.url, timeout=10) as client,
+        ):
+            slow = asyncio.create_task(client.get("/slow"))
+            await wait_for(lambda: upstream.server.requests == 1)
+            assert (await client.get("/hello")).headers["x-meshproxy-flag"] == "UO"
+            assert gauge() == 1.0  # open while the limit is saturated
+            upstream.server.release.set()
+            assert (await slow).status_code == 200
+            await wait_for(lambda: gauge() == 0.0)  # closed once the request ended
+    finally:
+        await tel.shutdown(grace=1.0)
+
+
+async def test_ejected_endpoints_gauge_returns_to_zero_when_the_ejection_ends(upstream: Upstream) -> None:
+    clock = FakeClock(1000.0)
+    registry = CollectorRegistry()
+    tel = Telemetry.build(
+        TelemetrySettings(tracing=Tracing(sampling_ratio=0.0)), Workload(name="c"), registry=registry
+    )
+    od = OutlierDetection(consecutive_gateway_errors=2, base_ejection_time=30.0)
+    policy = TrafficPolicy(retry=None, outlier_detection=od)
+
+    def gauge() -> float | None:
+        return registry.get_sample_value("meshproxy_ejected_endpoints", {"destination": "web.demo:80"})
+
+    try:
+        async with (
+            Sidecar(
+                snapshot(service(upstream.port, policy=policy)), (VIP, 80), clock=clock, telemetry=tel
+            ) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            assert (await client.get("/hello")).status_code == 200
+            assert gauge() is None  # nothing ejected yet: no series
+            for _ in range(2):
+                await client.get("/status/503")
+            assert gauge() == 1.0
+            clock.advance(30.0)
+            assert (await client.get("/hello")).status_code == 200
+            assert gauge() == 0.0
+    finally:
+        await tel.shutdown(grace=1.0)
