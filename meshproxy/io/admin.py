@@ -36,7 +36,7 @@ import contextlib
 import ipaddress
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
 IDLE_TIMEOUT = 30.0
+APP_HEALTH_PREFIX = b"/app-health/"  # must match controlplane/inject.py's probe rewriting
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -139,6 +140,7 @@ class AdminServer:
         clusters: Callable[[], list[dict[str, Any]]],
         breakers: Callable[[], list[dict[str, Any]]],
         on_quit: Callable[[], None],
+        app_health: Callable[[str], Awaitable[int | None]] | None = None,
         root_logger: str = "meshproxy",
         max_connections: int = 64,
     ) -> None:
@@ -150,6 +152,7 @@ class AdminServer:
         self._clusters = clusters
         self._breakers = breakers
         self._on_quit = on_quit
+        self._app_health = app_health
         self._root_logger = root_logger
         self._max_connections = max_connections
         self._server: asyncio.Server | None = None
@@ -215,7 +218,10 @@ class AdminServer:
                     req = sink.done.pop(0)
                     sink.size = 0
                     keep_alive = req.keep_alive
-                    response, after = self._dispatch(req, peer_host)
+                    if req.url.startswith(APP_HEALTH_PREFIX):
+                        response, after = await self._probe(req), None
+                    else:
+                        response, after = self._dispatch(req, peer_host)
                     await self._write(writer, response, keep_alive=keep_alive)
                     if after is not None:
                         after()
@@ -242,6 +248,21 @@ class AdminServer:
         await writer.drain()
 
     # -- routes ------------------------------------------------------------------------------
+
+    async def _probe(self, req: _Request) -> Response:
+        """kubelet's probe of an app container, rewritten by the injector to this port.
+
+        The app listens on the pod's loopback only as far as kubelet is concerned: its probe
+        port is behind interception, so the injector points kubelet here and the sidecar runs
+        the original probe against 127.0.0.1 (``app_health``; ``meshproxy.io.app_probes``).
+        """
+        if req.method != "GET":
+            return _text(405, "use GET")
+        path = req.url.split(b"?", 1)[0].decode("latin-1")
+        status = None if self._app_health is None else await self._app_health(path)
+        if status is None:
+            return _text(404, f"no such app probe: {path}")
+        return _text(status, "ok" if status == 200 else "probe failed")
 
     def _dispatch(self, req: _Request, peer_host: str) -> tuple[Response, Callable[[], None] | None]:
         url = httptools.parse_url(req.url)

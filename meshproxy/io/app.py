@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import gc
 import importlib
-import inspect
 import json
 import logging
 import os
@@ -36,11 +35,11 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from meshproxy.config.model import Snapshot
+from meshproxy.config.model import Snapshot, Workload
 from meshproxy.core.clock import MonotonicClock
 from meshproxy.core.errors import ConfigError
 from meshproxy.io.admin import AdminServer
@@ -177,7 +176,7 @@ class Sidecar:
         self.stop = asyncio.Event()
         self.clock = MonotonicClock()
         initial = static or Snapshot()
-        self.telemetry = Telemetry.build(initial.telemetry, initial.workload)
+        self.telemetry = Telemetry.build(initial.telemetry, self._workload(initial))
         self.runtime = Runtime(
             clock=self.clock, rng=random.Random(), cache_path=args.config_cache, on_applied=self._applied
         )
@@ -198,17 +197,7 @@ class Sidecar:
             for direction, port in (("outbound", args.outbound_port), ("inbound", args.inbound_port))
         ]
         # kubelet's app probes, rewritten by the injector to /app-health/... on the admin port.
-        # The admin server (another module) takes them through an ``app_health`` hook; the
-        # signature check keeps this wiring working before and after that hook exists.
         self.app_probes = AppProbes.from_env(os.environ)
-        admin_extra: dict[str, Any] = {}
-        if "app_health" in inspect.signature(AdminServer).parameters:
-            admin_extra["app_health"] = self.app_probes.check
-        elif self.app_probes.probes:
-            log.warning(
-                "this admin server cannot serve /app-health probes yet",
-                extra={"probes": len(self.app_probes.probes)},
-            )
         self.admin = AdminServer(
             args.admin_host,
             args.admin_port,
@@ -218,15 +207,26 @@ class Sidecar:
             clusters=self._clusters,
             breakers=self._breakers,
             on_quit=self.stop.set,
-            **admin_extra,
+            app_health=self.app_probes.check,
         )
         self.serving = False
         self.tasks: list[asyncio.Task[None]] = []
         self._destinations: set[str] = set()
 
+    def _workload(self, snap: Snapshot) -> Workload:
+        """The snapshot's workload, with this pod's name when the control plane left it out.
+
+        The control plane compiles one snapshot per workload (all replicas share it, so its
+        version is the same for each), so the pod name, which spans report as
+        ``k8s.pod.name``, comes from the sidecar's own identity.
+        """
+        if snap.workload.pod or not self.identity.pod:
+            return snap.workload
+        return replace(snap.workload, pod=self.identity.pod)
+
     def _applied(self, active: Active) -> None:
         snap = active.snapshot
-        self.telemetry.reconfigure(snap.telemetry, snap.workload)
+        self.telemetry.reconfigure(snap.telemetry, self._workload(snap))
         self.telemetry.metrics.set_config_version(snap.version)
         keys = {str(s.key) for s in snap.services}
         for gone in self._destinations - keys:

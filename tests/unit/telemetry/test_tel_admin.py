@@ -146,3 +146,63 @@ async def test_keep_alive_pipelined_requests_and_malformed_input(admin: Any) -> 
     rest = await asyncio.wait_for(reader.read(), 5)  # answered 400, then closed
     assert rest.startswith(b"HTTP/1.1 400")
     writer.close()
+
+
+async def test_app_health_runs_the_apps_original_probe() -> None:
+    """kubelet's rewritten probe (/app-health/<container>/<probe>) reaches the app's own check."""
+    import json
+    import os
+
+    from meshproxy.io.app_probes import AppProbes
+
+    healthy = {"value": True}
+
+    async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        status = b"200 OK" if healthy["value"] else b"500 Internal Server Error"
+        writer.write(b"HTTP/1.1 " + status + b"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    app_server = await asyncio.start_server(app, "127.0.0.1", 0)
+    app_port = app_server.sockets[0].getsockname()[1]
+    probes = AppProbes.from_env(
+        {
+            **os.environ,
+            "MESHPROXY_APP_PROBES": json.dumps(
+                {
+                    "/app-health/web/readyz": {
+                        "kind": "http",
+                        "port": app_port,
+                        "path": "/healthz",
+                        "scheme": "HTTP",
+                        "headers": [],
+                        "timeoutSeconds": 2,
+                    }
+                }
+            ),
+        }
+    )
+    tel = Telemetry.build(model.Telemetry(), model.Workload(name="web", namespace="demo"), env={})
+    server = AdminServer(
+        "127.0.0.1",
+        0,
+        metrics_registry=tel.metrics.registry,
+        ready=lambda: True,
+        config_dump=dict,
+        clusters=list,
+        breakers=list,
+        on_quit=lambda: None,
+        app_health=probes.check,
+    )
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{server.port}", timeout=5) as client:
+            assert (await client.get("/app-health/web/readyz")).status_code == 200
+            healthy["value"] = False
+            assert (await client.get("/app-health/web/readyz")).status_code == 503
+            assert (await client.get("/app-health/other/livez")).status_code == 404
+    finally:
+        await server.close()
+        app_server.close()
+        await tel.shutdown()
