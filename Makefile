@@ -76,8 +76,8 @@ bench-telemetry: install
 	./scripts/system-deps.sh --bench
 	$(BIN)/python -m bench.run --scenarios direct,nginx,meshproxy-notel,meshproxy --ablation $(BENCH_ARGS)
 
-# meshproxy vs HAProxy, nginx, Traefik and direct (docs/benchmarks.md). Full mode ~25 min;
-# bench-peers-quick is the CI-sized smoke (~4 min). Traefik is built once into $(CACHE).
+# meshproxy vs HAProxy, nginx, Traefik and direct (docs/benchmarks.md). Full mode ~20 min;
+# bench-peers-quick is the CI-sized smoke (~2.5 min). Traefik is built once into $(CACHE).
 .PHONY: bench-peers bench-peers-quick
 bench-peers: install
 	./scripts/system-deps.sh --bench
