@@ -254,12 +254,6 @@ def test_circuit_breaker_turns_overload_away_with_uo_and_recovers(mesh: Mesh) ->
     assert breaker_gauge(mesh) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: Proxy._breaker (meshproxy/io/proxy.py) raises the UO reply without "
-    "calling _breaker_gauge, so max_requests saturation never reaches the gauge (a later "
-    "release clears it first)",
-)
 def test_breaker_gauge_reads_open_under_overload_and_closed_after(mesh: Mesh) -> None:
     r: dict[str, Any] = {}
     with breaker_overload(mesh, r):
@@ -334,11 +328,6 @@ def test_ejected_endpoint_returns_after_it_recovers(mesh: Mesh) -> None:
     assert final["names"].get("s2", 0) > 0 and final["names"].get("s1", 0) > 0, final
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: meshproxy_ejected_endpoints is set only when an endpoint is ejected "
-    "(Proxy._endpoint_done, meshproxy/io/proxy.py), never when an ejection ends, so it stays 1",
-)
 def test_ejected_endpoints_gauge_returns_to_zero(mesh: Mesh) -> None:
     eject_and_recover(mesh, "outlier-gauge")
     url = f"http://{OUTLIER_VIP}/outlier-gauge/item"
