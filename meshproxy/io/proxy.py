@@ -328,13 +328,12 @@ class Proxy:
         dest_name: str | None = None
         if active is not None:
             if ctx.direction == "inbound":
-                port = active.inbound_ports.get(ctx.original_dst_port)
-                dest_name = port.service if port is not None and port.service else None
+                dest_name = active.inbound_labels.get(ctx.original_dst_port)
             else:
                 matched = active.table.service_for(
                     ctx.original_dst_address, ctx.original_dst_port, head.authority
                 )
-                dest_name = str(matched.key) if matched is not None else None
+                dest_name = active.service_labels.get(matched.key) if matched is not None else None
         hop = None
         if self.telemetry is not None:
             hop = self.telemetry.start_http(
@@ -863,15 +862,15 @@ class Proxy:
         if ctx.direction == "inbound":
             app = active.snapshot.inbound.app_address if active is not None else "127.0.0.1"
             candidates = [Endpoint(address=app, port=ctx.original_dst_port)]
-            port = active.inbound_ports.get(ctx.original_dst_port) if active is not None else None
-            dest_name = port.service if port is not None and port.service else dest_name
+            if active is not None:
+                dest_name = active.inbound_labels.get(ctx.original_dst_port, dest_name)
         elif active is not None:
             svc = active.table.service_for(ctx.original_dst_address, ctx.original_dst_port, None)
         if ctx.direction == "outbound" and svc is None:
             candidates = [Endpoint(address=ctx.original_dst_address, port=ctx.original_dst_port)]
         hop = None
-        if svc is not None:
-            dest_name = str(svc.key)
+        if svc is not None and active is not None:
+            dest_name = active.service_labels.get(svc.key, dest_name)
             connect_timeout = svc.policy.connect_timeout
         if self.telemetry is not None:
             hop = self.telemetry.tcp_opened(direction=ctx.direction, destination_service=dest_name)

@@ -65,6 +65,12 @@ class Active:
     # Service name -> (its rate limit, bucket name): the first service of that name with a
     # rate limit, for inbound ports that name a service but set no limit of their own.
     service_rate_limits: Mapping[str, tuple[RateLimit, str]] = field(default_factory=dict)
+    # Telemetry's ``destination_service`` label, the same on both sides of a hop (as in Istio,
+    # where both reporters say the service's name): "<name>.<namespace>". Outbound by service
+    # key; inbound by the app port the request arrived on (the port's service, in this pod's
+    # namespace: a Service only selects pods of its own namespace).
+    service_labels: Mapping[ServiceKey, str] = field(default_factory=dict)
+    inbound_labels: Mapping[int, str] = field(default_factory=dict)
 
     @property
     def version(self) -> str:
@@ -190,11 +196,20 @@ class Runtime:
         for svc in snapshot.services:
             if svc.policy.rate_limit is not None and svc.name not in limits:
                 limits[svc.name] = (svc.policy.rate_limit, f"service:{svc.name}.{svc.namespace}")
+        namespace = snapshot.workload.namespace
         active = Active(
             snapshot=snapshot,
             table=table,
             inbound_ports=ports,
             service_rate_limits=MappingProxyType(limits),
+            service_labels=MappingProxyType({s.key: f"{s.name}.{s.namespace}" for s in snapshot.services}),
+            inbound_labels=MappingProxyType(
+                {
+                    port: (p.service if "." in p.service else f"{p.service}.{namespace}")
+                    for port, p in ports.items()
+                    if p.service
+                }
+            ),
         )
         self._update_state(snapshot)
         self._by_id = {

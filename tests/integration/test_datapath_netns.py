@@ -99,7 +99,7 @@ def test_http_through_both_sidecars_by_service_vip(mesh: Mesh) -> None:
     # Both hops reported the request: the client's as source, the server's as destination.
     client_metrics = admin_get(mesh.lab, mesh.client, "/metrics")
     server_metrics = admin_get(mesh.lab, mesh.server, "/metrics")
-    assert 'reporter="source"' in client_metrics and 'destination_service="web.demo:80"' in client_metrics
+    assert 'reporter="source"' in client_metrics and 'destination_service="web.demo"' in client_metrics
     assert 'reporter="destination"' in server_metrics and 'source_workload="client"' in server_metrics
 
 

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 VIP = "198.19.0.30"
 OTLP_PORT, DEAD_PORT = 4317, 4999
-WEB = "web.demo:80"
+WEB = "web.demo"  # destination_service: the same "<name>.<namespace>" on both sides
 
 
 @dataclass
@@ -60,9 +60,7 @@ class Mesh:
         text = admin_get(self.lab, pod, "/metrics")
         labels = {"reporter": reporter, "destination_service": WEB, "response_code": code}
         if reporter == "destination":
-            # The server side labels its InboundPort.service (the bare name, as the control
-            # plane compiles it), not the client side's ``name.namespace:port``.
-            labels.update(destination_service="web", source_workload="client")
+            labels.update(source_workload="client")
         return (
             metric(text, "meshproxy_requests_total", **labels),
             metric(text, "meshproxy_request_duration_seconds_count", **labels),

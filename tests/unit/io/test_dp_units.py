@@ -205,7 +205,7 @@ async def test_requests_are_counted_and_carry_a_request_id(upstream: Upstream) -
             "reporter": "source",
             "source_workload": "client",
             "source_namespace": "demo",
-            "destination_service": "web.demo:80",
+            "destination_service": "web.demo",
             "destination_workload": "unknown",
             "response_code": "200",
             "grpc_status": "",
