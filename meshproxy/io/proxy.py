@@ -273,7 +273,21 @@ class Call:
 
     @property
     def policy(self) -> TrafficPolicy:
+        """The backend's policy: breaker, outlier detection, balancing, connection settings."""
         return self.service.policy if self.service is not None else _DEFAULT_POLICY
+
+    @property
+    def request_policy(self) -> TrafficPolicy:
+        """The addressed service's policy: timeout, retries, fault injection.
+
+        These belong to the request the app made to the service it called, so a split of
+        ``inventory`` into ``inventory-v1``/``-v2`` keeps ``inventory``'s retries and timeout
+        (as with Istio's VirtualService vs DestinationRule, and Gateway API's route-level
+        timeouts); the backends' own policies govern their breakers and endpoints.
+        """
+        if self.matched is not None:
+            return self.matched.policy
+        return self.policy
 
 
 Next = Callable[[Call], Awaitable[UpstreamResponse]]
@@ -553,9 +567,10 @@ class Proxy:
         return await nxt(call)
 
     async def _fault(self, call: Call, nxt: Next) -> UpstreamResponse:
-        if call.service is None or call.policy.fault is None:
+        fault = call.request_policy.fault
+        if call.service is None or fault is None:
             return await nxt(call)
-        decision = fault_mod.decide(call.policy.fault, self.rng)
+        decision = fault_mod.decide(fault, self.rng)
         if decision.delay > 0:
             if call.hop is not None:
                 call.hop.annotate(decision="fault_delay")
@@ -567,7 +582,11 @@ class Proxy:
     async def _timeout(self, call: Call, nxt: Next) -> UpstreamResponse:
         if call.service is None:
             return await nxt(call)
-        limit = call.route.timeout if call.route is not None and call.route.timeout else call.policy.timeout
+        limit = (
+            call.route.timeout
+            if call.route is not None and call.route.timeout
+            else call.request_policy.timeout
+        )
         if limit is None:
             return await nxt(call)
         # asyncio.timeout() would do, but it looks the loop and task up again (on Python 3.11
@@ -587,7 +606,7 @@ class Proxy:
 
     async def _retry(self, call: Call, nxt: Next) -> UpstreamResponse:
         svc = call.service
-        policy = (call.route.retry if call.route is not None else None) or call.policy.retry
+        policy = (call.route.retry if call.route is not None else None) or call.request_policy.retry
         if svc is None or policy is None:
             return await nxt(call)
         budget = self.runtime.budget(svc)

@@ -172,3 +172,30 @@ async def test_per_try_timeout_retries_on_another_endpoint(upstream: Upstream) -
         assert statuses == [200, 200]
         assert stuck.accepted >= 1
         assert upstream.server.requests == 2
+
+
+async def test_a_split_keeps_the_addressed_services_retries_and_timeout(upstream: Upstream) -> None:
+    """inventory -> 100% inventory-v2: inventory's policy retries; v2's own policy (none) does not apply."""
+    from meshproxy.config.model import Route, Service, ServiceKey, WeightedBackend
+
+    backend = Service(
+        name="web-v2",
+        namespace="demo",
+        port=80,
+        endpoints=(Endpoint(address="127.0.0.1", port=upstream.port),),
+        policy=TrafficPolicy(retry=None, outlier_detection=None),
+    )
+    parent = service(
+        upstream.port,
+        endpoints=(),
+        routes=(Route(name="split", backends=(WeightedBackend(ServiceKey("web-v2.demo:80"), 100),)),),
+        policy=TrafficPolicy(retry=RetryPolicy(attempts=2, retry_on=frozenset({"5xx"}), backoff_base=0.001)),
+    )
+    async with (
+        Sidecar(snapshot(parent, backend), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url, timeout=10) as client,
+    ):
+        upstream.server.flaky_failures = 2
+        r = await client.get("/flaky")
+        assert r.status_code == 200, r.headers
+        assert upstream.server.paths.count("/flaky") == 3
