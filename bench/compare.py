@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers, report
-from bench.run import ROOT, cpu_seconds, fortio, percentile, rss_mb
+from bench.run import ROOT, cpu_seconds, fortio, fortio_load, percentile, rss_mb
 from meshproxy.lab.netns import Lab, LabError, LabProcess, wait_until
 
 PROXY_UID = 1357
@@ -276,34 +276,12 @@ class Compare:
             if workload.kind is peers.Kind.GRPC
             else f"http://{self.server.ip}:{workload.port}/echo?size=1024"
         )
-        grpc = ["-grpc", "-ping"] if workload.kind is peers.Kind.GRPC else []
-        argv = [
-            "taskset",
-            "-c",
-            LOAD_CPU,
-            self.fortio,
-            "load",
-            *grpc,
-            "-qps",
-            str(rate),
-            "-c",
-            str(CONNECTIONS if rate else SAT_CONNECTIONS),
-            "-t",
-            f"{duration}s",
-            "-uniform",
-            "-nocatchup",
-            "-p",
-            "50,90,99,99.9",
-            "-r",
-            "0.00001",
-            "-quiet",
-            "-json",
-            str(out),
-            target,
-        ]
-        self.lab.exec(self.client, argv, timeout=duration + 60)
-        data: dict[str, Any] = json.loads(out.read_text())
-        return data
+        grpc = ("-grpc", "-ping") if workload.kind is peers.Kind.GRPC else ()
+        connections = CONNECTIONS if rate else SAT_CONNECTIONS
+        return fortio_load(
+            self.lab, self.client, self.fortio, target,
+            rate=rate, connections=connections, duration=duration, out=out, extra=grpc,
+        )  # fmt: skip
 
     def iperf(self, duration: float) -> dict[str, Any]:
         argv = [

@@ -244,32 +244,8 @@ class Bench:
 
     def load(self, rate: int, duration: float, out: Path) -> dict[str, Any]:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
-        argv = [
-            "taskset",
-            "-c",
-            LOAD_CPU,
-            self.fortio,
-            "load",
-            "-qps",
-            str(rate),
-            "-c",
-            "16",
-            "-t",
-            f"{duration}s",
-            "-uniform",
-            "-nocatchup",
-            "-p",
-            "50,90,99,99.9",
-            "-r",
-            "0.00001",
-            "-quiet",
-            "-json",
-            str(out),
-            url,
-        ]
-        self.lab.exec(self.client, argv, timeout=duration + 60)
-        data: dict[str, Any] = json.loads(out.read_text())
-        return data
+        return fortio_load(self.lab, self.client, self.fortio, url, rate=rate, connections=16,
+                           duration=duration, out=out)
 
     def warm(self) -> None:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
@@ -283,6 +259,31 @@ class Bench:
             15,
             "first request through the scenario",
         )
+
+
+def fortio_load(
+    lab: Lab,
+    pod: Pod,
+    fortio_bin: str,
+    target: str,
+    *,
+    rate: int,
+    connections: int,
+    duration: float,
+    out: Path,
+    extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """One fortio run from ``pod`` on the load core: fixed rate (``rate`` 0 = as fast as it can),
+    uniform pacing without catch-up, sub-millisecond histogram; returns fortio's JSON result."""
+    argv = [
+        "taskset", "-c", LOAD_CPU, fortio_bin, "load", *extra,
+        "-qps", str(rate), "-c", str(connections), "-t", f"{duration}s",
+        "-uniform", "-nocatchup", "-p", "50,90,99,99.9", "-r", "0.00001",
+        "-quiet", "-json", str(out), target,
+    ]  # fmt: skip
+    lab.exec(pod, argv, timeout=duration + 60)
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
 
 
 def cpu_seconds(pids: list[int]) -> float:
