@@ -56,7 +56,7 @@ from meshproxy.config.model import (
     Workload,
 )
 from meshproxy.lab.mesh import config_yaml
-from meshproxy.lab.netns import Lab, LabProcess, Pod, wait_until
+from meshproxy.lab.netns import Lab, LabProcess, Pod, cleanup_stale, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 PROXY_UID = 1357
@@ -181,6 +181,9 @@ class Bench:
         receiver = lab.spawn(
             self.telemetry_pod,
             [
+                "taskset",  # off the proxies' core: the receiver is not what is measured
+                "-c",
+                LOAD_CPU,
                 sys.executable,
                 "-m",
                 "meshproxy.lab.spanlog",
@@ -336,6 +339,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scenarios += [s for s in ABLATION if s not in scenarios]
     rates = [int(r) for r in args.rates.split(",")]
     results: list[dict[str, Any]] = []
+    cleanup_stale()  # namespaces left by an interrupted earlier run
     with Lab() as lab:
         bench = Bench(lab, fortio(), args)
         for rnd in range(args.rounds):
