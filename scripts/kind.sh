@@ -51,6 +51,14 @@ up() {
   "$HELM" upgrade --install meshproxy "$REPO/deploy/helm/meshproxy" -n "$MESH_NS" --create-namespace \
     -f "$REPO/deploy/demo/k8s/values/meshproxy.yaml" --wait --timeout 5m
   say "demo (namespace demo is labelled meshproxy.io/inject=enabled)"
+  "$KUBECTL" apply -f "$REPO/deploy/demo/k8s/00-namespace.yaml"
+  # The webhook fails open, so pods created before the API server can reach it would start
+  # without a sidecar: wait until a server-side dry run of a pod comes back injected.
+  for _ in $(seq 60); do
+    if "$KUBECTL" -n demo run injection-probe --image "$IMAGE" --restart Never --dry-run=server -o json \
+        --command -- sleep 1 2>/dev/null | grep -q '"name": "meshproxy"'; then break; fi
+    sleep 2
+  done
   "$KUBECTL" apply -f "$REPO/deploy/demo/k8s/"
   "$KUBECTL" -n demo rollout status deployment --timeout 5m
   "$KUBECTL" -n demo get pods -o wide

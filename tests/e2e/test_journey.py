@@ -131,6 +131,23 @@ def pod_ready(pod: dict[str, Any]) -> bool:
     return conditions.get("Ready") == "True"
 
 
+PROBE_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: injection-probe, namespace: demo}
+spec:
+  containers: [{name: app, image: localhost/meshproxy:0.1.0, command: [sleep, "1"]}]
+"""
+
+
+def webhook_injects(cluster: Cluster) -> bool:
+    """True when a server-side dry run of a pod in the demo namespace comes back with the sidecar."""
+    proc = cluster.kubectl(
+        "create", "--dry-run=server", "-o", "json", "-f", "-", stdin=PROBE_POD, check=False
+    )
+    return proc.returncode == 0 and has_sidecar(json.loads(proc.stdout))
+
+
 def demo_settled(cluster: Cluster) -> bool:
     """Every demo workload rolled out: one ready, injected pod per Deployment replica."""
     deployments = cluster.get_json("-n", DEMO_NS, "deployments")["items"]
@@ -216,6 +233,11 @@ def mesh(cluster: Cluster) -> Iterator[Cluster]:
     # 3. The demo namespace, annotated for injection, then the demo itself.
     cluster.kubectl("apply", "-f", str(DEMO_DIR / "00-namespace.yaml"))
     cluster.kubectl("annotate", "--overwrite", "namespace", DEMO_NS, "meshproxy.io/inject=enabled")
+    # The webhook fails open (a pod is never blocked by the mesh), so pods created before the
+    # API server can reach it start without a sidecar: `helm --wait` sees the control plane
+    # Ready before kube-proxy routes its Service. Wait, as a user would, until a server-side
+    # dry run of a pod comes back injected (the same wait is in scripts/kind.sh).
+    wait_for(lambda: webhook_injects(cluster), 120, "the injection webhook answering")
     cluster.kubectl("apply", "-f", str(DEMO_DIR))
     cluster.apply(LOADGEN)
     try:
