@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -54,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import peers, report
-from bench.run import ROOT, cpu_seconds, fortio, fortio_load, percentile, rss_mb
+from bench.run import ROOT, cpu_seconds, fortio, fortio_load, host_facts, percentile, rss_mb, tool_version
 from meshproxy.lab.netns import Lab, LabError, LabProcess, wait_until
 
 PROXY_UID = 1357
@@ -434,29 +432,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine(fortio_bin: str, traefik_bin: str | None) -> dict[str, Any]:
-    def version(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (done.stdout + done.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "unknown"
-
     from importlib.metadata import version as pkg
 
+    version = tool_version
     # The build does not stamp a version into the binary ("dev"); go-tool.sh names it by its pin.
     traefik = Path(traefik_bin).name.removeprefix("traefik-") if traefik_bin else "not built"
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "cpu_model": next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            "unknown",
-        ),
+        **host_facts(),
         "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3],
         "python": platform.python_version(),
         "meshproxy": pkg("meshproxy"),

@@ -415,16 +415,17 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    def version(argv: list[str]) -> str:
-        try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            return (done.stdout + done.stderr).strip().splitlines()[0]
-        except (OSError, IndexError, subprocess.TimeoutExpired):
-            return "unknown"
+def tool_version(argv: list[str]) -> str:
+    """The first line a tool prints about its version, or "unknown"."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (done.stdout + done.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "unknown"
 
-    from importlib.metadata import version as pkg
 
+def host_facts() -> dict[str, Any]:
+    """When and on what a result was measured (recorded with every benchmark report)."""
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
@@ -437,6 +438,15 @@ def machine() -> dict[str, Any]:
             ),
             "unknown",
         ),
+    }
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version as pkg
+
+    version = tool_version
+    return {
+        **host_facts(),
         "python": platform.python_version(),
         "nginx": version(["nginx", "-v"]),
         "fortio": version([fortio(), "version"]),
