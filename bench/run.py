@@ -247,8 +247,9 @@ class Bench:
 
     def load(self, rate: int, duration: float, out: Path) -> dict[str, Any]:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
-        return fortio_load(self.lab, self.client, self.fortio, url, rate=rate, connections=16,
-                           duration=duration, out=out)
+        return fortio_load(
+            self.lab, self.client, self.fortio, url, rate=rate, connections=16, duration=duration, out=out
+        )
 
     def warm(self) -> None:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
@@ -349,11 +350,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bench.warm()
                     for rate in rates:
                         pids = [p.pid for p in setup.procs]
+                        spies = profilers(args, scenario, rate, rnd, pids)
                         cpu0 = cpu_seconds(pids)
                         data = bench.load(
                             rate, args.duration, bench.workdir / f"{scenario}-{rate}-{rnd}.json"
                         )
                         cpu = cpu_seconds(pids) - cpu0
+                        for spy in spies:
+                            spy.wait(timeout=30)
                         hist = data["DurationHistogram"]
                         count = int(hist["Count"])
                         ok = int(data["RetCodes"].get("200", 0))
@@ -381,6 +385,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 finally:
                     bench.stop(setup)
     return {"machine": machine(), "method": method(args), "rows": results, "summary": summarize(results)}
+
+
+def profilers(
+    args: argparse.Namespace, scenario: str, rate: int, rnd: int, pids: list[int]
+) -> list[subprocess.Popen[bytes]]:
+    """With ``--profile DIR``: py-spy (collapsed stacks, 200 Hz) on each sidecar for the load window.
+
+    Profiling costs the sidecar CPU (py-spy reads its memory), so a profiled run's numbers are
+    for finding where time goes, not for the report's ratios.
+    """
+    if not args.profile or not scenario.startswith("meshproxy"):
+        return []
+    spy = ROOT / ".venv" / "bin" / "py-spy"
+    args.profile.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            [
+                str(spy),
+                "record",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "--nonblocking",
+                "--subprocesses",
+                "-d",
+                str(int(args.duration)),
+                "-o",
+                str(args.profile / f"{scenario}-{rate}-{rnd}-{i}.txt"),
+                "--pid",
+                str(pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i, pid in enumerate(pids)
+    ]
 
 
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -501,6 +542,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--profile", type=Path, help="write py-spy collapsed stacks of each sidecar here")
     args = parser.parse_args()
     report = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
