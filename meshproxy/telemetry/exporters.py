@@ -19,22 +19,23 @@ Selection (first that applies):
   Headers, compression and TLS files are read from the environment by the
   OpenTelemetry exporters themselves.
 
-Invariants:
-  * Exporters run on the batch processor's worker thread, never on the event loop.
-  * A failed or raising export never propagates: the batch is counted as
-    dropped (``meshproxy_spans_dropped_total{reason="export_failed"}``).
+Kinds: the OTLP exporters (gRPC, HTTP) are ``WireExporter``s: the SDK's OTLP exporters
+taking a request already encoded by ``otlp_wire`` (``export_encoded``). Zipkin is the
+SDK's ``ZipkinExporter``, a ``SpanExporter`` taking SDK spans.
 
-Concurrency: ``CountingExporter`` is called from one worker thread; its counter
-of handed-over spans is read by the event-loop thread (an int, read atomically).
+Invariants:
+  * Exporters run on the export queues' worker threads, never on the event loop.
+  * A failed or raising export never propagates: the queue counts the batch as dropped
+    (``meshproxy_spans_dropped_total{reason="export_failed"}``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Protocol, runtime_checkable
 
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from meshproxy.config.model import Tracing
 
@@ -43,31 +44,16 @@ log = logging.getLogger(__name__)
 DEFAULT_EXPORT_TIMEOUT = 10.0  # seconds; the OpenTelemetry default, bounded by the batch worker
 
 
-class CountingExporter(SpanExporter):
-    """Delegates to ``inner``; counts batches it could not deliver via ``on_failed(n)``."""
+@runtime_checkable
+class WireExporter(Protocol):
+    """Sends one serialized ``ExportTraceServiceRequest`` of ``count`` spans; True if accepted."""
 
-    def __init__(self, inner: SpanExporter, on_failed: Callable[[int], None], name: str) -> None:
-        self.inner = inner
-        self.name = name
-        self._on_failed = on_failed
-        self.handed_over = 0  # spans taken off the batch queue so far
+    def export_encoded(self, payload: bytes, count: int) -> bool: ...
 
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        self.handed_over += len(spans)
-        try:
-            result = self.inner.export(spans)
-        except Exception:
-            log.warning("span exporter %s raised; dropping %d spans", self.name, len(spans), exc_info=True)
-            result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self._on_failed(len(spans))
-        return result
+    def shutdown(self) -> None: ...
 
-    def shutdown(self) -> None:
-        self.inner.shutdown()
 
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+AnyExporter = WireExporter | SpanExporter
 
 
 def _timeout(env: Mapping[str, str]) -> float:
@@ -82,22 +68,21 @@ def _timeout(env: Mapping[str, str]) -> float:
         return DEFAULT_EXPORT_TIMEOUT
 
 
-def otlp_grpc(endpoint: str, timeout: float) -> SpanExporter:
-    # The stock OTLP/gRPC exporter with a faster encoder (meshproxy.telemetry.otlp_wire).
-    from meshproxy.telemetry.otlp_wire import FastOTLPSpanExporter
+def otlp_grpc(endpoint: str, timeout: float) -> AnyExporter:
+    from meshproxy.telemetry.otlp_wire import WireOTLPGrpcExporter
 
     # "http://" means plaintext (in-cluster collectors usually are); "https://" means TLS.
     insecure = not endpoint.startswith("https://")
-    return FastOTLPSpanExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
+    return WireOTLPGrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
 
 
-def otlp_http(endpoint: str, timeout: float) -> SpanExporter:
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+def otlp_http(endpoint: str, timeout: float) -> AnyExporter:
+    from meshproxy.telemetry.otlp_wire import WireOTLPHttpExporter
 
-    return OTLPSpanExporter(endpoint=endpoint, timeout=timeout)
+    return WireOTLPHttpExporter(endpoint=endpoint, timeout=timeout)
 
 
-def zipkin(endpoint: str, timeout: float) -> SpanExporter:
+def zipkin(endpoint: str, timeout: float) -> AnyExporter:
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
 
     return ZipkinExporter(endpoint=endpoint, timeout=max(1, round(timeout)))
@@ -158,14 +143,14 @@ def describe(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, str]]
     return out
 
 
-_FACTORIES: dict[str, Callable[[str, float], SpanExporter]] = {
+_FACTORIES: dict[str, Callable[[str, float], AnyExporter]] = {
     "otlp_grpc": otlp_grpc,
     "otlp_http": otlp_http,
     "zipkin": zipkin,
 }
 
 
-def build(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, SpanExporter]]:
+def build(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, AnyExporter]]:
     """Named exporters for ``settings`` (see the module docstring for the selection)."""
     timeout = _timeout(env)
     return [(f"{kind}:{ep}", _FACTORIES[kind](ep, timeout)) for kind, ep in describe(settings, env)]

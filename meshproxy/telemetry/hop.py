@@ -70,10 +70,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CollectorRegistry
 
 from meshproxy.config import model
@@ -81,6 +78,7 @@ from meshproxy.core.http import Headers, RequestHead
 from meshproxy.telemetry import propagation
 from meshproxy.telemetry.accesslog import AccessLog
 from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanRecord, new_ids
 from meshproxy.telemetry.tracing import TracingPipeline
 
 log = logging.getLogger(__name__)
@@ -88,6 +86,9 @@ log = logging.getLogger(__name__)
 SOURCE_WORKLOAD_HEADER = "x-meshproxy-source-workload"
 SOURCE_NAMESPACE_HEADER = "x-meshproxy-source-namespace"
 _SOURCE_HEADERS = frozenset({SOURCE_WORKLOAD_HEADER, SOURCE_NAMESPACE_HEADER})
+# Replaced on the way upstream: trace context, caller identity (and x-request-id, when ours).
+_REPLACED = propagation.TRACE_HEADERS | _SOURCE_HEADERS
+_REPLACED_AND_ID = _REPLACED | {propagation.REQUEST_ID}
 # A DNS-1123 name: what Kubernetes allows for workloads and namespaces.
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # Distinct caller identities accepted as label values before new ones become "unknown":
@@ -135,12 +136,17 @@ class HttpHop:
         "_dest_workload",
         "_finished",
         "_grpc",
+        "_keep_request_id",
+        "_pipeline",
         "_retries",
         "_route",
+        "_sid",
         "_span",
         "_start",
         "_start_wall",
         "_tel",
+        "_tid",
+        "_trace_state",
         "destination_service",
         "direction",
         "head",
@@ -161,8 +167,13 @@ class HttpHop:
         destination_service: str | None,
         source_workload: str,
         source_namespace: str,
-        span: trace.Span,
+        pipeline: TracingPipeline,
+        ids: tuple[int, int],
+        sampled: bool,
+        trace_state: str,
+        record: SpanRecord | None,
         request_id: str,
+        keep_request_id: bool,
         grpc: tuple[str, str] | None,
     ) -> None:
         self._tel = tel
@@ -172,9 +183,13 @@ class HttpHop:
         self.destination_service = destination_service or UNKNOWN
         self.source_workload = source_workload
         self.source_namespace = source_namespace
-        self._span = span
+        self._pipeline = pipeline
+        self._tid, self._sid = ids
+        self.sampled = sampled
+        self._trace_state = trace_state
+        self._span = record
         self.request_id = request_id
-        self.sampled = span.get_span_context().trace_flags.sampled
+        self._keep_request_id = keep_request_id
         self._start = tel.clock()
         self._start_wall = tel.wall_clock()
         self._grpc = grpc
@@ -187,38 +202,29 @@ class HttpHop:
 
     @property
     def trace_id(self) -> str:
-        return f"{self._span.get_span_context().trace_id:032x}"
+        return f"{self._tid:032x}"
 
     @property
     def span_id(self) -> str:
-        return f"{self._span.get_span_context().span_id:016x}"
-
-    @property
-    def span(self) -> trace.Span:
-        """The hop's span (non-recording when unsampled). For callers that add events."""
-        return self._span
+        return f"{self._sid:016x}"
 
     def upstream_headers(self, head: RequestHead) -> Headers:
         """``head.headers`` as they should go upstream: this hop's trace context in the
         configured formats (incoming trace headers replaced), ``x-request-id`` added if
-        absent, the caller-identity headers added (outbound) or stripped (inbound)."""
-        ctx = trace.set_span_in_context(self._span, Context())
-        headers = propagation.inject(head.headers, ctx, self._tel.tracing.formats)
-        if propagation.request_id(headers) is None:
-            headers = (
-                *(kv for kv in headers if kv[0] != propagation.REQUEST_ID),
-                (propagation.REQUEST_ID, self.request_id),
-            )
+        absent, the caller-identity headers added (outbound) or stripped (inbound).
+        One pass over the headers."""
+        drop = _REPLACED if self._keep_request_id else _REPLACED_AND_ID
+        out = [kv for kv in head.headers if kv[0] not in drop]
+        out += propagation.context_headers(
+            self._tid, self._sid, self.sampled, self._trace_state, self._pipeline.formats
+        )
+        if not self._keep_request_id:
+            out.append((propagation.REQUEST_ID, self.request_id))
         if self.direction == "outbound":
             w = self._tel.workload
-            headers = (
-                *(kv for kv in headers if kv[0] not in _SOURCE_HEADERS),
-                (SOURCE_WORKLOAD_HEADER, w.name),
-                (SOURCE_NAMESPACE_HEADER, w.namespace),
-            )
-        else:
-            headers = tuple(kv for kv in headers if kv[0] not in _SOURCE_HEADERS)
-        return headers
+            out.append((SOURCE_WORKLOAD_HEADER, w.name))
+            out.append((SOURCE_NAMESPACE_HEADER, w.namespace))
+        return tuple(out)
 
     def annotate(
         self,
@@ -231,8 +237,7 @@ class HttpHop:
     ) -> None:
         """Record routing/resilience facts as they become known; any subset, any number of times.
 
-        Only stored here: they reach the span in one batch at ``finish`` (each attribute set on
-        an SDK span takes a lock and a validation pass, so batching is markedly cheaper)."""
+        Only stored here: they reach the span in one batch at ``finish``."""
         if route is not None:
             self._route = route
         if backend is not None:
@@ -294,7 +299,6 @@ class HttpHop:
             if response_bytes:
                 c.response_bytes.inc(response_bytes)
 
-        span = self._span
         outbound = self.direction == "outbound"
         grpc_error = grpc_status is not None and (
             grpc_status in _GRPC_SERVER_ERRORS if not outbound else grpc_status != "0"
@@ -303,29 +307,32 @@ class HttpHop:
         error_type = (
             (error or flag or (str(status) if status >= 400 else None) or grpc_status) if is_error else None
         )
-        if span.is_recording():
-            attrs: dict[str, str | int] = {"http.response.status_code": status}
+        record = self._span
+        if record is not None:
+            record.end_ns = time.time_ns()
+            add = record.attributes.append
+            add(("http.response.status_code", status))
             if self._route is not None:
-                attrs["mesh.route"] = attrs["http.route"] = self._route
+                add(("mesh.route", self._route))
+                add(("http.route", self._route))
                 if self._grpc is None:
-                    span.update_name(f"{self.head.method} {self._route}")
+                    record.name = f"{self.head.method} {self._route}"
             if self._backend is not None:
-                attrs["mesh.backend"] = self._backend
+                add(("mesh.backend", self._backend))
             if self._retries:
-                attrs["mesh.retries"] = self._retries
+                add(("mesh.retries", self._retries))
             if self._decision is not None:
-                attrs["mesh.decision"] = self._decision
+                add(("mesh.decision", self._decision))
             if self._dest_workload is not None:
-                attrs["mesh.destination.workload"] = self._dest_workload
+                add(("mesh.destination.workload", self._dest_workload))
             if flag:
-                attrs["mesh.response_flag"] = flag
+                add(("mesh.response_flag", flag))
             if grpc_status is not None and grpc_status.isdigit():
-                attrs["rpc.grpc.status_code"] = int(grpc_status)
+                add(("rpc.grpc.status_code", int(grpc_status)))
             if error_type is not None:
-                attrs["error.type"] = error_type
-                span.set_status(Status(StatusCode.ERROR, error_type))
-            span.set_attributes(attrs)
-        span.end()
+                add(("error.type", error_type))
+                record.error = error_type
+            self._pipeline.submit(record)
 
         mode = tel.access_log_mode
         if mode is model.AccessLogMode.ON or (mode is model.AccessLogMode.SAMPLED and self.sampled):
@@ -571,46 +578,57 @@ class Telemetry:
     ) -> HttpHop:
         """A request head arrived: start its span (child of any incoming trace context)."""
         parent = propagation.extract(head.headers)
+        pipeline = self.tracing
         w = self.workload
         if direction == "outbound":
-            kind = SpanKind.CLIENT
+            kind = KIND_CLIENT
             src_workload, src_namespace = w.name, w.namespace
         else:
-            kind = SpanKind.SERVER
+            kind = KIND_SERVER
             src_workload, src_namespace = self._caller(head.headers)
         grpc = _grpc_method(head)
-        name = f"{grpc[0]}/{grpc[1]}" if grpc else head.method
-        span = self.tracing.tracer.start_span(
-            name, context=parent if parent is not None else Context(), kind=kind
-        )
-        request_id = propagation.request_id(head.headers) or propagation.new_request_id(self._ids)
-        if span.is_recording():
+        ids = new_ids(self._ids, parent)
+        sampled = pipeline.sampler.sampled(ids[0], parent)
+        trace_state = parent.trace_state if parent is not None else ""
+        incoming_id = propagation.request_id(head.headers)
+        request_id = incoming_id or propagation.new_request_id(self._ids)
+        record = None
+        if sampled and pipeline.recording:
+            record = SpanRecord(
+                trace_id=ids[0],
+                span_id=ids[1],
+                parent_id=parent.span_id if parent is not None else 0,
+                trace_state=trace_state,
+                name=f"{grpc[0]}/{grpc[1]}" if grpc else head.method,
+                kind=kind,
+                start_ns=time.time_ns(),
+            )
             host, port = _split_authority(head.authority)
-            attrs: dict[str, str | int] = {
-                "http.request.method": head.method,
-                "url.path": head.path.partition("?")[0],
-                "url.scheme": head.scheme,
-                "server.address": host,
-                "network.protocol.version": head.version,
-                "network.peer.address": peer[0],
-                "network.peer.port": peer[1],
-                "mesh.source.workload": src_workload,
-                "mesh.source.namespace": src_namespace,
-                "mesh.destination.service": destination_service or UNKNOWN,
-                "mesh.request_id": request_id,
-            }
+            attrs: list[tuple[str, str | int | float | bool]] = [
+                ("http.request.method", head.method),
+                ("url.path", head.path.partition("?")[0]),
+                ("url.scheme", head.scheme),
+                ("server.address", host),
+                ("network.protocol.version", head.version),
+                ("network.peer.address", peer[0]),
+                ("network.peer.port", peer[1]),
+                ("mesh.source.workload", src_workload),
+                ("mesh.source.namespace", src_namespace),
+                ("mesh.destination.service", destination_service or UNKNOWN),
+                ("mesh.request_id", request_id),
+            ]
             if port is not None:
-                attrs["server.port"] = port
-            if kind is SpanKind.SERVER:
-                attrs["client.address"] = peer[0]
+                attrs.append(("server.port", port))
+            if kind == KIND_SERVER:
+                attrs.append(("client.address", peer[0]))
             ua = head.header("user-agent")
             if ua is not None:
-                attrs["user_agent.original"] = ua
+                attrs.append(("user_agent.original", ua))
             if grpc is not None:
-                attrs["rpc.system"] = "grpc"
-                attrs["rpc.service"] = grpc[0]
-                attrs["rpc.method"] = grpc[1]
-            span.set_attributes(attrs)
+                attrs.append(("rpc.system", "grpc"))
+                attrs.append(("rpc.service", grpc[0]))
+                attrs.append(("rpc.method", grpc[1]))
+            record.attributes = attrs
         return HttpHop(
             self,
             direction=direction,
@@ -619,8 +637,13 @@ class Telemetry:
             destination_service=destination_service,
             source_workload=src_workload,
             source_namespace=src_namespace,
-            span=span,
+            pipeline=pipeline,
+            ids=ids,
+            sampled=sampled,
+            trace_state=trace_state,
+            record=record,
             request_id=request_id,
+            keep_request_id=incoming_id is not None,
             grpc=grpc,
         )
 

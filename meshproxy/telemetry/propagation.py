@@ -11,26 +11,30 @@ Invariants:
   * Injection first removes every trace header the request arrived with, then
     writes the hop's own context in exactly the configured formats: the next
     hop never sees a stale parent.
-  * The work is done by OpenTelemetry's propagators (opentelemetry-api for W3C,
-    opentelemetry-propagator-b3 for B3); this module only adapts our header
-    tuples to their carrier protocol.
+  * Malformed context (wrong lengths, non-hex, all-zero ids, W3C version ``ff``)
+    is ignored as OpenTelemetry's propagators ignore it: the request starts a new
+    trace. A B3 parent without a sampling state is *deferred* (``Parent.sampled``
+    is None) and the sampler decides, as the B3 spec says.
 
-Concurrency: none; the propagators are stateless and shared.
+Why by hand: these are three fixed text formats of a few fields. OpenTelemetry's
+propagators go through ``Context`` objects and a getter/setter protocol per call,
+about 20 us per request on this machine for something a regular expression and an
+f-string do. ``tests/unit/telemetry/test_tel_propagation.py`` checks both directions
+against OpenTelemetry's own propagators (what they write, we read, and vice versa).
+
+Concurrency: none; pure functions over immutable tuples.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
-
-from opentelemetry.context import Context
-from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
-from opentelemetry.propagators.textmap import Getter, Setter, TextMapPropagator
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from meshproxy.config.model import Propagation
 from meshproxy.core.http import Headers
+from meshproxy.telemetry.spans import Parent
 
 REQUEST_ID = "x-request-id"
 
@@ -48,55 +52,123 @@ TRACE_HEADERS = frozenset(
 )
 """Every header that carries trace context; stripped before injecting our own."""
 
-_W3C = TraceContextTextMapPropagator()
-_B3_MULTI = B3MultiFormat()  # its extract() also reads the single ``b3`` header
-_B3_SINGLE = B3SingleFormat()
-
-_INJECTORS: dict[Propagation, TextMapPropagator] = {
-    Propagation.W3C: _W3C,
-    Propagation.B3: _B3_SINGLE,
-    Propagation.B3_MULTI: _B3_MULTI,
-}
+_TRACEPARENT = re.compile(r"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?[ \t]*")
+_HEX_ID = re.compile(r"[0-9a-f]{16}|[0-9a-f]{32}")
+_HEX_SPAN = re.compile(r"[0-9a-f]{16}")
+_MAX_TRACESTATE = 512  # W3C: vendors must propagate at least 512 characters
+_MAX_TRACESTATE_MEMBERS = 32
+_B3_SAMPLED = frozenset({"1", "true", "d"})
 
 
-class _DictGetter(Getter[dict[str, list[str]]]):
-    def get(self, carrier: dict[str, list[str]], key: str) -> list[str] | None:
-        return carrier.get(key)
+def _w3c(traceparent: str, tracestate: list[str]) -> Parent | None:
+    m = _TRACEPARENT.fullmatch(traceparent)
+    if m is None:
+        return None
+    version, tid, sid, flags, rest = m.groups()
+    if version == "ff" or (version == "00" and rest):
+        return None
+    trace_id, span_id = int(tid, 16), int(sid, 16)
+    if not trace_id or not span_id:
+        return None
+    state = ",".join(tracestate).strip() if tracestate else ""
+    if state and (
+        len(state) > _MAX_TRACESTATE
+        or state.count(",") >= _MAX_TRACESTATE_MEMBERS
+        or any("=" not in member for member in state.split(",") if member.strip())
+    ):
+        state = ""  # an invalid tracestate is dropped, the parent is kept (W3C 3.3.1.1)
+    return Parent(trace_id, span_id, bool(int(flags, 16) & 1), state)
 
-    def keys(self, carrier: dict[str, list[str]]) -> list[str]:
-        return list(carrier)
+
+def _b3_parts(trace: str | None, span: str | None, sampled: str | None, debug: str | None) -> Parent | None:
+    if trace is None or span is None:
+        return None
+    trace, span = trace.strip().lower(), span.strip().lower()
+    if not _HEX_ID.fullmatch(trace) or not _HEX_SPAN.fullmatch(span):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    if debug is not None and debug.strip() == "1":
+        decision: bool | None = True
+    elif sampled is None:
+        decision = None
+    else:
+        decision = sampled.strip().lower() in _B3_SAMPLED
+    return Parent(trace_id, span_id, decision)
 
 
-class _ListSetter(Setter[list[tuple[str, str]]]):
-    def set(self, carrier: list[tuple[str, str]], key: str, value: str) -> None:
-        carrier.append((key, value))
+def _b3(carrier: dict[str, str]) -> Parent | None:
+    single = carrier.get("b3")
+    if single is not None:
+        parts = single.split("-")
+        if len(parts) >= 2:
+            return _b3_parts(parts[0], parts[1], parts[2] if len(parts) > 2 else None, None)
+        return None  # "0", "1" or "d" alone: a decision without ids, nothing to join
+    return _b3_parts(
+        carrier.get("x-b3-traceid"),
+        carrier.get("x-b3-spanid"),
+        carrier.get("x-b3-sampled"),
+        carrier.get("x-b3-flags"),
+    )
 
 
-_GETTER = _DictGetter()
-_SETTER = _ListSetter()
+def extract(headers: Headers) -> Parent | None:
+    """The remote parent carried by ``headers``, or None when there is none (or it is invalid).
 
-
-def extract(headers: Headers) -> Context | None:
-    """The remote parent context carried by ``headers``, or None when there is none.
-
-    Only the trace headers are copied out, so the cost is one pass over the headers.
-    """
-    carrier: dict[str, list[str]] = {}
+    One pass over the headers; only trace headers are looked at after that."""
+    carrier: dict[str, str] | None = None
+    states: list[str] = []
     for k, v in headers:
         if k in TRACE_HEADERS:
-            carrier.setdefault(k, []).append(v)
-    if not carrier:
+            if k == "tracestate":
+                states.append(v)
+            elif carrier is None:
+                carrier = {k: v}
+            else:
+                carrier.setdefault(k, v)
+    if carrier is None:
         return None
-    # B3 first, then W3C on top: when both are valid, W3C's parent wins.
-    ctx = _B3_MULTI.extract(carrier, Context(), _GETTER)
-    return _W3C.extract(carrier, ctx, _GETTER)
+    tp = carrier.get("traceparent")
+    if tp is not None:
+        parent = _w3c(tp, states)
+        if parent is not None:
+            return parent
+    return _b3(carrier)
 
 
-def inject(headers: Headers, context: Context, formats: Sequence[Propagation]) -> Headers:
-    """``headers`` without any incoming trace headers, plus ``context`` in ``formats``."""
-    out = [(k, v) for k, v in headers if k not in TRACE_HEADERS]
+def context_headers(
+    trace_id: int, span_id: int, sampled: bool, trace_state: str, formats: Sequence[Propagation]
+) -> list[tuple[str, str]]:
+    """A span's context as headers, in ``formats``."""
+    out: list[tuple[str, str]] = []
+    tid = f"{trace_id:032x}"
+    sid = f"{span_id:016x}"
     for fmt in formats:
-        _INJECTORS[fmt].inject(out, context, _SETTER)
+        if fmt is Propagation.W3C:
+            out.append(("traceparent", f"00-{tid}-{sid}-{'01' if sampled else '00'}"))
+            if trace_state:
+                out.append(("tracestate", trace_state))
+        elif fmt is Propagation.B3:
+            out.append(("b3", f"{tid}-{sid}-{'1' if sampled else '0'}"))
+        else:
+            out.append(("x-b3-traceid", tid))
+            out.append(("x-b3-spanid", sid))
+            out.append(("x-b3-sampled", "1" if sampled else "0"))
+    return out
+
+
+def inject(
+    headers: Headers,
+    trace_id: int,
+    span_id: int,
+    sampled: bool,
+    trace_state: str,
+    formats: Sequence[Propagation],
+) -> Headers:
+    """``headers`` without any incoming trace headers, plus this span's context in ``formats``."""
+    out = [kv for kv in headers if kv[0] not in TRACE_HEADERS]
+    out += context_headers(trace_id, span_id, sampled, trace_state, formats)
     return tuple(out)
 
 

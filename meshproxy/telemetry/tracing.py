@@ -1,84 +1,147 @@
-"""The proxy's OpenTelemetry tracer: provider, sampler, batch processors.
+"""The proxy's tracing pipeline: sampler, resource, and one bounded export queue per exporter.
 
-Owns: one ``TracerProvider`` per tracing configuration, its resource (who this
-proxy is), its parent-based ratio sampler, and one bounded batch processor per
-exporter that counts the spans it has to drop.
+Owns: ``TracingPipeline`` (one per tracing configuration: who this proxy is as an
+OpenTelemetry ``Resource``, the parent-based ratio sampler, the span encoder, the export
+queues) and ``ExportQueue`` (a bounded queue drained in batches by one worker thread).
+
+Flow: a hop's ``SpanRecord`` is finished on the event loop and ``submit``-ted. For the OTLP
+exporters (gRPC and HTTP) it is encoded to OTLP bytes right there, once, and the bytes are
+queued; a worker joins a batch of them into one request and sends it with the
+OpenTelemetry exporter's transport (``otlp_wire``). For exporters that take SDK spans
+(Zipkin, and exporters a caller adds, e.g. tests' in-memory one) the record itself is
+queued and converted to a ``ReadableSpan`` on the worker thread.
 
 Invariants:
-  * Never touches OpenTelemetry's global provider: the tracer is passed to
-    whoever needs it. ``shutdown_on_exit`` is off, so a dead backend can never
-    hold up interpreter exit; ``TracingPipeline.shutdown`` has its own deadline.
-  * Sampling is ``ParentBased(TraceIdRatioBased(ratio))``: a sampled parent is
-    always followed and an unsampled one never, so every hop of a trace agrees.
-  * Each batch queue holds at most ``Tracing.max_queue_size`` spans. When it is
-    full the oldest span is dropped (that is the SDK's behaviour) and counted in
-    ``meshproxy_spans_dropped_total{reason="queue_full"}``. The count is derived
-    from spans enqueued minus spans handed to the exporter, because the SDK does
-    not expose its queue: it can be off by at most one batch while the worker is
-    between taking a batch and exporting it.
+  * Never touches OpenTelemetry's global state; nothing here can block the event loop:
+    ``submit`` is a few appends, and the worker threads hold the GIL only for a
+    ``b"".join`` (wire) or the conversion (SDK) per batch; network waits release it.
+  * Each queue holds at most ``Tracing.max_queue_size`` spans. A span that finds its
+    queue full is dropped and counted in ``meshproxy_spans_dropped_total{reason=
+    "queue_full"}``; a batch whose export fails (after the exporter's own retries) is
+    counted with ``reason="export_failed"``. Both counts are exact.
+  * Sampling is ``ParentBased(TraceIdRatioBased(ratio))`` (``spans.RatioSampler``): a
+    sampled parent is always followed and an unsampled one never.
+  * A pipeline with no exporter records no spans (``recording`` is False), but the
+    sampling decision is still made and propagated, so the hops after this one agree.
 
-Concurrency: spans are started and ended on the event-loop thread; each batch
-processor has one daemon worker thread that exports. ``shutdown`` blocks (it
-joins those threads) and is run off the loop by ``Telemetry.shutdown``.
+Concurrency: ``submit`` runs on the event-loop thread; each queue has one daemon worker
+thread. ``deque`` appends and pops are atomic, so the loop never takes a lock per span:
+it sets the worker's ``threading.Event`` only when a full batch is waiting. ``force_flush``
+and ``shutdown`` block and are called off the loop (tests, ``Telemetry.shutdown``).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.config.model import Propagation, Tracing, Workload
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.telemetry.otlp_wire import WireEncoder
+from meshproxy.telemetry.spans import SCOPE, RatioSampler, SpanRecord, to_readable
 
-SCOPE = "meshproxy"
+log = logging.getLogger(__name__)
+
+MAX_EXPORT_BATCH = 256  # spans per export request (~0.1 MB of OTLP at this proxy's span size)
 
 
-class CountingBatchSpanProcessor(BatchSpanProcessor):
-    """A ``BatchSpanProcessor`` that reports queue-full drops to ``on_dropped``."""
+class ExportQueue:
+    """A bounded queue of spans for one exporter, drained in batches by a worker thread."""
 
     def __init__(
         self,
-        exporter: exporters.CountingExporter,
+        name: str,
+        send: Callable[[list[Any]], bool],
+        close: Callable[[], None],
         *,
         max_queue_size: int,
-        on_dropped: Callable[[int], None],
-        schedule_delay_millis: float = 1000,
+        delay: float,
+        on_full: Callable[[int], None],
+        on_failed: Callable[[int], None],
     ) -> None:
-        super().__init__(
-            exporter,
-            max_queue_size=max_queue_size,
-            # 128, not the SDK's 512: encoding a batch holds the GIL (the event loop waits), and
-            # fewer spans wait in memory between exports (about 2 MB less RSS at 1000 req/s).
-            max_export_batch_size=min(128, max_queue_size),
-            schedule_delay_millis=schedule_delay_millis,
-        )
-        self._exporter = exporter
-        self._max = max_queue_size
-        self._enqueued = 0
-        self._evicted = 0
-        self._lock = threading.Lock()
-        self._on_dropped = on_dropped
+        self.name = name
+        self._send = send
+        self._close = close
+        self._max = max(1, max_queue_size)
+        self._batch = min(MAX_EXPORT_BATCH, self._max)
+        self._delay = delay
+        self._on_full = on_full
+        self._on_failed = on_failed
+        self._queue: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._flush_asked = 0  # tickets: a flush is done when the worker finished a drain
+        self._flush_done = 0  # that started after the ticket was taken
+        self._stopping = False
+        self.exported = 0  # spans the exporter accepted (read by tests and the admin page)
+        self._worker = threading.Thread(target=self._run, name=f"meshproxy-export-{name}", daemon=True)
+        self._worker.start()
 
-    def on_end(self, span: ReadableSpan) -> None:
-        if not (span.context and span.context.trace_flags.sampled):
+    def offer(self, item: Any) -> None:
+        """Queue one span (loop thread). Never blocks; a full queue drops and counts."""
+        queue = self._queue
+        if len(queue) >= self._max:
+            self._on_full(1)
             return
-        with self._lock:
-            if self._enqueued - self._evicted - self._exporter.handed_over >= self._max:
-                self._evicted += 1
-                dropped = True
+        queue.append(item)
+        if len(queue) >= self._batch and not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            ticket = self._flush_asked
+            stopping = self._stopping
+            self._drain()
+            with self._done:
+                self._flush_done = max(self._flush_done, ticket)
+                self._done.notify_all()
+            if stopping:
+                return
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue:
+            n = min(len(queue), self._batch)
+            batch = [queue.popleft() for _ in range(n)]
+            try:
+                ok = self._send(batch)
+            except Exception:
+                log.warning("span exporter %s raised; dropping %d spans", self.name, n, exc_info=True)
+                ok = False
+            if ok:
+                self.exported += n
             else:
-                dropped = False
-            self._enqueued += 1
-        if dropped:
-            self._on_dropped(1)
-        super().on_end(span)
+                self._on_failed(n)
+
+    def flush(self, timeout: float) -> bool:
+        """Export everything queued so far; False if that took longer than ``timeout``."""
+        with self._done:
+            self._flush_asked += 1
+            ticket = self._flush_asked
+        self._wake.set()
+        with self._done:
+            return self._done.wait_for(lambda: self._flush_done >= ticket, timeout)
+
+    def shutdown(self, timeout: float) -> None:
+        """Export what is queued, stop the worker, close the exporter."""
+        self._stopping = True
+        self._wake.set()
+        self._worker.join(timeout)
+        try:
+            self._close()
+        except Exception:
+            log.warning("span exporter %s failed to shut down", self.name, exc_info=True)
 
 
 def resource_for(workload: Workload, env: Mapping[str, str]) -> Resource:
@@ -95,7 +158,7 @@ def resource_for(workload: Workload, env: Mapping[str, str]) -> Resource:
 
 
 class TracingPipeline:
-    """One tracing configuration: provider, tracer, propagation formats, processors."""
+    """One tracing configuration: sampler, propagation formats, encoder, export queues."""
 
     def __init__(
         self,
@@ -109,30 +172,63 @@ class TracingPipeline:
     ) -> None:
         self.settings = settings
         self.formats: tuple[Propagation, ...] = settings.propagation
-        ratio = min(1.0, max(0.0, settings.sampling_ratio))
-        self.provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(ratio)),
-            resource=resource_for(workload, env),
-            shutdown_on_exit=False,
-        )
-        named = exporters.build(settings, env)
+        self.sampler = RatioSampler(settings.sampling_ratio)
+        self.resource = resource_for(workload, env)
+        self.scope = InstrumentationScope(SCOPE)
+        self.encoder = WireEncoder(self.resource, self.scope)
+        named: list[tuple[str, exporters.AnyExporter]] = list(exporters.build(settings, env))
         named += [(f"extra:{i}", e) for i, e in enumerate(extra_exporters)]
         self.exporter_names = tuple(name for name, _ in named)
+        self._wire: list[ExportQueue] = []
+        self._sdk: list[ExportQueue] = []
+        delay = max(0.001, schedule_delay_millis / 1000.0)
         for name, exporter in named:
-            counting = exporters.CountingExporter(exporter, metrics.spans_dropped_export_failed, name)
-            self.provider.add_span_processor(
-                CountingBatchSpanProcessor(
-                    counting,
-                    max_queue_size=max(1, settings.max_queue_size),
-                    on_dropped=metrics.spans_dropped_queue_full,
-                    schedule_delay_millis=schedule_delay_millis,
-                )
-            )
-        self.tracer: trace.Tracer = self.provider.get_tracer(SCOPE)
+            common: dict[str, Any] = {
+                "max_queue_size": settings.max_queue_size,
+                "delay": delay,
+                "on_full": metrics.spans_dropped_queue_full,
+                "on_failed": metrics.spans_dropped_export_failed,
+            }
+            if isinstance(exporter, exporters.WireExporter):
+                self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, **common))
+            else:
+                self._sdk.append(ExportQueue(name, self._sdk_sender(exporter), exporter.shutdown, **common))
+        self.queues: tuple[ExportQueue, ...] = (*self._wire, *self._sdk)
+        self.recording = bool(self.queues)
+
+    def _wire_sender(self, exporter: exporters.WireExporter) -> Callable[[list[bytes]], bool]:
+        encoder = self.encoder
+
+        def send(batch: list[bytes]) -> bool:
+            return exporter.export_encoded(encoder.request(batch), len(batch))
+
+        return send
+
+    def _sdk_sender(self, exporter: SpanExporter) -> Callable[[list[SpanRecord]], bool]:
+        resource, scope = self.resource, self.scope
+
+        def send(batch: list[SpanRecord]) -> bool:
+            spans = [to_readable(r, resource, scope) for r in batch]
+            return exporter.export(spans) is SpanExportResult.SUCCESS
+
+        return send
+
+    def submit(self, record: SpanRecord) -> None:
+        """A finished, sampled span (loop thread)."""
+        if self._wire:
+            data = self.encoder.span(record)
+            for q in self._wire:
+                q.offer(data)
+        for q in self._sdk:
+            q.offer(record)
 
     def force_flush(self, timeout_millis: int = 5000) -> bool:
-        return self.provider.force_flush(timeout_millis)
+        """Export everything submitted so far. Blocking: tests and shutdown only."""
+        deadline = time.monotonic() + timeout_millis / 1000.0
+        return all(q.flush(max(0.0, deadline - time.monotonic())) for q in self.queues)
 
-    def shutdown(self) -> None:
-        """Flush and stop the processors. Blocking: call it off the event loop."""
-        self.provider.shutdown()
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Flush and stop every queue. Blocking: call it off the event loop."""
+        deadline = time.monotonic() + timeout
+        for q in self.queues:
+            q.shutdown(max(0.0, deadline - time.monotonic()))

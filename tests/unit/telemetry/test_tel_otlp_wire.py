@@ -1,5 +1,5 @@
-"""The telemetry hot path's hand-made pieces: the fast OTLP encoder writes the very message the
-stock OpenTelemetry encoder builds; request ids stay canonical UUIDs."""
+"""The telemetry hot path's hand-made pieces: the span encoder writes the very message the
+stock OpenTelemetry encoder builds from the same span; request ids stay canonical UUIDs."""
 
 from __future__ import annotations
 
@@ -10,86 +10,89 @@ import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import (
-    Link,
-    NonRecordingSpan,
-    SpanContext,
-    SpanKind,
-    Status,
-    StatusCode,
-    TraceFlags,
-    set_span_in_context,
-)
-from opentelemetry.trace.span import TraceState
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from meshproxy.telemetry.otlp_wire import WireSpanEncoder
+from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.propagation import new_request_id
+from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanRecord, to_readable
+
+RESOURCE = Resource.create({"service.name": "meshproxy", "k8s.pod.name": "client-1"})
+SCOPE = InstrumentationScope("meshproxy")
 
 
-def _spans() -> list[ReadableSpan]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": "meshproxy", "k8s.pod.name": "client-1"})
+def _record(**kw: object) -> SpanRecord:
+    r = SpanRecord(
+        trace_id=int(kw.get("trace_id", 0x0AF7651916CD43DD8448EB211C80319C)),  # type: ignore[call-overload]
+        span_id=int(kw.get("span_id", 0xB7AD6B7169203331)),  # type: ignore[call-overload]
+        parent_id=int(kw.get("parent_id", 0)),  # type: ignore[call-overload]
+        trace_state=str(kw.get("trace_state", "")),
+        name=str(kw.get("name", "GET")),
+        kind=int(kw.get("kind", KIND_CLIENT)),  # type: ignore[call-overload]
+        start_ns=1_764_000_000_123_456_789,
     )
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracer = provider.get_tracer("meshproxy", "0.1.0")
-    remote = SpanContext(
-        trace_id=0x0AF7651916CD43DD8448EB211C80319C,
-        span_id=0xB7AD6B7169203331,
-        is_remote=True,
-        trace_flags=TraceFlags(1),
-        trace_state=TraceState([("vendor", "v1"), ("other", "x")]),
+    r.end_ns = r.start_ns + 1_234_567
+    return r
+
+
+def _records() -> list[SpanRecord]:
+    # The proxy's shapes: a root client span with every attribute type, an errored one,
+    # a server span under a remote parent with a tracestate, a span with no attributes.
+    root = _record()
+    root.attributes = [
+        ("http.request.method", "GET"),
+        ("url.path", "/api/items"),
+        ("network.peer.port", 45678),
+        ("mesh.retries", 0),
+        ("negative", -5),
+        ("big", 2**62),
+        ("ratio", 0.25),
+        ("sampled", True),
+        ("off", False),
+        ("empty", ""),
+        ("unicode", "grüße ✓"),
+    ]
+    failed = _record(span_id=7, name="GET items")
+    failed.attributes = [("http.response.status_code", 503), ("error.type", "UF")]
+    failed.error = "UF"
+    empty_error = _record(span_id=8)
+    empty_error.error = ""
+    server = _record(
+        span_id=9,
+        parent_id=0x00F067AA0BA902B7,
+        trace_state="vendor=v1,other=x",
+        name="helloworld.Greeter/SayHello",
+        kind=KIND_SERVER,
     )
-    parent = set_span_in_context(NonRecordingSpan(remote))
-    # The proxy's common shapes: client and server spans with scalar attributes.
-    with tracer.start_as_current_span("GET", kind=SpanKind.CLIENT) as s:
-        s.set_attributes(
-            {
-                "http.request.method": "GET",
-                "url.path": "/api/items",
-                "network.peer.port": 45678,
-                "mesh.retries": 0,
-                "negative": -5,
-                "big": 2**62,
-                "ratio": 0.25,
-                "sampled": True,
-                "off": False,
-                "empty": "",
-                "unicode": "grüße ✓",
-            }
-        )
-        s.set_status(Status(StatusCode.ERROR, "UF"))
-    span = tracer.start_span("helloworld.Greeter/SayHello", context=parent, kind=SpanKind.SERVER)
-    span.set_attribute("rpc.grpc.status_code", 14)
-    span.set_status(Status(StatusCode.OK))
-    span.end()
-    tracer.start_span("internal", kind=SpanKind.INTERNAL).end()  # no attributes, unset status
-    # Shapes handed to the stock encoder: events, links, array values.
-    with tracer.start_as_current_span("events", kind=SpanKind.PRODUCER) as s:
-        s.add_event("retry", {"attempt": 2})
-        s.set_attribute("tags", ("a", "b"))
-    tracer.start_span("links", kind=SpanKind.CONSUMER, links=[Link(remote, {"why": "batch"})]).end()
-    return list(memory.get_finished_spans())
+    server.attributes = [("rpc.grpc.status_code", 14)]
+    bare = _record(span_id=10, name="")
+    return [root, failed, empty_error, server, bare]
 
 
-def test_fast_encoding_equals_the_stock_encoding_for_every_span_shape() -> None:
-    spans = _spans()
-    ours = ExportTraceServiceRequest.FromString(WireSpanEncoder().encode(spans))
-    assert ours == encode_spans(spans)
+def _stock(records: list[SpanRecord]) -> ExportTraceServiceRequest:
+    return encode_spans([to_readable(r, RESOURCE, SCOPE) for r in records])
 
 
-def test_each_span_alone_encodes_identically_and_the_cache_is_reused() -> None:
-    encoder = WireSpanEncoder()
-    for span in _spans() * 2:  # the second round runs on cached resource/scope/key bytes
-        assert ExportTraceServiceRequest.FromString(encoder.encode([span])) == encode_spans([span])
+def test_a_batch_encodes_as_the_stock_encoder_encodes_the_same_spans() -> None:
+    encoder = WireEncoder(RESOURCE, SCOPE)
+    records = _records()
+    ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+    assert ours == _stock(records)
 
 
-def test_an_empty_batch_is_an_empty_request() -> None:
-    assert WireSpanEncoder().encode([]) == b""
-    assert encode_spans([]).SerializeToString() == b""
+def test_each_span_alone_encodes_identically_and_the_caches_are_reused() -> None:
+    encoder = WireEncoder(RESOURCE, SCOPE)
+    for record in _records() * 2:  # the second round runs on cached key/value and name bytes
+        ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(record)]))
+        assert ours == _stock([record])
+
+
+def test_schema_urls_of_resource_and_scope_are_kept() -> None:
+    resource = Resource.create({"service.name": "x"}, schema_url="https://opentelemetry.io/schemas/1.21.0")
+    scope = InstrumentationScope("meshproxy", "1.0", "https://opentelemetry.io/schemas/1.20.0")
+    encoder = WireEncoder(resource, scope)
+    records = _records()[:2]
+    ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+    assert ours == encode_spans([to_readable(r, resource, scope) for r in records])
 
 
 @pytest.mark.parametrize("rng", [None, random.Random()], ids=["os", "rng"])

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry.trace import SpanKind
 from tel_rig import MakeRig, head
 
 from meshproxy.config import model
 from meshproxy.core.http import get_header
+from meshproxy.telemetry import propagation
 from meshproxy.telemetry.hop import SOURCE_WORKLOAD_HEADER
+from meshproxy.telemetry.spans import Parent
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"
@@ -160,3 +163,103 @@ async def test_identity_headers_added_outbound_and_stripped_inbound(make_rig: Ma
     assert values(inbound.upstream_headers(h), SOURCE_WORKLOAD_HEADER) == []
     finish(out)
     finish(inbound)
+
+
+# --- the hand-written formats against OpenTelemetry's own propagators -------------------
+
+
+def _otel_carrier(fmt: str, trace_id: int, span_id: int, sampled: bool, state: str) -> list[tuple[str, str]]:
+    from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState, set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    prop = {"w3c": TraceContextTextMapPropagator(), "b3": B3SingleFormat(), "b3multi": B3MultiFormat()}[fmt]
+    ctx = SpanContext(
+        trace_id,
+        span_id,
+        True,
+        TraceFlags(1 if sampled else 0),
+        TraceState.from_header([state]) if state else None,
+    )
+    carrier: dict[str, str] = {}
+    prop.inject(carrier, context=set_span_in_context(NonRecordingSpan(ctx)))
+    return list(carrier.items())
+
+
+@pytest.mark.parametrize("fmt", ["w3c", "b3", "b3multi"])
+@pytest.mark.parametrize("sampled", [True, False])
+def test_what_opentelemetry_writes_we_read(fmt: str, sampled: bool) -> None:
+    state = "vendor=v1,other=x" if fmt == "w3c" else ""
+    carrier = _otel_carrier(fmt, int(TRACE, 16), int(PARENT, 16), sampled, state)
+    parent = propagation.extract(tuple(carrier))
+    assert parent == Parent(int(TRACE, 16), int(PARENT, 16), sampled, state)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "ours"),
+    [("w3c", model.Propagation.W3C), ("b3", model.Propagation.B3), ("b3multi", model.Propagation.B3_MULTI)],
+)
+@pytest.mark.parametrize("sampled", [True, False])
+def test_what_we_write_opentelemetry_reads(fmt: str, ours: model.Propagation, sampled: bool) -> None:
+    from opentelemetry.propagators.b3 import B3MultiFormat
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    state = "vendor=v1" if fmt == "w3c" else ""
+    headers = propagation.inject((("accept", "*/*"),), int(TRACE, 16), 0x1234, sampled, state, (ours,))
+    carrier = dict(headers)
+    # B3MultiFormat's extract reads the single b3 header too.
+    prop = TraceContextTextMapPropagator() if fmt == "w3c" else B3MultiFormat()
+    ctx = get_current_span(prop.extract(carrier)).get_span_context()
+    assert (ctx.trace_id, ctx.span_id, ctx.trace_flags.sampled) == (int(TRACE, 16), 0x1234, sampled)
+    if state:
+        assert ctx.trace_state.to_header() == state
+    assert carrier["accept"] == "*/*"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        (("traceparent", f"00-{'0' * 32}-{PARENT}-01"),),  # all-zero trace id
+        (("traceparent", f"00-{TRACE}-{'0' * 16}-01"),),  # all-zero span id
+        (("traceparent", f"ff-{TRACE}-{PARENT}-01"),),  # forbidden version
+        (("traceparent", f"00-{TRACE}-{PARENT}-01-extra"),),  # version 00 has exactly four fields
+        (("traceparent", f"00-{TRACE.upper()}-{PARENT}-01"),),  # W3C hex is lowercase
+        (("traceparent", f"00-{TRACE[:-1]}-{PARENT}-01"),),
+        (("x-b3-traceid", "xyz"), ("x-b3-spanid", PARENT)),
+        (("x-b3-traceid", TRACE),),  # no span id
+        (("b3", "1"),),  # a decision without ids: nothing to join
+        (("b3", f"{TRACE}"),),
+    ],
+)
+def test_malformed_context_is_ignored(headers: tuple[tuple[str, str], ...]) -> None:
+    assert propagation.extract(headers) is None
+
+
+def test_a_future_w3c_version_may_carry_more_fields() -> None:
+    parent = propagation.extract((("traceparent", f"01-{TRACE}-{PARENT}-01-more"),))
+    assert parent is not None and parent.trace_id == int(TRACE, 16)
+
+
+def test_b3_without_sampling_state_defers_to_our_sampler_and_64_bit_ids_are_widened() -> None:
+    parent = propagation.extract((("x-b3-traceid", TRACE[16:]), ("x-b3-spanid", PARENT)))
+    assert parent == Parent(int(TRACE[16:], 16), int(PARENT, 16), None)
+    debug = propagation.extract((("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT), ("x-b3-flags", "1")))
+    assert debug is not None and debug.sampled is True
+
+
+async def test_deferred_b3_parent_is_sampled_by_ratio(make_rig: MakeRig) -> None:
+    h = head(headers=(("x-b3-traceid", TRACE), ("x-b3-spanid", PARENT)))
+    for ratio, expected in ((1.0, 1), (0.0, 0)):
+        rig = make_rig(ratio=ratio)
+        hop = rig.tel.start_http(direction="inbound", head=h, peer=("10.0.0.1", 1), destination_service="b")
+        assert hop.trace_id == TRACE  # joined either way
+        finish(hop)
+        assert len(rig.spans()) == expected
+
+
+def test_invalid_tracestate_is_dropped_but_the_parent_kept() -> None:
+    parent = propagation.extract(
+        (("traceparent", f"00-{TRACE}-{PARENT}-01"), ("tracestate", "no-equals-sign"))
+    )
+    assert parent == Parent(int(TRACE, 16), int(PARENT, 16), True, "")
