@@ -69,7 +69,7 @@ def _timeout(env: Mapping[str, str]) -> float:
 
 
 def otlp_grpc(endpoint: str, timeout: float) -> AnyExporter:
-    from meshproxy.telemetry.otlp_wire import WireOTLPGrpcExporter
+    from meshproxy.telemetry.otlp_export import WireOTLPGrpcExporter
 
     # "http://" means plaintext (in-cluster collectors usually are); "https://" means TLS.
     insecure = not endpoint.startswith("https://")
@@ -77,7 +77,7 @@ def otlp_grpc(endpoint: str, timeout: float) -> AnyExporter:
 
 
 def otlp_http(endpoint: str, timeout: float) -> AnyExporter:
-    from meshproxy.telemetry.otlp_wire import WireOTLPHttpExporter
+    from meshproxy.telemetry.otlp_export import WireOTLPHttpExporter
 
     return WireOTLPHttpExporter(endpoint=endpoint, timeout=timeout)
 

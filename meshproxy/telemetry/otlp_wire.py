@@ -1,8 +1,9 @@
-"""OTLP wire format for the proxy's spans, and the OTLP exporters that send those bytes.
+"""OTLP wire format for the proxy's spans.
 
 Owns: ``WireEncoder`` (``SpanRecord`` -> the bytes of an OTLP ``Span``, and a batch of them
--> a serialized ``ExportTraceServiceRequest``), and two OpenTelemetry OTLP exporters that
-take such a request as bytes: ``WireOTLPGrpcExporter`` and ``WireOTLPHttpExporter``.
+-> a serialized ``ExportTraceServiceRequest``). The exporters that send those bytes are in
+``otlp_export`` (imported only when an OTLP backend is configured: grpc and the HTTP client
+cost ~15 MB of RSS).
 
 Why: a span is encoded once, on the event loop, when its hop finishes (about 10 us: most
 attribute key/value pairs repeat request after request and are cached as encoded bytes).
@@ -28,15 +29,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Any
 
-import grpc
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
-from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.telemetry.spans import AttrValue, SpanRecord, to_readable
@@ -52,7 +46,6 @@ _KIND = {2: b"\x30\x02", 3: b"\x30\x03"}
 _STATUS_UNSET = b"\x7a\x00"
 # Attributes whose values differ on nearly every request: encoded each time, never cached.
 VOLATILE = frozenset({"network.peer.port", "mesh.request_id", "url.path", "user_agent.original"})
-_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
 def _varint(n: int) -> bytes:
@@ -150,6 +143,8 @@ class _Frame:
 
     def __init__(self, resource: Resource, scope: InstrumentationScope) -> None:
         # Encoded once by the SDK's own encoder, from a placeholder span.
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
         probe = SpanRecord(trace_id=1, span_id=1, parent_id=0, trace_state="", name="x", kind=2, start_ns=1)
         probe.end_ns = 2
         rs = encode_spans([to_readable(probe, resource, scope)]).resource_spans[0]
@@ -158,63 +153,3 @@ class _Frame:
         self.resource_tail = _field(0x1A, rs.schema_url.encode()) if rs.schema_url else b""
         self.scope_head = _field(0x0A, ss.scope.SerializeToString()) if ss.HasField("scope") else b""
         self.scope_tail = _field(0x1A, ss.schema_url.encode()) if ss.schema_url else b""
-
-
-class _Encoded:
-    """An export batch already encoded: the payload and how many spans it holds."""
-
-    __slots__ = ("count", "payload")
-
-    def __init__(self, payload: bytes, count: int) -> None:
-        self.payload = payload
-        self.count = count
-
-
-class _RawTraceStub:
-    """A ``TraceServiceStub`` whose ``Export`` sends a request that is already serialized."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        self.Export = channel.unary_unary(
-            _EXPORT_METHOD,
-            request_serializer=None,  # the request is bytes already
-            response_deserializer=ExportTraceServiceResponse.FromString,
-        )
-
-
-class WireOTLPGrpcExporter(GrpcSpanExporter):
-    """The SDK's OTLP/gRPC span exporter sending pre-encoded requests (``export_encoded``).
-
-    Everything but the encoding is the SDK's: channel, TLS, headers, compression, timeout,
-    retry with backoff on retryable codes, reconnect on UNAVAILABLE."""
-
-    def _initialize_channel_and_stub(self) -> None:
-        super()._initialize_channel_and_stub()  # type: ignore[no-untyped-call]
-        assert self._channel is not None
-        self._client = _RawTraceStub(self._channel)
-
-    def _translate_data(self, data: Any) -> Any:
-        return data.payload if isinstance(data, _Encoded) else super()._translate_data(data)
-
-    def _count_data(self, data: Any) -> int:
-        return data.count if isinstance(data, _Encoded) else len(data)
-
-    def export(self, spans: Any) -> SpanExportResult:
-        raise TypeError("WireOTLPGrpcExporter sends encoded batches: use export_encoded")
-
-    def export_encoded(self, payload: bytes, count: int) -> bool:
-        result = self._export(_Encoded(payload, count))  # type: ignore[arg-type]
-        return result is SpanExportResult.SUCCESS
-
-
-class WireOTLPHttpExporter(HttpSpanExporter):
-    """The SDK's OTLP/HTTP (protobuf) span exporter sending pre-encoded requests."""
-
-    def export_encoded(self, payload: bytes, count: int) -> bool:
-        if self._shutdown:
-            return False
-        with self._metrics.export_operation(count) as result:
-            outcome = self._client.export(payload)
-            if not outcome.success:
-                result.error = outcome.error
-                return False
-        return True

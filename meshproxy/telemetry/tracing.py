@@ -175,7 +175,6 @@ class TracingPipeline:
         self.sampler = RatioSampler(settings.sampling_ratio)
         self.resource = resource_for(workload, env)
         self.scope = InstrumentationScope(SCOPE)
-        self.encoder = WireEncoder(self.resource, self.scope)
         named: list[tuple[str, exporters.AnyExporter]] = list(exporters.build(settings, env))
         named += [(f"extra:{i}", e) for i, e in enumerate(extra_exporters)]
         self.exporter_names = tuple(name for name, _ in named)
@@ -194,13 +193,14 @@ class TracingPipeline:
             else:
                 self._sdk.append(ExportQueue(name, self._sdk_sender(exporter), exporter.shutdown, **common))
         self.queues: tuple[ExportQueue, ...] = (*self._wire, *self._sdk)
+        # Built only for OTLP: it imports the SDK's protobuf encoder (~5 MB) once, at start.
+        self.encoder = WireEncoder(self.resource, self.scope) if self._wire else None
         self.recording = bool(self.queues)
 
     def _wire_sender(self, exporter: exporters.WireExporter) -> Callable[[list[bytes]], bool]:
-        encoder = self.encoder
-
         def send(batch: list[bytes]) -> bool:
-            return exporter.export_encoded(encoder.request(batch), len(batch))
+            assert self.encoder is not None
+            return exporter.export_encoded(self.encoder.request(batch), len(batch))
 
         return send
 
@@ -215,7 +215,7 @@ class TracingPipeline:
 
     def submit(self, record: SpanRecord) -> None:
         """A finished, sampled span (loop thread)."""
-        if self._wire:
+        if self.encoder is not None:
             data = self.encoder.span(record)
             for q in self._wire:
                 q.offer(data)
