@@ -67,6 +67,7 @@ LOAD_CPU = "0"
 SCENARIOS = ("direct", "nginx", "meshproxy", "meshproxy-notel")
 ABLATION = ("meshproxy-metrics", "meshproxy-spans1")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+CONNECTIONS = 16
 
 
 def fortio() -> str:
@@ -197,6 +198,38 @@ class Bench:
             name="otlp",
         )
         lab.wait_listening(self.telemetry_pod, OTLP_PORT, proc=receiver)
+
+        self._spans_offset = 0
+        self._spans_count = 0
+
+    def spans_received(self) -> int:
+        """Spans the OTLP receiver has written so far (counted incrementally)."""
+        try:
+            with self.spans_file.open("rb") as f:
+                f.seek(self._spans_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return 0
+        end = data.rfind(b"\n") + 1  # a line being written counts when it is complete
+        self._spans_count += data.count(b"\n", 0, end)
+        self._spans_offset += end
+        return self._spans_count
+
+    def spans_settled(self, expected: int | None = None, timeout: float = 15.0) -> int:
+        """The receiver's span count once it reached ``expected`` or stopped growing for 1.5 s
+        (longer than the sidecars' 1 s export delay)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.spans_received(), time.monotonic()
+        while time.monotonic() < deadline:
+            if expected is not None and last >= expected:
+                return last
+            time.sleep(0.1)
+            now = self.spans_received()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= 1.5:
+                return last
+        return last
 
     def _iptables(self, pod: Pod, action: str) -> None:
         self.lab.exec(pod, [self.meshproxy, "iptables", action, "--proxy-uid", str(PROXY_UID)])
@@ -348,7 +381,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 setup = bench.start(scenario)
                 try:
                     bench.warm()
+                    # Spans are checked where every request must give one span per hop.
+                    tracing_all = scenario == "meshproxy"
                     for rate in rates:
+                        spans0 = bench.spans_settled() if tracing_all else 0
                         pids = [p.pid for p in setup.procs]
                         spies = profilers(args, scenario, rate, rnd, pids)
                         cpu0 = cpu_seconds(pids)
@@ -358,6 +394,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         cpu = cpu_seconds(pids) - cpu0
                         for spy in spies:
                             spy.wait(timeout=30)
+                        count = int(data["DurationHistogram"]["Count"])
+                        spans = None
+                        # fortio sends one untimed warm-up request per connection before the
+                        # timed ones: those are traced too.
+                        expected = 2 * (count + CONNECTIONS)
+                        if tracing_all:
+                            spans = bench.spans_settled(spans0 + expected) - spans0
                         hist = data["DurationHistogram"]
                         count = int(hist["Count"])
                         ok = int(data["RetCodes"].get("200", 0))
@@ -374,6 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "max_ms": float(hist["Max"]) * 1000,
                             "cpu_s_per_1000": (cpu / count * 1000) if setup.procs and count else None,
                             "rss_mb": [round(rss_mb(p), 1) for p in pids],
+                            "spans_expected": expected if tracing_all else None,
+                            "spans_received": spans,
                         }
                         results.append(row)
                         print(
@@ -444,6 +489,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["cpu_s_per_1000"] = statistics.median(cpus) if cpus else None
         entry["rss_mb"] = max((max(r["rss_mb"]) for r in mine if r["rss_mb"]), default=None)
         entry["errors"] = sum(r["errors"] for r in mine)
+        if any(r.get("spans_expected") for r in mine):
+            entry["spans_expected"] = sum(r["spans_expected"] or 0 for r in mine)
+            entry["spans_received"] = sum(r["spans_received"] or 0 for r in mine)
         out.append(entry)
     by = {(e["scenario"], e["rate"]): e for e in out}
     for e in out:
@@ -453,6 +501,10 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 e["added_p99_vs_nginx"] = e["added_p99_ms"] / ng["added_p99_ms"]
             if ng.get("cpu_s_per_1000") and e["cpu_s_per_1000"]:
                 e["cpu_vs_nginx"] = e["cpu_s_per_1000"] / ng["cpu_s_per_1000"]
+        off = by.get(("meshproxy-notel", e["rate"]))
+        measured = off and off.get("cpu_s_per_1000") and e["cpu_s_per_1000"]
+        if measured and e["scenario"].startswith("meshproxy") and e["scenario"] != "meshproxy-notel":
+            e["cpu_vs_telemetry_off"] = e["cpu_s_per_1000"] / off["cpu_s_per_1000"]  # type: ignore[index]
     return out
 
 
@@ -531,6 +583,23 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f(e['rss_mb'], '{:.0f}')} | {e['errors']} | {f(e.get('added_p99_vs_nginx'), '{:.2f}x')} | "
             f"{f(e.get('cpu_vs_nginx'), '{:.2f}x')} |"
         )
+    tel = [e for e in report["summary"] if e["scenario"].startswith("meshproxy")]
+    if any(e.get("cpu_vs_telemetry_off") for e in tel):
+        lines += [
+            "",
+            "Telemetry cost (CPU per request of one sidecar, i.e. half of both; issue 3: spans + metrics at "
+            "100% sampling <= +25% over telemetry off, no span dropped):",
+            "",
+            "| scenario | rate/s | CPU us/request/sidecar | vs telemetry off | spans expected | spans received |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in tel:
+            over = e.get("cpu_vs_telemetry_off")
+            lines.append(
+                f"| {e['scenario']} | {e['rate']} | {f(e['cpu_s_per_1000'] and e['cpu_s_per_1000'] * 500, '{:.0f}')} | "
+                f"{'' if over is None else f'{(over - 1) * 100:+.0f}%'} | {e.get('spans_expected', '')} | "
+                f"{e.get('spans_received', '')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
