@@ -281,7 +281,14 @@ class Bench:
     def load(self, rate: int, duration: float, out: Path) -> dict[str, Any]:
         url = f"http://{self.server.ip}:{APP_PORT}/echo?size=1024"
         return fortio_load(
-            self.lab, self.client, self.fortio, url, rate=rate, connections=16, duration=duration, out=out
+            self.lab,
+            self.client,
+            self.fortio,
+            url,
+            rate=rate,
+            connections=CONNECTIONS,
+            duration=duration,
+            out=out,
         )
 
     def warm(self) -> None:
