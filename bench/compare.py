@@ -253,20 +253,37 @@ class Compare:
     # --- load ----------------------------------------------------------------------------------
 
     def warm(self, workload: peers.Workload) -> None:
-        """One successful exchange through the scenario before anything is measured."""
+        """One successful exchange through the scenario before anything is measured.
+
+        A listening proxy is not yet a routing one: Traefik opens its entrypoints before its
+        file provider's routers are loaded, and a connection accepted in that window stays for
+        good with the entrypoint's first router, which has no routes and hands the bytes to
+        its HTTP server (a 400 for iperf3's cookie, or a wait for a request line that never
+        comes). That is what made Traefik's opaque TCP run fail with iperf3's "received an
+        unknown control message" (the "H" of "HTTP/1.1 400") or hang. Hence the retries.
+        """
         if workload.kind is peers.Kind.TCP:
-            return  # iperf3's own connection set-up is the warm-up; it has no "one request" mode
+            # A 64 KB iperf3 test: the real control protocol and a data connection, end to end.
+            argv = [
+                "iperf3", "-c", self.server.ip, "-p", str(workload.port), "-n", "64K",
+                "--connect-timeout", "3000",
+            ]  # fmt: skip
+            wait_until(lambda: self._attempt(argv, 10), 30, "first iperf3 test")
+            return
         if workload.kind is peers.Kind.GRPC:
             # grpcping exits non-zero when the call fails (``fortio load`` would exit 0).
             argv = [self.fortio, "grpcping", "-n", "1", f"{self.server.ip}:{workload.port}"]
         else:
             url = f"http://{self.server.ip}:{workload.port}/echo?size=1024"
             argv = [sys.executable, "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=5).read()"]
-        wait_until(
-            lambda: self.lab.exec(self.client, argv, check=False, timeout=10).returncode == 0,
-            30,
-            f"first {workload.kind.value} exchange",
-        )
+        wait_until(lambda: self._attempt(argv, 10), 30, f"first {workload.kind.value} exchange")
+
+    def _attempt(self, argv: list[str], timeout: float) -> bool:
+        """Run ``argv`` in the client pod once; True when it exits 0 within ``timeout`` s."""
+        try:
+            return self.lab.exec(self.client, argv, check=False, timeout=timeout).returncode == 0
+        except subprocess.TimeoutExpired:  # the process is killed; the caller tries again
+            return False
 
     def fortio_load(self, workload: peers.Workload, rate: int, duration: float, out: Path) -> dict[str, Any]:
         target = (
