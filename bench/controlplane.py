@@ -49,6 +49,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -601,8 +602,45 @@ class ChangeSample:
     bench_cpu_seconds: float  # this process (the simulated proxies), same interval
 
 
+class Profiler:
+    """``py-spy record -f raw`` on the control plane over the measured changes (``--profile``)."""
+
+    def __init__(self, pid: int, out: Path | None) -> None:
+        self._pid = pid
+        self._out = out
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self._out is None or self._proc is not None:
+            return
+        self._out.parent.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [
+                str(REPO / ".venv" / "bin" / "py-spy"),
+                *("record", "-f", "raw", "-r", "200", "-p", str(self._pid), "-o", str(self._out)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        try:
+            self._proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+
 async def measure(
-    server: ApiServer, plane: ControlPlaneProcess, params: Params, slices: list[tuple[int, str, list[int]]]
+    server: ApiServer,
+    plane: ControlPlaneProcess,
+    params: Params,
+    slices: list[tuple[int, str, list[int]]],
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     api = server.api_client()
     disc: Any = kubernetes.client.DiscoveryV1Api(api)
@@ -632,6 +670,7 @@ async def measure(
     cpu_before_connect = plane.cpu_seconds()
     connect_start = time.monotonic()
     tasks = [asyncio.create_task(px.run(), name=f"sim-proxy-{px.index}") for px in proxies]
+    profiler = Profiler(plane.proc.pid, profile)
     try:
         await wait_until(
             lambda: all(px.acked_version for px in proxies), params.timeout, "every proxy's first ACK"
@@ -649,6 +688,8 @@ async def measure(
         stages_before = plane.stage_sums()
         cpu_start = plane.cpu_seconds()
         window_start = time.monotonic()
+        if params.warmup == 0:
+            profiler.start()
         for k in range(params.warmup + params.changes):
             _, name, ids = slices[k % len(slices)]
             position = k % len(ids)
@@ -699,7 +740,9 @@ async def measure(
             )
             if k >= params.warmup:
                 samples.append(sample)
-            else:
+            if k + 1 == params.warmup:
+                profiler.start()  # the measured changes only
+            if k < params.warmup:
                 pushes_before = plane.metric("meshcp_pushes_total")
                 stages_before = plane.stage_sums()
                 cpu_start = plane.cpu_seconds()
@@ -715,6 +758,7 @@ async def measure(
         }
         mem_end = plane.memory()
     finally:
+        profiler.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -809,7 +853,11 @@ def machine() -> dict[str, Any]:
 
 
 def run(
-    params: Params, workdir: Path, cp_args: Sequence[str] = (), cp_env: dict[str, str] | None = None
+    params: Params,
+    workdir: Path,
+    cp_args: Sequence[str] = (),
+    cp_env: dict[str, str] | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     bins, reason = locate_binaries()
     if bins is None:
@@ -832,7 +880,7 @@ def run(
                 if plane.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"control plane not ready; see {workdir / 'controlplane.log'}")
                 time.sleep(0.1)  # polling /ready with a deadline
-            result = asyncio.run(measure(server, plane, params, slices))
+            result = asyncio.run(measure(server, plane, params, slices, profile))
         finally:
             plane.stop()
     return {
@@ -926,6 +974,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Params, argparse.Namespace]:
     ap.add_argument(
         "--cp-env", action="append", default=[], metavar="KEY=VALUE", help="environment of the control plane"
     )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        metavar="FILE",
+        help="py-spy collapsed stacks (-f raw) of the control plane over the measured changes",
+    )
     ap.add_argument("cp_args", nargs="*", help="extra `controlplane run` flags (after --)")
     args = ap.parse_args(argv)
     base = QUICK if args.quick else FULL
@@ -952,7 +1006,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     params, args = parse_args(argv)
     with workdir(args.keep) as wd:
         env = dict(kv.split("=", 1) for kv in args.cp_env)
-        report = run(params, wd, args.cp_args, env)
+        report = run(params, wd, args.cp_args, env, args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"controlplane-{report['started'][:10]}{('-' + args.tag) if args.tag else ''}"
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -127,23 +127,46 @@ class MeshConfig:
     # service, its local variant and their JSON when none of it changed: an endpoint
     # change then costs the services it touched, not the whole mesh.
     reuse: Mapping[model.ServiceKey, _Compiled] = field(default_factory=dict, compare=False, repr=False)
-    # A memo, never part of equality: the services' part of the content-hash input (about
-    # 1 MB at 10,000 endpoints) for the namespace asked for last. Every workload of that
-    # namespace shares it, so a version costs one hash pass, not a join, copy and encode
-    # of the whole mesh each (make bench-controlplane). One entry bounds the memory.
-    blob_memo: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # A memo, never part of equality: what every workload of one namespace shares (see
+    # ``_NamespaceView``), for the namespace asked for last. The reconciler visits nodes by
+    # namespace, so one entry serves them all and bounds the memory.
+    view_memo: dict[str, _NamespaceView] = field(default_factory=dict, compare=False, repr=False)
 
-    def services_blob(self, namespace: str) -> bytes:
-        """``services`` as seen from ``namespace``, in canonical JSON, comma-joined, encoded."""
-        blob = self.blob_memo.get(namespace)
-        if blob is None:
+    def view(self, namespace: str) -> _NamespaceView:
+        """``services`` as seen from ``namespace``, checked, with its hash input; built once."""
+        view = self.view_memo.get(namespace)
+        if view is None:
+            services = tuple(
+                self.local_services[i] if svc.namespace == namespace else svc
+                for i, svc in enumerate(self.services)
+            )
+            _check_services(services)
             blob = ",".join(
                 self.local_json[i] if svc.namespace == namespace else self.service_json[i]
                 for i, svc in enumerate(self.services)
             ).encode()
-            self.blob_memo.clear()
-            self.blob_memo[namespace] = blob
-        return blob
+            view = _NamespaceView(services=services, blob=blob)
+            self.view_memo.clear()
+            self.view_memo[namespace] = view
+        return view
+
+    def services_blob(self, namespace: str) -> bytes:
+        """``services`` as seen from ``namespace``, in canonical JSON, comma-joined, encoded."""
+        return self.view(namespace).blob
+
+
+@dataclass(frozen=True, slots=True)
+class _NamespaceView:
+    """The part of every snapshot in one namespace that does not depend on the workload.
+
+    One tuple of services shared by all of them (a short name means the service of the
+    client's own namespace), checked for consistency once, and its canonical JSON (about
+    1 MB at 10,000 endpoints): a workload's version costs one hash pass over it, not a
+    join, copy, encode and check of the whole mesh each (make bench-controlplane).
+    """
+
+    services: tuple[model.Service, ...]
+    blob: bytes
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -696,17 +719,15 @@ def _telemetry(settings: MeshSettings) -> model.Telemetry:
 def compile_for_shape(
     mesh: MeshConfig, state: ClusterState, shape: NodeShape, settings: MeshSettings
 ) -> model.Snapshot:
-    ns = shape.workload.namespace
-    # A short name ("reviews") means the service of the client's own namespace.
-    services = [mesh.local_services[i] if svc.namespace == ns else svc for i, svc in enumerate(mesh.services)]
+    view = mesh.view(shape.workload.namespace)  # services checked once per namespace
     snapshot = model.Snapshot(
         workload=shape.workload,
-        services=tuple(services),
+        services=view.services,
         inbound=_inbound(mesh, state, shape),
         telemetry=_telemetry(settings),
     )
-    check_consistency(snapshot)
-    return replace(snapshot, version=_version(snapshot, mesh.services_blob(ns)))
+    _check_inbound(snapshot.inbound)
+    return replace(snapshot, version=_version(snapshot, view.blob))
 
 
 def _canonical(value: object) -> str:
@@ -736,9 +757,14 @@ def compile_snapshot(state: ClusterState, node: ProxyNode, settings: MeshSetting
 
 def check_consistency(snapshot: model.Snapshot) -> None:
     """Refuse to publish a snapshot a proxy could not use (duplicate keys, dangling backends)."""
+    _check_services(snapshot.services)
+    _check_inbound(snapshot.inbound)
+
+
+def _check_services(services: tuple[model.Service, ...]) -> None:
     keys: set[model.ServiceKey] = set()
     listeners: dict[tuple[str, int], model.ServiceKey] = {}
-    for s in snapshot.services:
+    for s in services:
         if s.key in keys:
             raise CompileError(f"duplicate service key {s.key}")
         keys.add(s.key)
@@ -748,13 +774,16 @@ def check_consistency(snapshot: model.Snapshot) -> None:
             if (vip, s.port) in listeners:
                 raise CompileError(f"{s.key}: {vip}:{s.port} already belongs to {listeners[(vip, s.port)]}")
             listeners[(vip, s.port)] = s.key
-    for s in snapshot.services:
+    for s in services:
         for r in s.routes:
             for b in r.backends:
                 if b.service not in keys:
                     raise CompileError(f"{s.key}: route {r.name} names unknown backend {b.service}")
+
+
+def _check_inbound(inbound: model.Inbound) -> None:
     seen_ports = set()
-    for p in snapshot.inbound.ports:
+    for p in inbound.ports:
         if p.port in seen_ports:
             raise CompileError(f"inbound port {p.port} declared twice")
         seen_ports.add(p.port)

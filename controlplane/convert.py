@@ -282,6 +282,9 @@ def encode_response(encoded_snapshot: bytes, version: str, nonce: str) -> bytes:
 
 _SNAPSHOT_FIELD: int = pb.DiscoveryResponse.DESCRIPTOR.fields_by_name["snapshot"].number
 _SERVICES_FIELD: int = pb.Snapshot.DESCRIPTOR.fields_by_name["services"].number
+_ENDPOINTS_FIELD: int = pb.DiscoveryResponse.DESCRIPTOR.fields_by_name["endpoints"].number
+_BASE_VERSION_FIELD: int = pb.EndpointUpdate.DESCRIPTOR.fields_by_name["base_version"].number
+_UPDATE_SERVICES_FIELD: int = pb.EndpointUpdate.DESCRIPTOR.fields_by_name["services"].number
 
 
 def _varint(n: int) -> bytes:
@@ -316,6 +319,12 @@ class ServiceBytesCache:
         self._by_content: OrderedDict[model.Service, bytes] = OrderedDict()
         self._by_id: dict[int, tuple[model.Service, bytes]] = {}
         self._bytes = 0
+        # Each service's endpoint list as one ``EndpointUpdate.services`` entry. An endpoint
+        # change is sent to every workload as its own (base, new) pair of versions, but the
+        # changed service is the same object in all of them: building its ~100 Endpoint
+        # messages per pair was a tenth of the control plane's CPU with 1000 workloads.
+        # By identity only (the entry keeps the object alive), bounded like ``_by_id``.
+        self._endpoints: dict[int, tuple[model.Service, bytes]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -344,6 +353,18 @@ class ServiceBytesCache:
         self._by_id[id(svc)] = (svc, data)
         return data
 
+    def endpoints(self, svc: model.Service) -> bytes:
+        """``svc``'s key and endpoints as one encoded ``EndpointUpdate.services`` entry."""
+        entry = self._endpoints.get(id(svc))
+        if entry is not None and entry[0] is svc:
+            return entry[1]
+        msg = pb.ServiceEndpoints(service_key=svc.key, endpoints=[_endpoint(e) for e in svc.endpoints])
+        data = _length_delimited(_UPDATE_SERVICES_FIELD, msg.SerializeToString())
+        if len(self._endpoints) >= self._max_ids:
+            self._endpoints.clear()
+        self._endpoints[id(svc)] = (svc, data)
+        return data
+
 
 def encode_snapshot_model(s: model.Snapshot, services: ServiceBytesCache) -> bytes:
     """What ``encode_snapshot(snapshot_to_proto(s))`` is to a parser, from per-service encodings.
@@ -358,8 +379,6 @@ def encode_snapshot_model(s: model.Snapshot, services: ServiceBytesCache) -> byt
 
 
 # ---------------------------------------------------------------- incremental endpoint updates
-
-_ENDPOINTS_FIELD: int = pb.DiscoveryResponse.DESCRIPTOR.fields_by_name["endpoints"].number
 
 
 def encode_endpoint_update(
@@ -385,13 +404,14 @@ def encode_endpoint_update(
             continue
         if replace(old, endpoints=()) != replace(svc, endpoints=()):
             return None  # something besides the endpoints changed
-        changed.append(
-            pb.ServiceEndpoints(service_key=svc.key, endpoints=[_endpoint(e) for e in svc.endpoints])
-        )
+        changed.append(services.endpoints(svc))
     if not changed:
         return None
-    update = pb.EndpointUpdate(base_version=base.version, services=changed)
-    return _length_delimited(_ENDPOINTS_FIELD, update.SerializeToString())
+    # The encoding of EndpointUpdate(base_version=..., services=changed), assembled from the
+    # cached entries (field order as SerializeToString writes it; tested against it).
+    head = _length_delimited(_BASE_VERSION_FIELD, base.version.encode()) if base.version else b""
+    update = b"".join([head, *changed])
+    return _length_delimited(_ENDPOINTS_FIELD, update)
 
 
 decode_discovery_request = pb.DiscoveryRequest.FromString

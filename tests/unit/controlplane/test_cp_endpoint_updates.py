@@ -128,3 +128,44 @@ def test_nack_carries_the_code_that_asks_for_the_full_snapshot() -> None:
     req = xconv.nack("v1", "9", "no base", code=xconv.FAILED_PRECONDITION)
     assert req.error_detail.code == 9 and req.version_info == "v1" and req.response_nonce == "9"
     assert xconv.nack("v1", "9", "bad").error_detail.code == xconv.INVALID_ARGUMENT
+
+
+def test_the_assembled_update_is_byte_for_byte_what_protobuf_encodes() -> None:
+    base = _compile(_objects())
+    new = _compile(_move_first_endpoint(_objects(), "198.18.77.10"))
+    cache = ServiceBytesCache()
+    payload = encode_endpoint_update(base, new, cache)
+    changed = [n for o, n in zip(base.services, new.services, strict=True) if o != n]
+    expected = pb.DiscoveryResponse(
+        endpoints=pb.EndpointUpdate(
+            base_version=base.version,
+            services=[
+                pb.ServiceEndpoints(
+                    service_key=s.key,
+                    endpoints=[
+                        pb.Endpoint(
+                            address=e.address,
+                            port=e.port,
+                            ready=e.ready,
+                            serving=e.serving,
+                            terminating=e.terminating,
+                            weight=e.weight,
+                            pod=e.pod,
+                            workload=e.workload,
+                            zone=e.zone,
+                        )
+                        for e in s.endpoints
+                    ],
+                )
+                for s in changed
+            ],
+        )
+    ).SerializeToString()
+    assert changed and payload == expected
+    # A second workload's pair with the same new service reuses its encoded entry.
+    other_base = replace(base, version="feedfacefeedface")
+    again = encode_endpoint_update(other_base, new, cache)
+    assert again is not None and again != payload
+    assert pb.DiscoveryResponse.FromString(again).endpoints == pb.EndpointUpdate(
+        base_version="feedfacefeedface", services=pb.DiscoveryResponse.FromString(payload).endpoints.services
+    )
