@@ -444,6 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
         "ratios": report.ratios(summary),
         "targets": report.check_targets(summary),
+        "target_misses": report.explain_misses(summary),
         "skipped": skipped,
     }
 
