@@ -30,9 +30,15 @@ Scoping: every proxy gets every service of the mesh for now (no Sidecar-like
 scoping yet). ``Workload.pod`` is left empty so that all replicas of a workload
 share one snapshot and one version; a proxy knows its own pod name.
 
+Versions: a content hash in the scheme the proxy asked for (``NodeShape.
+digest_versions``, from ``Node.features``): ``VERSION_SCHEME_DIGEST`` hashes the
+per-workload part and one digest per service, each service hashed once per
+change of it (``_Compiled.digest``); proxies that did not ask get
+``model.content_version`` (the whole snapshot's JSON hashed per workload).
+
 Invariants: pure (no I/O, no clock, no randomness); output ordering is
 deterministic (sorted by namespace, name, port), so equal input gives an equal
-snapshot and an equal content-hash version. A snapshot is checked for
+snapshot and an equal version in either scheme. A snapshot is checked for
 consistency (``check_consistency``) before it is returned.
 
 Concurrency: none; plain functions over immutable data.
@@ -60,6 +66,7 @@ from controlplane.index import (
 )
 from controlplane.settings import MeshSettings
 from meshproxy.config import model
+from meshproxy.xds.version import DIGEST_FEATURE, digest_version_of, head_json, service_digest
 
 
 class CompileError(Exception):
@@ -77,10 +84,16 @@ class ProxyNode:
     proxy_version: str = ""
     pod_ip: str = ""
     workload: str = ""
+    features: tuple[str, ...] = ()  # optional parts of the stream contract it understands
 
     @property
     def node_id(self) -> str:
         return f"{self.pod}.{self.namespace}"
+
+    @property
+    def digest_versions(self) -> bool:
+        """Whether its snapshots are versioned in ``VERSION_SCHEME_DIGEST``."""
+        return DIGEST_FEATURE in self.features
 
 
 class Reason(enum.Enum):
@@ -123,36 +136,50 @@ class MeshConfig:
     # once per mesh so every workload of that namespace shares the objects and their JSON.
     local_services: tuple[model.Service, ...] = ()
     local_json: tuple[str, ...] = ()
+    # SHA-256 of each JSON above (``VERSION_SCHEME_DIGEST``), likewise aligned.
+    service_digests: tuple[bytes, ...] = ()
+    local_digests: tuple[bytes, ...] = ()
     # What each service port was compiled from, so the next ``compile_mesh`` reuses the
     # service, its local variant and their JSON when none of it changed: an endpoint
     # change then costs the services it touched, not the whole mesh.
     reuse: Mapping[model.ServiceKey, _Compiled] = field(default_factory=dict, compare=False, repr=False)
-    # A memo, never part of equality: what every workload of one namespace shares (see
-    # ``_NamespaceView``), for the namespace asked for last. The reconciler visits nodes by
-    # namespace, so one entry serves them all and bounds the memory.
+    # Memos, never part of equality, for the namespace asked for last (the reconciler
+    # visits nodes by namespace, so one entry serves them all and bounds the memory):
+    # what every workload of one namespace shares (``_NamespaceView``), and the services'
+    # part of a content version's input (about 1.5 MB at 10,000 endpoints), built only
+    # for proxies that still take content versions.
     view_memo: dict[str, _NamespaceView] = field(default_factory=dict, compare=False, repr=False)
+    blob_memo: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     def view(self, namespace: str) -> _NamespaceView:
-        """``services`` as seen from ``namespace``, checked, with its hash input; built once."""
+        """``services`` as seen from ``namespace``, checked, with their digests; built once."""
         view = self.view_memo.get(namespace)
         if view is None:
+            own = [svc.namespace == namespace for svc in self.services]
             services = tuple(
-                self.local_services[i] if svc.namespace == namespace else svc
-                for i, svc in enumerate(self.services)
+                self.local_services[i] if mine else svc
+                for i, (svc, mine) in enumerate(zip(self.services, own, strict=True))
             )
             _check_services(services)
-            blob = ",".join(
-                self.local_json[i] if svc.namespace == namespace else self.service_json[i]
-                for i, svc in enumerate(self.services)
-            ).encode()
-            view = _NamespaceView(services=services, blob=blob)
+            digests = b"".join(
+                self.local_digests[i] if mine else self.service_digests[i] for i, mine in enumerate(own)
+            )
+            view = _NamespaceView(services=services, digests=digests)
             self.view_memo.clear()
             self.view_memo[namespace] = view
         return view
 
     def services_blob(self, namespace: str) -> bytes:
         """``services`` as seen from ``namespace``, in canonical JSON, comma-joined, encoded."""
-        return self.view(namespace).blob
+        blob = self.blob_memo.get(namespace)
+        if blob is None:
+            blob = ",".join(
+                self.local_json[i] if svc.namespace == namespace else self.service_json[i]
+                for i, svc in enumerate(self.services)
+            ).encode()
+            self.blob_memo.clear()
+            self.blob_memo[namespace] = blob
+        return blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,13 +187,12 @@ class _NamespaceView:
     """The part of every snapshot in one namespace that does not depend on the workload.
 
     One tuple of services shared by all of them (a short name means the service of the
-    client's own namespace), checked for consistency once, and its canonical JSON (about
-    1 MB at 10,000 endpoints): a workload's version costs one hash pass over it, not a
-    join, copy, encode and check of the whole mesh each (make bench-controlplane).
+    client's own namespace), checked for consistency once, and their digests joined
+    (32 bytes each): a workload's digest version hashes its own small part and these.
     """
 
     services: tuple[model.Service, ...]
-    blob: bytes
+    digests: bytes
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -184,6 +210,8 @@ class _Compiled:
     text: str
     local: model.Service
     local_text: str
+    digest: bytes
+    local_digest: bytes
 
     def still_valid(
         self,
@@ -213,6 +241,7 @@ class NodeShape:
     pod_labels: tuple[tuple[str, str], ...]  # all labels: Service selectors match these
     container_ports: tuple[tuple[str, int], ...]  # (name, port) for named target ports
     opaque_ports: frozenset[int]
+    digest_versions: bool = False  # the version's scheme: what the proxy asked for
 
 
 # ---------------------------------------------------------------- protocols and hostnames
@@ -559,6 +588,8 @@ def compile_mesh(
     texts: list[str] = []
     local: list[model.Service] = []
     local_texts: list[str] = []
+    digests: list[bytes] = []
+    local_digests: list[bytes] = []
     reuse: dict[model.ServiceKey, _Compiled] = {}
     before = previous.reuse if previous is not None else {}
     for okey in sorted(state.services):
@@ -592,6 +623,7 @@ def compile_mesh(
                 )
                 text = _canonical(service)
                 local_service = replace(service, hostnames=(service.name, *service.hostnames))
+                local_text = _rehost(text, service, local_service)
                 done = _Compiled(
                     info=svc,
                     slices=slices,
@@ -602,13 +634,17 @@ def compile_mesh(
                     service=service,
                     text=text,
                     local=local_service,
-                    local_text=_rehost(text, service, local_service),
+                    local_text=local_text,
+                    digest=service_digest(text),
+                    local_digest=service_digest(local_text),
                 )
             reuse[skey] = done
             services.append(done.service)
             texts.append(done.text)
             local.append(done.local)
             local_texts.append(done.local_text)
+            digests.append(done.digest)
+            local_digests.append(done.local_digest)
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
     return MeshConfig(
         revision=state.revision,
@@ -618,6 +654,8 @@ def compile_mesh(
         service_json=tuple(texts),
         local_services=tuple(local),
         local_json=tuple(local_texts),
+        service_digests=tuple(digests),
+        local_digests=tuple(local_digests),
         reuse=reuse,
     )
 
@@ -664,6 +702,7 @@ def node_shape(state: ClusterState, node: ProxyNode) -> NodeShape:
             pod_labels=labels,
             container_ports=tuple((c.name, c.port) for c in pod.container_ports if c.name),
             opaque_ports=_port_list(pod.annotation(OPAQUE_PORTS_ANNOTATION)),
+            digest_versions=node.digest_versions,
         )
     # The proxy may connect before the watch has seen its Pod: trust what it says until then.
     labels = tuple(sorted(node.labels))
@@ -677,6 +716,7 @@ def node_shape(state: ClusterState, node: ProxyNode) -> NodeShape:
         pod_labels=labels,
         container_ports=(),
         opaque_ports=frozenset(),
+        digest_versions=node.digest_versions,
     )
 
 
@@ -727,7 +767,11 @@ def compile_for_shape(
         telemetry=_telemetry(settings),
     )
     _check_inbound(snapshot.inbound)
-    return replace(snapshot, version=_version(snapshot, view.blob))
+    if shape.digest_versions:
+        version = digest_version_of(head_json(snapshot), view.digests)
+    else:
+        version = _version(snapshot, mesh.services_blob(shape.workload.namespace))
+    return replace(snapshot, version=version)
 
 
 def _canonical(value: object) -> str:

@@ -268,14 +268,18 @@ def encode_snapshot(snapshot: pb.Snapshot) -> bytes:
     return pb.DiscoveryResponse(snapshot=snapshot).SerializeToString()
 
 
-def encode_response(encoded_snapshot: bytes, version: str, nonce: str) -> bytes:
+def encode_response(
+    encoded_snapshot: bytes, version: str, nonce: str, *, digest_version: bool = False
+) -> bytes:
     """A full ``DiscoveryResponse`` on the wire, without re-encoding the snapshot.
 
     Protobuf parses concatenated encodings of one message type as their merge, so the
-    small per-response header (version, nonce) is encoded and put in front of the big
-    snapshot encoded once for every proxy of that version.
+    small per-response header (version, its scheme, nonce) is encoded and put in front
+    of the big snapshot encoded once for every proxy of that version.
     """
-    return pb.DiscoveryResponse(version_info=version, nonce=nonce).SerializeToString() + encoded_snapshot
+    scheme = pb.VERSION_SCHEME_DIGEST if digest_version else pb.VERSION_SCHEME_CONTENT
+    head = pb.DiscoveryResponse(version_info=version, nonce=nonce, version_scheme=scheme)
+    return head.SerializeToString() + encoded_snapshot
 
 
 # ---------------------------------------------------------------- the wire, per service
@@ -435,6 +439,7 @@ def node_from_proto(n: pb.Node) -> ProxyNode:
         proxy_version=n.proxy_version,
         pod_ip=n.pod_ip,
         workload=n.workload,
+        features=tuple(n.features),
     )
 
 
@@ -447,6 +452,7 @@ def _node_to_proto(n: ProxyNode) -> pb.Node:
         proxy_version=n.proxy_version,
         pod_ip=n.pod_ip,
         workload=n.workload,
+        features=list(n.features),
     )
 
 

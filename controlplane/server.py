@@ -12,7 +12,8 @@ One stream, as implemented:
      cluster after a control plane restart). The node is registered with the
      reconciler,
      which compiles for it at once; the stream then always sends the full
-     current snapshot first, with ``version_info`` = its content hash and a
+     current snapshot first, with ``version_info`` = its content hash (in the
+     scheme the proxy asked for, announced in ``version_scheme``) and a
      fresh nonce.
   2. A reader task handles ACK/NACKs: a request whose ``response_nonce`` is
      not the latest sent is stale and ignored (counted). ACK -> ``acked_version``.
@@ -291,7 +292,12 @@ class DiscoveryService(discovery_pb2_grpc.ConfigDiscoveryServicer):
                     raise _StreamClosed
             stream.sent_delta = payload is not None
             nonce = f"{next(self._nonces)}"
-            msg = convert.encode_response(payload or self._encoded(snapshot), snapshot.version, nonce)
+            msg = convert.encode_response(
+                payload or self._encoded(snapshot),
+                snapshot.version,
+                nonce,
+                digest_version=stream.node.digest_versions,  # the scheme its snapshots were compiled in
+            )
             # Record before writing: the ACK can arrive before write() returns.
             stream.sent, stream.sent_nonce, stream.sent_at = snapshot, nonce, self._clock()
             stream.release_slot = release

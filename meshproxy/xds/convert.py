@@ -19,6 +19,12 @@ message (``timeout``, ``retry``, ``outlier_detection``, ``rate_limit``,
 ``fault``, ``path``) is ``None``; "" strings and 0 ports that mean "unset" are
 ``None``; an unset required message keeps the model's default.
 
+Versions: a response names its ``VersionScheme``; the proxy recomputes the
+version of what it built in that scheme (``meshproxy.xds.version``) and refuses
+a mismatch. The first request lists ``ProxyNode.features`` (by default
+"digest-versions", the cheaper scheme for the control plane); a control plane
+that does not know it sends content versions, which are checked as before.
+
 Invariants: pure functions, no I/O; ``snapshot_from_proto(controlplane.convert.
 snapshot_to_proto(s)) == s`` for every valid snapshot (a tested round trip),
 including the content-hash version. Concurrency: none.
@@ -35,6 +41,7 @@ from meshapi.discovery.v1 import discovery_pb2 as pb
 from meshproxy.config import model
 from meshproxy.config.load import _validate  # see snapshot_from_proto
 from meshproxy.core.errors import ConfigError
+from meshproxy.xds.version import DIGEST_FEATURE, digest_version
 
 INVALID_ARGUMENT = 3  # google.rpc.Code
 # A NACK with this code says "I cannot apply this incremental update" (not "this config
@@ -79,6 +86,9 @@ class ProxyNode:
     proxy_version: str = ""
     pod_ip: str = ""
     workload: str = ""
+    # Optional parts of the stream contract this client implements (``Node.features``);
+    # a test may send fewer to act as an older proxy.
+    features: tuple[str, ...] = (DIGEST_FEATURE,)
 
 
 def _seconds(d: Duration) -> float:
@@ -268,8 +278,17 @@ def _telemetry(t: pb.Telemetry) -> model.Telemetry:
     )
 
 
-def snapshot_from_proto(msg: pb.Snapshot) -> model.Snapshot:
-    """A validated, versioned snapshot; raises ``ConfigError(path, message)`` if it is not usable."""
+def _versioned(snapshot: model.Snapshot, scheme: int) -> model.Snapshot:
+    """``snapshot`` with its version in the response's ``VersionScheme``."""
+    if scheme == pb.VERSION_SCHEME_CONTENT:
+        return snapshot.with_version()
+    if scheme == pb.VERSION_SCHEME_DIGEST:
+        return replace(snapshot, version=digest_version(snapshot))
+    raise ConfigError("version_scheme", f"unknown version scheme {scheme}")
+
+
+def snapshot_from_proto(msg: pb.Snapshot, scheme: int = pb.VERSION_SCHEME_CONTENT) -> model.Snapshot:
+    """A validated snapshot, versioned in ``scheme``; raises ``ConfigError(path, message)`` if it is not usable."""
     w = msg.workload
     snapshot = model.Snapshot(
         workload=model.Workload(
@@ -298,15 +317,15 @@ def snapshot_from_proto(msg: pb.Snapshot) -> model.Snapshot:
     # The same checks as a static --config file, with the same field paths. (The loader
     # does not export its validation step yet; it is the one rule set both paths must share.)
     _validate(snapshot)
-    return snapshot.with_version()
+    return _versioned(snapshot, scheme)
 
 
 def received_snapshot(resp: pb.DiscoveryResponse) -> model.Snapshot:
-    """The snapshot a response carries; its version must be the content hash the server claims."""
+    """The snapshot a response carries; its version, in the response's scheme, must be the one claimed."""
     if resp.WhichOneof("payload") != "snapshot":
         # Incremental updates need the proxy's base snapshot: ``received_response``.
         raise ConfigError("payload", "not a full snapshot")
-    snapshot = snapshot_from_proto(resp.snapshot)
+    snapshot = snapshot_from_proto(resp.snapshot, resp.version_scheme)
     if resp.version_info and snapshot.version != resp.version_info:
         raise ConfigError(
             "version_info",
@@ -343,7 +362,7 @@ def received_response(resp: pb.DiscoveryResponse, base: model.Snapshot | None) -
         services[i] = replace(services[i], endpoints=_endpoints(entry.endpoints))
     snapshot = replace(base, services=tuple(services), version="")
     _validate(snapshot)
-    snapshot = snapshot.with_version()
+    snapshot = _versioned(snapshot, resp.version_scheme)
     if resp.version_info and snapshot.version != resp.version_info:
         raise ConfigError(
             "version_info",
@@ -364,6 +383,7 @@ def _node(n: ProxyNode) -> pb.Node:
         proxy_version=n.proxy_version,
         pod_ip=n.pod_ip,
         workload=n.workload,
+        features=list(n.features),
     )
 
 

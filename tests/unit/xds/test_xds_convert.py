@@ -20,9 +20,11 @@ from controlplane.convert import (
 )
 from controlplane.index import ClusterState
 from controlplane.settings import MeshSettings
+from meshapi.discovery.v1 import discovery_pb2 as pb
 from meshproxy.config import model
 from meshproxy.core.errors import ConfigError
 from meshproxy.xds import convert as xconv
+from meshproxy.xds import version as xversion
 
 FIXTURES = pathlib.Path(__file__).parent.parent / "controlplane" / "fixtures"
 
@@ -242,3 +244,54 @@ def test_pre_encoded_response_parses_as_the_whole_response() -> None:
     parsed = type(whole).FromString(encode_response(encode_snapshot(snapshot_to_proto(s)), s.version, "42"))
     assert parsed == whole
     assert xconv.received_snapshot(parsed) == s
+
+
+# ---------------------------------------------------------------- version schemes
+
+
+def test_the_first_request_asks_for_digest_versions_and_an_old_node_does_not() -> None:
+    node = xconv.ProxyNode(pod="p", namespace="n")
+    assert list(xconv.first_request(node, "").node.features) == [xversion.DIGEST_FEATURE]
+    assert list(xconv.first_request(replace(node, features=()), "").node.features) == []
+
+
+def test_a_digest_version_is_a_function_of_the_content_alone() -> None:
+    s = rich_snapshot()
+    v = xversion.digest_version(s)
+    parts = [xversion.service_digest(xversion.canonical(svc)) for svc in s.services]
+    assert v == xversion.digest_version_of(xversion.head_json(s), parts)
+    assert v == xversion.digest_version_of(xversion.head_json(s), b"".join(parts))
+    assert v == xversion.digest_version(replace(s, version="anything"))  # not an input
+    assert len(v) == 16 and v != s.version
+    svc = s.services[0]
+    moved = replace(svc, endpoints=(replace(svc.endpoints[0], address="198.18.9.9"), *svc.endpoints[1:]))
+    changes = [
+        replace(s, services=(moved, *s.services[1:])),
+        replace(s, services=tuple(reversed(s.services))),
+        replace(s, workload=replace(s.workload, service_account="other")),
+        replace(s, inbound=replace(s.inbound, app_address="127.0.0.9")),
+        replace(s, telemetry=replace(s.telemetry, metrics=not s.telemetry.metrics)),
+    ]
+    assert len({v, *(xversion.digest_version(c) for c in changes)}) == len(changes) + 1
+
+
+def test_a_response_is_checked_in_the_scheme_it_announces() -> None:
+    s = rich_snapshot()
+    digest = xversion.digest_version(s)
+    good = pb.DiscoveryResponse(
+        version_info=digest, nonce="1", snapshot=snapshot_to_proto(s), version_scheme=pb.VERSION_SCHEME_DIGEST
+    )
+    got = xconv.received_snapshot(good)
+    assert got == replace(s, version=digest)
+    for version, scheme in [(s.version, pb.VERSION_SCHEME_DIGEST), (digest, pb.VERSION_SCHEME_CONTENT)]:
+        wrong = pb.DiscoveryResponse(
+            version_info=version, nonce="2", snapshot=snapshot_to_proto(s), version_scheme=scheme
+        )
+        with pytest.raises(ConfigError) as e:
+            xconv.received_snapshot(wrong)
+        assert e.value.path == "version_info"
+    unknown = pb.DiscoveryResponse(version_info=digest, nonce="3", snapshot=snapshot_to_proto(s))
+    unknown.version_scheme = 7  # type: ignore[assignment]  # a scheme from the future
+    with pytest.raises(ConfigError) as e:
+        xconv.received_snapshot(unknown)
+    assert e.value.path == "version_scheme"
