@@ -4,7 +4,11 @@ Owns: the nat-table rule set that sends a pod's TCP traffic through its sidecar
 (outbound to port 15001, inbound to port 15006), its settings (flags, with
 environment variables as fallback, so an init container can be configured either
 way), and applying/removing it with ``iptables-restore --noflush`` (and the same
-with ``ip6tables-restore`` when the pod has IPv6).
+with ``ip6tables-restore`` when the pod has IPv6). With IPv6 it also owns the inbound
+passthrough address ``::6/128`` on ``lo``: 127.0.0.6 is local without configuration (all of
+127.0.0.0/8 is on ``lo``), ``::6`` is not, so without it the sidecar could not bind the source
+that rule 1 exempts (measured: ``EADDRNOTAVAIL``). It is added over netlink (pyroute2), so the
+init container needs no iproute2.
 
 The rule set, for IPv4 (IPv6 is the same with ``::1`` and ``::6``)::
 
@@ -31,6 +35,8 @@ Invariants:
     drops any earlier jumps and adds the new rules, so installing twice leaves one copy
     and a failure leaves the previous state in place.
   * ``cleanup`` on a pod without our rules does nothing and succeeds.
+  * ``::6/128`` is added before the IPv6 rules (a failure leaves those rules as they were) and
+    removed by ``cleanup`` only together with our IPv6 rules; adding it twice is a no-op.
 
 Concurrency: none; a short-lived command that runs external programs synchronously.
 """
@@ -44,6 +50,8 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 CHAIN_PREFIX = "MESH_"
 CHAIN_INBOUND = "MESH_INBOUND"
@@ -258,9 +266,58 @@ def _checked(runner: Runner, argv: Sequence[str], stdin: str | None = None) -> s
     return done.stdout
 
 
-def ipv6_available(runner: Runner) -> bool:
-    """True when the pod has IPv6 and the kernel has the ip6tables nat table."""
-    if not os.path.exists("/proc/net/if_inet6"):
+class Loopback(Protocol):
+    """Addresses on the pod's ``lo`` (a seam: unit tests pass a fake, pods get netlink)."""
+
+    def add(self, address: str, prefixlen: int) -> bool:
+        """Add ``address/prefixlen``; False if it was already there."""
+
+    def remove(self, address: str, prefixlen: int) -> bool:
+        """Remove ``address/prefixlen``; False if it was not there."""
+
+
+_IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once; nothing else on lo can hold it
+
+
+class NetlinkLoopback:
+    """IPv6 addresses on ``lo`` of the calling process's network namespace, over netlink."""
+
+    def _change(self, command: str, address: str, prefixlen: int, benign: int) -> bool:
+        import errno
+
+        # Imported here: only install/cleanup with IPv6 need it, never the sidecar.
+        from pyroute2 import IPRoute, NetlinkError  # type: ignore[import-untyped]
+
+        argv = ("netlink", "addr", command, f"{address}/{prefixlen}", "dev", "lo")
+        try:
+            with IPRoute() as ipr:
+                (index,) = ipr.link_lookup(ifname="lo")
+                flags = {"flags": _IFA_F_NODAD} if command == "add" else {}
+                ipr.addr(command, index=index, address=address, prefixlen=prefixlen, **flags)
+        except NetlinkError as exc:
+            if exc.code == benign:
+                return False
+            hint = " (is IPv6 disabled on lo? --ipv6 off)" if exc.code == errno.EACCES else ""
+            raise ApplyError(argv, exc.code, f"{errno.errorcode.get(exc.code, exc.code)}{hint}") from exc
+        return True
+
+    def add(self, address: str, prefixlen: int) -> bool:
+        return self._change("add", address, prefixlen, benign=17)  # EEXIST
+
+    def remove(self, address: str, prefixlen: int) -> bool:
+        return self._change("del", address, prefixlen, benign=99)  # EADDRNOTAVAIL
+
+
+def ipv6_available(runner: Runner, proc: Path = Path("/proc")) -> bool:
+    """True when the pod has IPv6 on ``lo`` and the kernel has the ip6tables nat table.
+
+    ``disable_ipv6`` on ``lo`` (some clusters set it for every pod) means no ``::1`` and no
+    way to add the passthrough address: such a pod has no IPv6 to intercept.
+    """
+    if not (proc / "net" / "if_inet6").exists():
+        return False
+    disabled = proc / "sys" / "net" / "ipv6" / "conf" / "lo" / "disable_ipv6"
+    if disabled.exists() and disabled.read_text().strip() == "1":
         return False
     try:
         return runner(["ip6tables-save", "-t", "nat"], None).returncode == 0
@@ -274,18 +331,24 @@ def _active_families(settings: InterceptSettings, runner: Runner) -> list[Family
     return [v4, v6] if want_v6 else [v4]
 
 
-def install(settings: InterceptSettings, runner: Runner = run_command) -> dict[str, str]:
+def install(
+    settings: InterceptSettings, runner: Runner = run_command, loopback: Loopback | None = None
+) -> dict[str, str]:
     """Install (or replace) the rules; returns the restore input applied per family."""
     applied = {}
     for family in _active_families(settings, runner):
         saved = _checked(runner, [family.save, "-t", "nat"])
         rules = build_rules(settings, family, find_jumps(saved))
+        if family.version == 6:
+            (loopback or NetlinkLoopback()).add(settings.inbound_passthrough_v6, 128)
         _checked(runner, [family.restore, "--noflush"], rules)
         applied[family.name] = rules
     return applied
 
 
-def cleanup(settings: InterceptSettings, runner: Runner = run_command) -> dict[str, str]:
+def cleanup(
+    settings: InterceptSettings, runner: Runner = run_command, loopback: Loopback | None = None
+) -> dict[str, str]:
     """Remove our rules; returns the restore input applied per family (empty if none were there)."""
     applied = {}
     for family in _active_families(settings, runner):
@@ -293,6 +356,8 @@ def cleanup(settings: InterceptSettings, runner: Runner = run_command) -> dict[s
         rules = build_cleanup(saved)
         if rules is not None:
             _checked(runner, [family.restore, "--noflush"], rules)
+            if family.version == 6:
+                (loopback or NetlinkLoopback()).remove(settings.inbound_passthrough_v6, 128)
             applied[family.name] = rules
     return applied
 
@@ -419,6 +484,8 @@ def main(args: argparse.Namespace) -> int:
         if args.dry_run:
             for family in families(settings):
                 if args.action == "install":
+                    if family.version == 6:
+                        print(f"# first: {settings.inbound_passthrough_v6}/128 on lo (netlink), if absent")
                     print(f"# {family.restore} --noflush", build_rules(settings, family), sep="\n")
                 else:
                     print(

@@ -8,6 +8,7 @@ process a connection reached and where the app meant it to go.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from dataclasses import dataclass
@@ -193,3 +194,61 @@ def test_ipv6_is_intercepted_like_ipv4(pair: Pair) -> None:
     pair.install(a, "--exclude-outbound-cidrs", "2001:2::/64")
     assert reached(pair.connect(a, b.ip6, APP_PORT)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
     assert reached(pair.connect(a, vip6, 80)) == ("a-proxy", 15001, (vip6, 80))
+
+
+def _lo_addresses6(lab: Lab, pod: Pod) -> list[str]:
+    out = lab.exec(pod, ["ip", "-6", "-o", "addr", "show", "dev", "lo"]).stdout
+    return [line.split()[3] for line in out.splitlines()]
+
+
+def test_ipv6_inbound_passthrough_source_reaches_the_app_directly(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    if not b.ip6:
+        pytest.skip("the kernel has no IPv6")
+    # The pod address is from the RFC 5180 benchmarking range: nothing outside answers it.
+    assert ipaddress.ip_address(b.ip6) in ipaddress.ip_network("2001:2::/48")
+    # The sidecar forwarding inbound traffic to the app's pod address: from ::6 it goes straight
+    # to the app (rule 1) ...
+    assert reached(pair.connect(b, b.ip6, APP_PORT, uid=PROXY_UID, source="::6")) == ("b-app", APP_PORT, None)
+    # ... which it can bind because install put ::6 on lo (unlike 127.0.0.6, not local by itself).
+    assert "::6/128" in _lo_addresses6(pair.lab, b)
+    # ... while from any other source the same connection is a self call and enters inbound.
+    assert reached(pair.connect(b, b.ip6, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
+    # Interception around it is unchanged: A's app still goes out through A's sidecar, and
+    # A's proxy UID lands on B's inbound listener.
+    assert reached(pair.connect(a, b.ip6, APP_PORT)) == ("a-proxy", 15001, (b.ip6, APP_PORT))
+    assert reached(pair.connect(a, b.ip6, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip6, APP_PORT))
+
+
+def test_ipv6_cleanup_removes_the_passthrough_address_and_only_with_our_rules(pair: Pair) -> None:
+    b = pair.b
+    if not b.ip6:
+        pytest.skip("the kernel has no IPv6")
+    pair.install(b)  # a second install finds ::6 already there and keeps one copy
+    assert _lo_addresses6(pair.lab, b).count("::6/128") == 1
+    pair.lab.exec(b, [sys.executable, "-m", "meshproxy.iptables", "cleanup"])
+    assert "::6/128" not in _lo_addresses6(pair.lab, b)
+    assert not [line for line in _nat_rules(pair.lab, b, "ip6tables-save") if "MESH" in line]
+    # Without our rules, cleanup leaves an address someone else put on lo alone.
+    pair.lab.exec(b, ["ip", "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"])
+    done = pair.lab.exec(b, [sys.executable, "-m", "meshproxy.iptables", "cleanup"])
+    assert "nothing to remove" in done.stdout
+    assert "::6/128" in _lo_addresses6(pair.lab, b)
+
+
+def test_a_pod_with_ipv6_disabled_on_lo_gets_ipv4_rules_only(pair: Pair) -> None:
+    b = pair.b
+    if not b.ip6:
+        pytest.skip("the kernel has no IPv6")
+    iptables = [sys.executable, "-m", "meshproxy.iptables"]
+    pair.lab.exec(b, [*iptables, "cleanup"])
+    # Some clusters disable IPv6 in every pod; there is then no IPv6 to intercept (no ::1 either).
+    pair.lab.exec(b, ["sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1"])
+    done = pair.lab.exec(b, [*iptables, "install"])
+    assert "installed (ipv4)" in done.stdout
+    assert not [line for line in _nat_rules(pair.lab, b, "ip6tables-save") if "MESH" in line]
+    assert reached(pair.connect(b, b.ip, APP_PORT, uid=PROXY_UID)) == ("b-proxy", 15006, (b.ip, APP_PORT))
+    # Asked for IPv6 explicitly, install says why it cannot, and exits 1.
+    done = pair.lab.exec(b, [*iptables, "install", "--ipv6", "on"], check=False)
+    assert done.returncode == 1
+    assert "::6/128" in done.stderr
