@@ -50,8 +50,14 @@ class RequestHead:
         return get_header(self.headers, name)
 
     def with_headers(self, headers: Headers) -> RequestHead:
-        # Direct construction: ``dataclasses.replace`` walks the fields on every call, and
-        # this runs several times per request.
+        """This head with ``headers``: ``self`` when they are the very same tuple.
+
+        Constructing a frozen dataclass sets each field through ``object.__setattr__``:
+        about 2 us for this one on the bench VM, and the pipeline asks several times per
+        request, usually with headers it left unchanged."""
+        if headers is self.headers:
+            return self
+        # Direct construction: ``dataclasses.replace`` walks the fields on every call.
         return RequestHead(self.method, self.path, self.authority, headers, self.scheme, self.version)
 
 
@@ -78,7 +84,13 @@ def end_to_end(headers: Headers, *, keep_te_trailers: bool = False) -> Headers:
     """Drop hop-by-hop headers, including any listed in ``Connection``.
 
     ``keep_te_trailers`` keeps ``te: trailers`` (required by gRPC over HTTP/2).
+    Returns ``headers`` itself (no copy) when there is nothing to drop, the common case.
     """
+    for k, _ in headers:
+        if k in HOP_BY_HOP:
+            break
+    else:
+        return headers  # no hop-by-hop header, hence no Connection naming others either
     named: set[str] = set()
     for k, v in headers:
         if k == "connection":

@@ -1,7 +1,8 @@
 """Body streams shared by the HTTP codecs and the pipeline.
 
 Owns: the bounded chunk queue a codec fills from its protocol callbacks
-(``BodyQueue``), fixed bodies for local replies (``BytesBody``), the replay
+(``BodyQueue``), the shared body of bodyless requests (``EMPTY``), fixed bodies
+for local replies (``BytesBody``), the replay
 buffer that makes a request body retryable (``ReplayBuffer``), and the optional
 ``KnownLength``/``Detachable`` capabilities the codecs look for.
 
@@ -147,6 +148,29 @@ class BodyQueue:
 
     # -- reader side --
 
+    def take_complete(self) -> bytes | None:
+        """Everything still queued, in one piece, once the body has ended without error.
+
+        None while more may come (or after an error, or before an ``on_first_read`` hook
+        ran): the caller then reads chunk by chunk. After a take, ``read`` returns ``b""``
+        and ``trailers`` are as usual. Lets the pipeline forward a small response that
+        arrived whole without a coroutine and a write per chunk."""
+        if not self._ended or self._on_first_read is not None:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            data = b""
+        elif len(chunks) == 1:
+            data = chunks.popleft()
+        else:
+            data = b"".join(chunks)
+            chunks.clear()
+        self._size = 0
+        if self._paused:
+            self._paused = False
+            self._resume()
+        return data
+
     async def read(self) -> bytes:
         if self._on_first_read is not None:
             cb, self._on_first_read = self._on_first_read, None
@@ -168,6 +192,42 @@ class BodyQueue:
                 await self._waiter
             finally:
                 self._waiter = None
+
+
+class EmptyBody:
+    """The body of a request framed with no body (no content-length, or 0, and not chunked).
+
+    Behaves as a ``BodyQueue`` that has already ended: ``read`` returns ``b""``, the feed
+    methods do nothing. Stateless, so the HTTP/1 codec shares one (``EMPTY``) instead of
+    building a queue and its flow-control callbacks for every GET."""
+
+    __slots__ = ()
+
+    content_length = 0
+    trailers = None
+    complete = True
+    received = 0
+
+    async def read(self) -> bytes:
+        return b""
+
+    def take_complete(self) -> bytes:
+        return b""
+
+    def feed(self, data: bytes) -> None:
+        return None
+
+    def feed_end(self, trailers: Headers | None = None) -> None:
+        return None
+
+    def feed_error(self, error: BaseException) -> None:
+        return None
+
+    def detach_flow_control(self) -> None:
+        return None
+
+
+EMPTY = EmptyBody()
 
 
 class BytesBody:

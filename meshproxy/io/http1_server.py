@@ -26,18 +26,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http
 import logging
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import cast
 
 import httptools
 
 from meshproxy.core.errors import ProtocolError, ProxyError
-from meshproxy.core.http import Headers, RequestHead, ResponseHead, get_header
-from meshproxy.io.body import BodyQueue, DownstreamClosedError
+from meshproxy.core.http import Headers, RequestHead, ResponseHead
+from meshproxy.io.body import EMPTY, BodyQueue, DownstreamClosedError, EmptyBody
 from meshproxy.io.exchange import DownstreamContext, RequestHandler
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ LocalReply = Callable[[ProxyError], tuple[ResponseHead, bytes]]
 """Turns an error into the response the client gets (``meshproxy.io.proxy.local_reply``)."""
 
 _NO_BODY_STATUS = frozenset({204, 304})
+# Request headers that on_headers_complete takes out or reads for framing.
+_FRAMING = frozenset({"host", "expect", "transfer-encoding", "content-length"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +71,7 @@ class Http1Settings:
 @dataclass(slots=True)
 class _Request:
     head: RequestHead
-    body: BodyQueue
+    body: BodyQueue | EmptyBody
     keep_alive: bool
     upgrade: bool  # Upgrade or CONNECT: the connection may become a tunnel
     expect_continue: bool
@@ -79,13 +82,18 @@ class _Failure:
     error: ProtocolError
 
 
-@dataclass(slots=True)
 class _Parsing:
-    url: bytearray = field(default_factory=bytearray)
-    headers: list[tuple[str, str]] = field(default_factory=list)
-    header_bytes: int = 0
-    request: _Request | None = None
-    trailers: list[tuple[str, str]] = field(default_factory=list)
+    """The message being parsed. A plain slot class: built for every request, and a
+    dataclass with ``default_factory`` fields costs several calls more."""
+
+    __slots__ = ("header_bytes", "headers", "request", "trailers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.header_bytes = 0
+        self.request: _Request | None = None
+        self.trailers: list[tuple[str, str]] | None = None  # made when the first trailer arrives
 
 
 def split_target(method: str, url: str, host: str | None) -> tuple[str, str]:
@@ -132,6 +140,9 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.writable: asyncio.Event = asyncio.Event()
         self.writable.set()
         self.pause_reasons: set[str] = set()
+        # A request body's flow-control hooks, made once per connection rather than per request.
+        self.pause_body = functools.partial(self._pause, "body")
+        self.resume_body = functools.partial(self._resume, "body")
         self.upgrade_buffer: bytearray | None = None  # bytes after an upgrade request's head
         self.read_eof = False
         self.closed = False
@@ -235,10 +246,11 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.parsing = _Parsing()
 
     def on_url(self, url: bytes) -> None:
-        assert self.parsing is not None
-        self.parsing.url += url
-        self.parsing.header_bytes += len(url)
-        if self.parsing.header_bytes > self.settings.max_header_bytes:
+        p = self.parsing
+        assert p is not None
+        p.url += url
+        p.header_bytes += len(url)
+        if p.header_bytes > self.settings.max_header_bytes:
             raise ProtocolError("request line too long", status=414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -249,21 +261,45 @@ class Http1ServerProtocol(asyncio.Protocol):
         p.header_bytes += len(name) + len(value) + 4
         if p.header_bytes > self.settings.max_header_bytes:
             raise ProtocolError("request header fields too large", status=431)
-        (p.headers if p.request is None else p.trailers).append(pair)
+        if p.request is None:
+            p.headers.append(pair)
+        elif p.trailers is None:
+            p.trailers = [pair]
+        else:
+            p.trailers.append(pair)
 
     def on_headers_complete(self) -> None:
         p = self.parsing
         assert p is not None
-        method = self.parser.get_method().decode("ascii")
-        version = self.parser.get_http_version()
-        host = get_header(tuple(p.headers), "host")
+        parser = self.parser
+        method = parser.get_method().decode("ascii")
+        version = parser.get_http_version()
+        # One pass: the first host/expect/transfer-encoding/content-length, and the headers
+        # without host and expect (four scans and three tuple copies before).
+        host = expect_value = te = cl = None
+        kept: list[tuple[str, str]] = []
+        for kv in p.headers:
+            name = kv[0]
+            if name in _FRAMING:
+                if name == "host":
+                    if host is None:
+                        host = kv[1]
+                    continue
+                if name == "expect":
+                    if expect_value is None:
+                        expect_value = kv[1]
+                    continue
+                if name == "transfer-encoding":
+                    if te is None:
+                        te = kv[1]
+                elif cl is None:
+                    cl = kv[1]
+            kept.append(kv)
+        headers = tuple(kept)
         path, authority = split_target(method, p.url.decode("latin-1"), host)
-        headers = tuple((k, v) for k, v in p.headers if k not in ("host", "expect"))
-        expect = (get_header(tuple(p.headers), "expect") or "").lower() == "100-continue"
-        te = (get_header(headers, "transfer-encoding") or "").lower()
-        cl = get_header(headers, "content-length")
+        expect = expect_value is not None and expect_value.lower() == "100-continue"
         length: int | None
-        if "chunked" in te:
+        if te is not None and "chunked" in te.lower():
             length = None
         elif cl is not None:
             try:
@@ -272,23 +308,28 @@ class Http1ServerProtocol(asyncio.Protocol):
                 raise ProtocolError(f"bad content-length {cl!r}") from exc
         else:
             length = 0
-        head = RequestHead(method=method, path=path, authority=authority, headers=headers, version=version)
-        upgrade = method == "CONNECT" or self.parser.should_upgrade()
-        req = _Request(
-            head=head,
-            body=BodyQueue(
+        head = RequestHead(method, path, authority, headers, "http", version)
+        upgrade = method == "CONNECT" or parser.should_upgrade()
+        body: BodyQueue | EmptyBody
+        if length == 0 and not upgrade:
+            body = EMPTY  # framed without a body: nothing can arrive, nothing to queue
+        else:
+            body = BodyQueue(
                 high_water=self.settings.body_high_water,
-                pause=lambda: self._pause("body"),
-                resume=lambda: self._resume("body"),
+                pause=self.pause_body,
+                resume=self.resume_body,
                 content_length=length,
                 loop=self.loop,
-            ),
-            keep_alive=self.parser.should_keep_alive(),
+            )
+        req = _Request(
+            head=head,
+            body=body,
+            keep_alive=parser.should_keep_alive(),
             upgrade=upgrade,
             expect_continue=expect and version == "1.1" and length != 0,
         )
-        if req.expect_continue:
-            req.body._on_first_read = lambda: self._send_continue(req)
+        if req.expect_continue and isinstance(body, BodyQueue):
+            body._on_first_read = lambda: self._send_continue(req)
         p.request = req
         self.pending.append(req)
         if len(self.pending) >= self.settings.max_pipelined:
@@ -303,7 +344,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         p = self.parsing
         if p is None or p.request is None:
             return
-        p.request.body.feed_end(tuple(p.trailers) or None)
+        p.request.body.feed_end(tuple(p.trailers) if p.trailers else None)
         self.parsing = None
 
     # ---- the per-connection task --------------------------------------------------------
@@ -495,30 +536,38 @@ class Http1ResponseSink:
             with contextlib.suppress(DownstreamClosedError):
                 self._write(b"")
 
-    async def send_head(self, head: ResponseHead, *, end_stream: bool = False) -> None:
-        if self.started:
-            raise RuntimeError("response head already sent")
-        if 100 <= head.status < 200 and head.status != 101:
-            return  # interim responses are handled by this codec (100-continue), not forwarded
+    def _head_bytes(self, head: ResponseHead, end_stream: bool) -> bytes:
+        """The final response head on the wire; decides the framing (chunked, close, no body).
+
+        One pass over the headers to see what is there, one join to build the block."""
         self.started = True
-        self.status = head.status
+        self.status = status = head.status
         req = self.req
-        headers: list[tuple[str, str]] = [(k, v) for k, v in head.headers if k != "transfer-encoding"]
-        self.no_body = req.head.method == "HEAD" or head.status in _NO_BODY_STATUS or head.status == 101
+        method = req.head.method
+        self.no_body = method == "HEAD" or status in _NO_BODY_STATUS or status == 101
         if req.expect_continue and not req.body.complete:
             # Final answer without 100 Continue: the client may never send the body.
             self.must_close = True
             req.expect_continue = False
         keep_alive = req.keep_alive and not self.conn.draining
-        tunnel = head.status == 101 or (req.head.method == "CONNECT" and 200 <= head.status < 300)
-        if tunnel or self.no_body or get_header(head.headers, "content-length") is not None:
+        tunnel = status == 101 or (method == "CONNECT" and 200 <= status < 300)
+        has_length = has_te = has_connection = False
+        for k, _ in head.headers:
+            if k == "content-length":
+                has_length = True
+            elif k == "transfer-encoding":
+                has_te = True
+            elif k == "connection":
+                has_connection = True
+        extra = ""
+        if tunnel or self.no_body or has_length:
             # Tunnels have no framing (the proxy splices the connection after this head);
             # HEAD/204/304 keep the upstream's content-length as metadata.
             pass
         elif end_stream:
-            headers.append(("content-length", "0"))
+            extra = "content-length: 0\r\n"
         elif req.head.version == "1.1":
-            headers.append(("transfer-encoding", "chunked"))
+            extra = "transfer-encoding: chunked\r\n"
             self.chunked = True
         else:
             # HTTP/1.0 client and no length: the end of the body is the end of the connection.
@@ -526,14 +575,30 @@ class Http1ResponseSink:
             keep_alive = False
         if not keep_alive or self.must_close:
             self.must_close = True
-            headers = [(k, v) for k, v in headers if k != "connection"]
-            if head.status != 101:
-                headers.append(("connection", "close"))
-        elif req.head.version == "1.0":
-            headers.append(("connection", "keep-alive"))
-        reason = head.reason or _phrase(head.status)
-        block = f"HTTP/1.1 {head.status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        data = block.encode("latin-1") + b"\r\n"
+            if status != 101:
+                extra += "connection: close\r\n"
+        else:
+            has_connection = False  # kept as the upstream sent it
+            if req.head.version == "1.0":
+                extra += "connection: keep-alive\r\n"
+        if has_te or has_connection:
+            lines = [
+                f"{k}: {v}\r\n"
+                for k, v in head.headers
+                if k != "transfer-encoding" and not (has_connection and k == "connection")
+            ]
+        else:
+            lines = [f"{k}: {v}\r\n" for k, v in head.headers]
+        reason = head.reason or _phrase(status)
+        return f"HTTP/1.1 {status} {reason}\r\n{''.join(lines)}{extra}\r\n".encode("latin-1")
+
+    async def send_head(self, head: ResponseHead, *, end_stream: bool = False) -> None:
+        if self.started:
+            raise RuntimeError("response head already sent")
+        if 100 <= head.status < 200 and head.status != 101:
+            return  # interim responses are handled by this codec (100-continue), not forwarded
+        data = self._head_bytes(head, end_stream)
+        tunnel = head.status == 101 or (self.req.head.method == "CONNECT" and 200 <= head.status < 300)
         if end_stream or tunnel or self.no_body:
             self._write(data)
         else:
@@ -546,6 +611,36 @@ class Http1ResponseSink:
             loop.call_soon(self._flush_held)
         if end_stream:
             self.finished = True
+        await self._drain()
+
+    async def send_whole(
+        self, head: ResponseHead, data: bytes, trailers: Headers | None, *, end_stream: bool
+    ) -> None:
+        """``send_head``, ``send_data(data)``, ``send_end(trailers)`` for a body that is all
+        here, as one write: the same bytes, without holding the head back with a
+        ``call_soon`` and without a coroutine per step. ``end_stream`` as for ``send_head``
+        (the body is known to be empty; ``data`` is then ignored, as the pipeline would)."""
+        if self.started:
+            raise RuntimeError("response head already sent")
+        status = head.status
+        if (100 <= status < 200) or (self.req.head.method == "CONNECT" and 200 <= status < 300):
+            # Interim and tunnel heads have their own paths: take them one step at a time.
+            await self.send_head(head, end_stream=end_stream)
+            if not end_stream:
+                await self.send_data(data)
+                await self.send_end(trailers)
+            return
+        out = self._head_bytes(head, end_stream)
+        if not end_stream and not self.no_body:
+            if self.chunked:
+                if data:
+                    out += b"%x\r\n%b\r\n" % (len(data), data)
+                tail = "".join(f"{k}: {v}\r\n" for k, v in trailers or ())
+                out += b"0\r\n" + tail.encode("latin-1") + b"\r\n"
+            else:
+                out += data
+        self._write(out)
+        self.finished = True
         await self._drain()
 
     async def send_data(self, data: bytes) -> None:

@@ -158,10 +158,6 @@ def local_reply_for(exc: ProxyError) -> tuple[ResponseHead, bytes]:
     return reply_for(exc)
 
 
-def _is_grpc(head: RequestHead) -> bool:
-    return (head.header("content-type") or "").startswith("application/grpc")
-
-
 def _outcome(exc: BaseException) -> Outcome:
     if isinstance(exc, UpstreamConnectError):
         return Outcome.CONNECT_FAILURE
@@ -211,6 +207,13 @@ class _Tracked:
     @property
     def trailers(self) -> Headers | None:
         return self._inner.trailers
+
+    def take_complete(self) -> bytes | None:
+        """The rest of the body in one piece if it has all arrived (see ``BodyQueue``), else
+        None. The end callbacks run at the next ``read``, which returns ``b""``: the caller
+        reads once more after forwarding, as it would after the last chunk."""
+        take = getattr(self._inner, "take_complete", None)
+        return take() if take is not None and self._on_end is not None else None
 
     async def read(self) -> bytes:
         try:
@@ -336,8 +339,7 @@ class Proxy:
         self, ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
     ) -> None:
         active = self.runtime.active  # captured once for the whole exchange
-        grpc = _is_grpc(head)
-        upgrade = _upgrade_token(head)
+        grpc, upgrade = _classify(head)
         matched: Service | None = None  # outbound: the service the app addressed (before splits)
         dest_name: str | None = None
         if active is not None:
@@ -424,8 +426,9 @@ class Proxy:
         self, call: Call, resp: UpstreamResponse, sink: ResponseSink, counted: _Counting, upgrade: str | None
     ) -> None:
         hop = call.hop
-        status = resp.head.status
-        headers = end_to_end(resp.head.headers, keep_te_trailers=False)
+        rhead = resp.head
+        status = rhead.status
+        headers = end_to_end(rhead.headers, keep_te_trailers=False)
         if call.route is not None:
             headers = apply_header_modifier(headers, call.route.response_headers)
         tunnel = (status == 101 and upgrade is not None) or (
@@ -435,10 +438,13 @@ class Proxy:
             headers = (
                 *headers,
                 ("connection", "upgrade"),
-                ("upgrade", resp.head.header("upgrade") or upgrade),
+                ("upgrade", rhead.header("upgrade") or upgrade),
             )
-        head = ResponseHead(
-            status=status, headers=headers, version=resp.head.version, reason=resp.head.reason
+        # Usually nothing was dropped or added: the upstream's head goes on as it is.
+        head = (
+            rhead
+            if headers is rhead.headers
+            else ResponseHead(status=status, headers=headers, version=rhead.version, reason=rhead.reason)
         )
         sent = 0
         flag: str | None = None
@@ -450,6 +456,17 @@ class Proxy:
                 return
             body = resp.body
             empty = known_length(body) == 0
+            send_whole = getattr(sink, "send_whole", None)
+            whole = body.take_complete() if send_whole is not None and isinstance(body, _Tracked) else None
+            if whole is not None:
+                # The whole body is here (the common small response): head, body and end in
+                # one write, no per-chunk coroutines. The last read runs the accounting.
+                assert send_whole is not None
+                if not empty:
+                    sent = len(whole)
+                await send_whole(head, whole, body.trailers, end_stream=empty)
+                await body.read()
+                return
             await sink.send_head(head, end_stream=empty)
             if not empty:
                 # A body that already arrived whole (the common small response) cannot stall.
@@ -1005,15 +1022,28 @@ def _bind(layer: Layer, nxt: Next) -> Next:
     return functools.partial(layer, nxt=nxt)
 
 
-def _upgrade_token(head: RequestHead) -> str | None:
-    """The Upgrade protocol of an HTTP/1.1 upgrade request we pass through (never h2c)."""
-    if head.version != "1.1":
-        return None
-    up = head.header("upgrade")
-    conn = (head.header("connection") or "").lower()
-    if up is None or "upgrade" not in conn or up.strip().lower().startswith("h2c"):
-        return None
-    return up
+def _classify(head: RequestHead) -> tuple[bool, str | None]:
+    """(gRPC?, the Upgrade token we pass through or None), in one pass over the headers."""
+    content_type = up = conn = None
+    for k, v in head.headers:
+        if k == "content-type":
+            if content_type is None:
+                content_type = v
+        elif k == "upgrade":
+            if up is None:
+                up = v
+        elif k == "connection" and conn is None:
+            conn = v
+    grpc = content_type is not None and content_type.startswith("application/grpc")
+    if (
+        head.version != "1.1"
+        or up is None
+        or conn is None
+        or "upgrade" not in conn.lower()
+        or up.strip().lower().startswith("h2c")
+    ):
+        return grpc, None
+    return grpc, up
 
 
 class _Counting:
