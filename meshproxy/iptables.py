@@ -111,8 +111,9 @@ class InterceptSettings:
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
     include_outbound_cidrs: tuple[str, ...] | None = None
-    # Source address the sidecar binds when it forwards inbound traffic to a non-loopback
-    # app address; rule 1 lets that connection out instead of looping it back to 15006.
+    # Source address for the sidecar's inbound forwarding to a non-loopback app address;
+    # rule 1 lets that connection out instead of looping it back to 15006. (The sidecar
+    # forwards to inbound.app_address, 127.0.0.1 by default, and does not bind it yet.)
     inbound_passthrough_v4: str = "127.0.0.6"
     inbound_passthrough_v6: str = "::6"
     ipv6: bool | None = None  # None: apply IPv6 rules when the pod has IPv6
