@@ -19,9 +19,14 @@ Selection (first that applies):
   Headers, compression and TLS files are read from the environment by the
   OpenTelemetry exporters themselves.
 
-Kinds: the OTLP exporters (gRPC, HTTP) are ``WireExporter``s: the SDK's OTLP exporters
-taking a request already encoded by ``otlp_wire`` (``export_encoded``). Zipkin is the
-SDK's ``ZipkinExporter``, a ``SpanExporter`` taking SDK spans.
+Kinds: OTLP/gRPC to a plaintext endpoint (the in-cluster default) is an
+``otlp_grpc.OtlpGrpcClient``, sending from the event loop; with TLS (``https://``),
+compression (``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``) or
+``MESHPROXY_OTLP_GRPC_CLIENT=sdk`` it is the OpenTelemetry SDK's gRPC exporter instead.
+That one and OTLP/HTTP are ``WireExporter``s: the SDK's OTLP exporters taking a request
+already encoded by ``otlp_wire`` (``export_encoded``). Zipkin is the SDK's
+``ZipkinExporter``, a ``SpanExporter`` taking SDK spans. Headers
+(``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``) apply to every OTLP exporter.
 
 Invariants:
   * Exporters run on the export queues' worker threads, never on the event loop.
@@ -33,11 +38,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Union, runtime_checkable
 
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from meshproxy.config.model import Tracing
+
+if TYPE_CHECKING:
+    from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,7 @@ class WireExporter(Protocol):
     def shutdown(self) -> None: ...
 
 
-AnyExporter = WireExporter | SpanExporter
+AnyExporter = Union[WireExporter, SpanExporter, "OtlpGrpcClient"]
 
 
 def _timeout(env: Mapping[str, str]) -> float:
@@ -68,21 +76,33 @@ def _timeout(env: Mapping[str, str]) -> float:
         return DEFAULT_EXPORT_TIMEOUT
 
 
-def otlp_grpc(endpoint: str, timeout: float) -> AnyExporter:
-    from meshproxy.telemetry.otlp_export import WireOTLPGrpcExporter
-
+def otlp_grpc(endpoint: str, timeout: float, env: Mapping[str, str]) -> AnyExporter:
     # "http://" means plaintext (in-cluster collectors usually are); "https://" means TLS.
     insecure = not endpoint.startswith("https://")
+    compression = _env(env, "COMPRESSION")
+    if insecure and not compression and env.get("MESHPROXY_OTLP_GRPC_CLIENT", "loop") != "sdk":
+        # The common case: plaintext to an in-cluster collector, sent from the event loop.
+        from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient, parse_headers
+
+        return OtlpGrpcClient(endpoint, timeout=timeout, headers=parse_headers(_env(env, "HEADERS")))
+    # TLS, compression, credential plug-ins: the OpenTelemetry SDK's exporter (grpcio).
+    from meshproxy.telemetry.otlp_export import WireOTLPGrpcExporter
+
     return WireOTLPGrpcExporter(endpoint=endpoint, insecure=insecure, timeout=timeout)
 
 
-def otlp_http(endpoint: str, timeout: float) -> AnyExporter:
+def _env(env: Mapping[str, str], name: str) -> str | None:
+    """``OTEL_EXPORTER_OTLP_TRACES_<name>``, else ``OTEL_EXPORTER_OTLP_<name>``."""
+    return env.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or env.get(f"OTEL_EXPORTER_OTLP_{name}")
+
+
+def otlp_http(endpoint: str, timeout: float, env: Mapping[str, str]) -> AnyExporter:
     from meshproxy.telemetry.otlp_export import WireOTLPHttpExporter
 
     return WireOTLPHttpExporter(endpoint=endpoint, timeout=timeout)
 
 
-def zipkin(endpoint: str, timeout: float) -> AnyExporter:
+def zipkin(endpoint: str, timeout: float, env: Mapping[str, str]) -> AnyExporter:
     from opentelemetry.exporter.zipkin.json import ZipkinExporter
 
     return ZipkinExporter(endpoint=endpoint, timeout=max(1, round(timeout)))
@@ -143,7 +163,7 @@ def describe(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, str]]
     return out
 
 
-_FACTORIES: dict[str, Callable[[str, float], AnyExporter]] = {
+_FACTORIES: dict[str, Callable[[str, float, Mapping[str, str]], AnyExporter]] = {
     "otlp_grpc": otlp_grpc,
     "otlp_http": otlp_http,
     "zipkin": zipkin,
@@ -153,4 +173,4 @@ _FACTORIES: dict[str, Callable[[str, float], AnyExporter]] = {
 def build(settings: Tracing, env: Mapping[str, str]) -> list[tuple[str, AnyExporter]]:
     """Named exporters for ``settings`` (see the module docstring for the selection)."""
     timeout = _timeout(env)
-    return [(f"{kind}:{ep}", _FACTORIES[kind](ep, timeout)) for kind, ep in describe(settings, env)]
+    return [(f"{kind}:{ep}", _FACTORIES[kind](ep, timeout, env)) for kind, ep in describe(settings, env)]

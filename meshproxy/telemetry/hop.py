@@ -488,6 +488,8 @@ class Telemetry:
         self._ids = random.Random()  # request ids (seeded from the OS; see propagation.new_request_id)
         self._retired: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._stopping_loop = asyncio.Event()  # the same signal, for the event-loop side
+        self._retiring: set[asyncio.Task[None]] = set()
         self.retire_grace = RETIRE_GRACE
         self._closer: threading.Thread | None = None
         self.settings = settings
@@ -555,6 +557,12 @@ class Telemetry:
         if settings.tracing != self.settings.tracing or workload != self.workload:
             old = self.tracing
             self.tracing = self._pipeline(settings.tracing, workload)
+            if old.async_queues:  # reconfigure runs on the event loop, as every snapshot apply does
+                task = asyncio.get_running_loop().create_task(
+                    self._retire_async(old), name="meshproxy-tracing-retire-loop"
+                )
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
 
             def retire() -> None:
                 # Requests already in flight still end their spans on the old pipeline: keep it
@@ -567,6 +575,14 @@ class Telemetry:
             self._retired = [r for r in self._retired if r.is_alive()] + [t]
         self.settings = settings
         self.workload = workload
+
+    async def _retire_async(self, old: TracingPipeline) -> None:
+        """The event-loop exporters of a replaced pipeline: open for the grace period (cut
+        short by ``shutdown``), then flushed and closed."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.retire_grace):
+                await self._stopping_loop.wait()
+        await old.aclose(grace=5.0)
 
     def start_http(
         self,
@@ -672,7 +688,18 @@ class Telemetry:
         backend must not hold up the proxy's exit: undelivered spans are lost)."""
         pipeline, access_log, retired = self.tracing, self._access_log, list(self._retired)
         self._stopping.set()
+        self._stopping_loop.set()
         loop = asyncio.get_running_loop()
+        # The event-loop exporters first (current and retiring pipelines), within the grace.
+        started = loop.time()
+        try:
+            async with asyncio.timeout(grace):
+                await pipeline.aclose(grace)
+                if self._retiring:
+                    await asyncio.gather(*self._retiring, return_exceptions=True)
+        except TimeoutError:
+            log.warning("span export did not finish within %.1fs; dropping what is left", grace)
+        grace = max(0.1, grace - (loop.time() - started))
         done: asyncio.Future[None] = loop.create_future()
 
         def resolve() -> None:

@@ -6,8 +6,9 @@ queues) and ``ExportQueue`` (a bounded queue drained in batches by one worker th
 
 Flow: a hop's ``SpanRecord`` is finished on the event loop and ``submit``-ted. For the OTLP
 exporters (gRPC and HTTP) it is encoded to OTLP bytes right there, once, and the bytes are
-queued; a worker joins a batch of them into one request and sends it with the
-OpenTelemetry exporter's transport (``otlp_wire``). For exporters that take SDK spans
+queued. OTLP/gRPC in plaintext (the in-cluster default) is drained by a task on the event
+loop (``otlp_grpc``: no thread, no grpcio); the other OTLP exporters by a worker thread that
+joins a batch into one request and sends it with the OpenTelemetry exporter's transport. For exporters that take SDK spans
 (Zipkin, and exporters a caller adds, e.g. tests' in-memory one) the record itself is
 queued and converted to a ``ReadableSpan`` on the worker thread.
 
@@ -46,6 +47,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from meshproxy.config.model import Propagation, Tracing, Workload
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
+from meshproxy.telemetry.otlp_grpc import AsyncExportQueue, OtlpGrpcClient
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.spans import SCOPE, RatioSampler, SpanRecord, to_readable
 
@@ -180,6 +182,7 @@ class TracingPipeline:
         self.exporter_names = tuple(name for name, _ in named)
         self._wire: list[ExportQueue] = []
         self._sdk: list[ExportQueue] = []
+        self._async: list[AsyncExportQueue] = []
         delay = max(0.001, schedule_delay_millis / 1000.0)
         for name, exporter in named:
             common: dict[str, Any] = {
@@ -188,14 +191,24 @@ class TracingPipeline:
                 "on_full": metrics.spans_dropped_queue_full,
                 "on_failed": metrics.spans_dropped_export_failed,
             }
-            if isinstance(exporter, exporters.WireExporter):
+            if isinstance(exporter, OtlpGrpcClient):
+                self._async.append(
+                    AsyncExportQueue(name, exporter, self._encoded_request, batch=MAX_EXPORT_BATCH, **common)
+                )
+            elif isinstance(exporter, exporters.WireExporter):
                 self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, **common))
             else:
                 self._sdk.append(ExportQueue(name, self._sdk_sender(exporter), exporter.shutdown, **common))
         self.queues: tuple[ExportQueue, ...] = (*self._wire, *self._sdk)
+        self.async_queues: tuple[AsyncExportQueue, ...] = tuple(self._async)
+        self._encoded: tuple[AsyncExportQueue | ExportQueue, ...] = (*self._async, *self._wire)
         # Built only for OTLP: it imports the SDK's protobuf encoder (~5 MB) once, at start.
-        self.encoder = WireEncoder(self.resource, self.scope) if self._wire else None
-        self.recording = bool(self.queues)
+        self.encoder = WireEncoder(self.resource, self.scope) if self._encoded else None
+        self.recording = bool(self.queues or self.async_queues)
+
+    def _encoded_request(self, batch: list[bytes]) -> bytes:
+        assert self.encoder is not None
+        return self.encoder.request(batch)
 
     def _wire_sender(self, exporter: exporters.WireExporter) -> Callable[[list[bytes]], bool]:
         def send(batch: list[bytes]) -> bool:
@@ -217,18 +230,30 @@ class TracingPipeline:
         """A finished, sampled span (loop thread)."""
         if self.encoder is not None:
             data = self.encoder.span(record)
-            for q in self._wire:
+            for q in self._encoded:
                 q.offer(data)
         for q in self._sdk:
             q.offer(record)
 
+    async def flush(self) -> None:
+        """Export everything submitted so far to the event-loop exporters."""
+        for q in self.async_queues:
+            await q.flush()
+
+    async def aclose(self, grace: float) -> None:
+        """Flush and stop the event-loop exporters (the threaded ones: ``shutdown``)."""
+        deadline = time.monotonic() + grace
+        for q in self.async_queues:
+            await q.aclose(max(0.001, deadline - time.monotonic()))
+
     def force_flush(self, timeout_millis: int = 5000) -> bool:
-        """Export everything submitted so far. Blocking: tests and shutdown only."""
+        """Export everything submitted so far to the threaded exporters. Blocking: tests and
+        shutdown only (the event-loop exporters flush with ``await flush()``)."""
         deadline = time.monotonic() + timeout_millis / 1000.0
         return all(q.flush(max(0.0, deadline - time.monotonic())) for q in self.queues)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Flush and stop every queue. Blocking: call it off the event loop."""
+        """Flush and stop every threaded queue. Blocking: call it off the event loop."""
         deadline = time.monotonic() + timeout
         for q in self.queues:
             q.shutdown(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,173 @@
+"""The event-loop OTLP/gRPC client against a real grpcio server: what it sends is what a
+collector receives, transient failures are retried, permanent ones are not, and a dead
+collector costs a bounded wait."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from meshproxy.config import model
+from meshproxy.telemetry import Telemetry
+from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient, parse_headers
+from meshproxy.telemetry.otlp_wire import WireEncoder
+from meshproxy.telemetry.spans import KIND_CLIENT, SpanRecord
+
+
+@dataclass
+class Collector:
+    port: int
+    requests: list[ExportTraceServiceRequest] = field(default_factory=list)
+    metadata: list[dict[str, str]] = field(default_factory=list)
+    # Codes to answer the next calls with, in order; then OK.
+    failures: list[grpc.StatusCode] = field(default_factory=list)
+
+    @property
+    def spans(self) -> int:
+        return sum(len(ss.spans) for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans)
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    server = grpc.aio.server()
+    state = Collector(0)
+
+    async def export(request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext) -> object:
+        state.metadata.append({k: v for k, v in context.invocation_metadata() or ()})  # type: ignore[misc]
+        if state.failures:
+            await context.abort(state.failures.pop(0), "try again")
+        state.requests.append(request)
+        return ExportTraceServiceResponse()
+
+    handler = grpc.method_handlers_generic_handler(
+        "opentelemetry.proto.collector.trace.v1.TraceService",
+        {
+            "Export": grpc.unary_unary_rpc_method_handler(
+                export,
+                request_deserializer=ExportTraceServiceRequest.FromString,
+                response_serializer=ExportTraceServiceResponse.SerializeToString,
+            )
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
+    state.port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield state
+    await server.stop(None)
+
+
+ENCODER = WireEncoder(Resource.create({"service.name": "frontend"}), InstrumentationScope("meshproxy"))
+
+
+def payload(n: int) -> bytes:
+    spans = []
+    for i in range(n):
+        r = SpanRecord(
+            trace_id=i + 1,
+            span_id=i + 1,
+            parent_id=0,
+            trace_state="",
+            name="GET",
+            kind=KIND_CLIENT,
+            start_ns=1,
+        )
+        r.end_ns = 2
+        r.attributes = [("url.path", f"/items/{i}" + "x" * 200)]
+        spans.append(ENCODER.span(r))
+    return ENCODER.request(spans)
+
+
+def no_backoff(attempt: int) -> float:
+    return 0.01
+
+
+async def test_export_arrives_whole_even_beyond_the_flow_control_window(collector: Collector) -> None:
+    client = OtlpGrpcClient(f"http://127.0.0.1:{collector.port}", timeout=5)
+    big = payload(2000)  # ~0.5 MB: many DATA frames, several window updates
+    assert len(big) > 4 * 65535
+    assert await client.export(payload(1))
+    assert await client.export(big)
+    await client.aclose()
+    assert ExportTraceServiceRequest.FromString(big) == collector.requests[1]
+    assert collector.spans == 2001
+
+
+async def test_transient_failures_are_retried_on_the_same_or_a_new_connection(collector: Collector) -> None:
+    collector.failures = [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED]
+    client = OtlpGrpcClient(f"127.0.0.1:{collector.port}", timeout=5, backoff=no_backoff)
+    assert await client.export(payload(3))
+    assert len(collector.metadata) == 3 and collector.spans == 3
+    await client.aclose()
+
+
+async def test_a_permanent_failure_is_not_retried(collector: Collector) -> None:
+    collector.failures = [grpc.StatusCode.INVALID_ARGUMENT]
+    client = OtlpGrpcClient(f"127.0.0.1:{collector.port}", timeout=5, backoff=no_backoff)
+    assert not await client.export(payload(1))
+    assert len(collector.metadata) == 1 and collector.spans == 0
+    await client.aclose()
+
+
+async def test_configured_headers_are_sent_as_metadata(collector: Collector) -> None:
+    headers = parse_headers("Authorization=Bearer%20abc, x-tenant = blue ,bad-entry")
+    assert headers == (("authorization", "Bearer abc"), ("x-tenant", "blue"))
+    client = OtlpGrpcClient(f"http://127.0.0.1:{collector.port}", timeout=5, headers=headers)
+    assert await client.export(payload(1))
+    assert collector.metadata[0]["authorization"] == "Bearer abc"
+    assert collector.metadata[0]["x-tenant"] == "blue"
+    await client.aclose()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_dead_collector_fails_within_the_timeout() -> None:
+    client = OtlpGrpcClient(f"127.0.0.1:{_closed_port()}", timeout=0.5, backoff=no_backoff)
+    started = time.monotonic()
+    assert not await client.export(payload(1))
+    assert time.monotonic() - started < 5  # bounded by the timeout, not a hang
+    await client.aclose()
+
+
+async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Collector) -> None:
+    import threading
+
+    from tel_rig import head
+
+    settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
+    threads_before = threading.active_count()
+    tel = Telemetry.build(
+        settings, model.Workload(name="a", namespace="demo"), env={}, schedule_delay_millis=20
+    )
+    hops = []
+    for _ in range(5):
+        hop = tel.start_http(
+            direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
+        )
+        hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
+        hops.append(hop.trace_id)
+    assert threading.active_count() == threads_before
+    await tel.tracing.flush()
+    got = [
+        s.trace_id.hex()
+        for r in collector.requests
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert got == hops
+    await tel.shutdown(grace=2)
