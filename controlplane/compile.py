@@ -150,6 +150,33 @@ class MeshConfig:
     # for proxies that still take content versions.
     view_memo: dict[str, _NamespaceView] = field(default_factory=dict, compare=False, repr=False)
     blob_memo: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # A memo of each shape's own part (``_Head``), valid for the state's ``services`` mapping
+    # and the settings in ``head_inputs``, and taken over by the next ``compile_mesh`` when
+    # those and the policies are unchanged: an endpoint change then costs each workload a
+    # lookup and a small hash, not its inbound ports and their JSON again (1000 workloads:
+    # that was half of what was left of the reconcile). Bounded by ``_MAX_HEADS``.
+    heads: dict[NodeShape, _Head] = field(default_factory=dict, compare=False, repr=False)
+    head_inputs: tuple[object, ...] = field(default=(), compare=False, repr=False)
+
+    def head(self, state: ClusterState, shape: NodeShape, settings: MeshSettings) -> _Head:
+        """``shape``'s inbound, telemetry and their JSON for this mesh; memoized."""
+        usable = (
+            len(self.head_inputs) == 2
+            and self.head_inputs[0] is state.services
+            and self.head_inputs[1] == settings
+        )
+        head = self.heads.get(shape) if usable else None
+        if head is None:
+            inbound = _inbound(self, state, shape)
+            _check_inbound(inbound)
+            telemetry = _telemetry(settings)
+            own = model.Snapshot(workload=shape.workload, inbound=inbound, telemetry=telemetry)
+            head = _Head(inbound=inbound, telemetry=telemetry, json=head_json(own))
+            if usable:
+                if len(self.heads) >= _MAX_HEADS:
+                    self.heads.clear()
+                self.heads[shape] = head
+        return head
 
     def view(self, namespace: str) -> _NamespaceView:
         """``services`` as seen from ``namespace``, checked, with their digests; built once."""
@@ -180,6 +207,18 @@ class MeshConfig:
             self.blob_memo.clear()
             self.blob_memo[namespace] = blob
         return blob
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    """A workload's own part of its snapshot (besides ``Workload`` itself), checked."""
+
+    inbound: model.Inbound
+    telemetry: model.Telemetry
+    json: str  # ``head_json`` of the snapshot: the digest version's per-workload input
+
+
+_MAX_HEADS = 65536  # distinct node shapes remembered across changes (pods churn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +685,15 @@ def compile_mesh(
             digests.append(done.digest)
             local_digests.append(done.local_digest)
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
+    heads: dict[NodeShape, _Head] = {}
+    if (
+        previous is not None
+        and len(previous.head_inputs) == 2
+        and previous.head_inputs[0] is state.services
+        and previous.head_inputs[1] == settings
+        and previous.policies == policies
+    ):
+        heads = previous.heads  # nothing a shape's inbound depends on changed
     return MeshConfig(
         revision=state.revision,
         services=tuple(services),
@@ -657,6 +705,8 @@ def compile_mesh(
         service_digests=tuple(digests),
         local_digests=tuple(local_digests),
         reuse=reuse,
+        heads=heads,
+        head_inputs=(state.services, settings),
     )
 
 
@@ -760,18 +810,21 @@ def compile_for_shape(
     mesh: MeshConfig, state: ClusterState, shape: NodeShape, settings: MeshSettings
 ) -> model.Snapshot:
     view = mesh.view(shape.workload.namespace)  # services checked once per namespace
-    snapshot = model.Snapshot(
+    head = mesh.head(state, shape, settings)  # inbound checked once per shape and mesh inputs
+    if shape.digest_versions:
+        version = digest_version_of(head.json, view.digests)
+    else:
+        unversioned = model.Snapshot(
+            workload=shape.workload, services=view.services, inbound=head.inbound, telemetry=head.telemetry
+        )
+        version = _version(unversioned, mesh.services_blob(shape.workload.namespace))
+    return model.Snapshot(
         workload=shape.workload,
         services=view.services,
-        inbound=_inbound(mesh, state, shape),
-        telemetry=_telemetry(settings),
+        inbound=head.inbound,
+        telemetry=head.telemetry,
+        version=version,
     )
-    _check_inbound(snapshot.inbound)
-    if shape.digest_versions:
-        version = digest_version_of(head_json(snapshot), view.digests)
-    else:
-        version = _version(snapshot, mesh.services_blob(shape.workload.namespace))
-    return replace(snapshot, version=version)
 
 
 def _canonical(value: object) -> str:

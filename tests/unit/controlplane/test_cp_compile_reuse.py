@@ -73,6 +73,10 @@ def _changes(objects: list[dict[str, Any]]) -> list[tuple[str, WatchEvent]]:
                 .update({"meshproxy.io/opaque-ports": "8080"}),
             ),
         ),
+        (
+            "service port protocol",
+            _modified(svc, lambda o: o["spec"]["ports"][0].update({"appProtocol": "tcp"})),
+        ),
         ("pod relabelled", _modified(pod, lambda o: o["metadata"]["labels"].update({"extra": "1"}))),
         (
             "pod owner",
@@ -149,3 +153,54 @@ def test_versions_are_the_content_hash_whatever_order_namespaces_come_in() -> No
         snapshot = compile_for_shape(mesh, state, node_shape(state, ProxyNode(f"p{i}", ns)), SETTINGS)
         assert snapshot.version == model.content_version(snapshot), ns
         assert any(svc.hostnames[0] == svc.name for svc in snapshot.services) == (ns in namespaces)
+
+
+def _nodes(objects: list[dict[str, Any]]) -> list[ProxyNode]:
+    pods = [(o["metadata"]["name"], o["metadata"]["namespace"]) for o in objects if o["kind"] == "Pod"]
+    return [ProxyNode(n, ns, features=f) for n, ns in pods for f in ((), ("digest-versions",))]
+
+
+def test_snapshots_from_a_taken_over_mesh_equal_snapshots_compiled_from_scratch() -> None:
+    # Each shape's inbound part is memoized on the mesh and taken over while the Services
+    # and policies stay the same: whatever changed, every workload's snapshot (and version,
+    # in both schemes) must be what a compile from scratch gives.
+    objects = _objects()
+    index = _index(objects)
+    mesh = compile_mesh(index.state(), SETTINGS)
+    nodes = _nodes(objects)
+    assert len(nodes) > 2
+
+    def compile_all(m: MeshConfig) -> list[model.Snapshot]:
+        s = index.state()
+        return [compile_for_shape(m, s, node_shape(s, n), SETTINGS) for n in nodes]
+
+    compile_all(mesh)  # fills the memo
+    for what, event in _changes(objects):
+        assert index.apply(event), what
+        state = index.state()
+        fast = compile_mesh(state, SETTINGS, previous=mesh)
+        slow = compile_mesh(state, SETTINGS)
+        assert compile_all(fast) == compile_all(slow), what
+        mesh = fast
+
+
+def test_an_endpoint_change_keeps_each_workloads_inbound_part_and_a_service_change_does_not() -> None:
+    objects = _objects()
+    index = _index(objects)
+    node = _nodes(objects)[0]
+    state = index.state()
+    mesh = compile_mesh(state, SETTINGS)
+    before = compile_for_shape(mesh, state, node_shape(state, node), SETTINGS)
+
+    index.apply(_modified(_find(objects, "EndpointSlice"), _move_endpoint))
+    state = index.state()
+    mesh = compile_mesh(state, SETTINGS, previous=mesh)
+    after = compile_for_shape(mesh, state, node_shape(state, node), SETTINGS)
+    assert after.inbound is before.inbound  # taken over, not recomputed
+
+    svc = _find(objects, "Service")
+    index.apply(_modified(svc, lambda o: o["metadata"].update({"annotations": {"unrelated": "x"}})))
+    state = index.state()
+    mesh = compile_mesh(state, SETTINGS, previous=mesh)
+    again = compile_for_shape(mesh, state, node_shape(state, node), SETTINGS)
+    assert again.inbound == after.inbound and again.inbound is not after.inbound  # recomputed
