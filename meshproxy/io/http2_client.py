@@ -44,8 +44,6 @@ import logging
 import weakref
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -61,6 +59,7 @@ from meshproxy.core.h2util import (
     GoAway,
     h2_request_headers,
     h2_trailers,
+    new_connection,
     response_head_from_h2,
     trailers_from_h2,
 )
@@ -200,14 +199,7 @@ class _ClientStream:
 
 class _ClientConnection(H2Endpoint):
     def __init__(self, pool: _EndpointPool, settings: Http2ClientSettings) -> None:
-        # Field blocks are validated per stream in meshproxy.core.h2util (h2 would make a
-        # malformed response a connection error, failing every stream on it).
-        config = h2.config.H2Configuration(
-            client_side=True, header_encoding=None, validate_inbound_headers=False
-        )
-        super().__init__(
-            h2.connection.H2Connection(config=config), client_side=True, name=f"h2-client {pool.label}"
-        )
+        super().__init__(new_connection(client_side=True), client_side=True, name=f"h2-client {pool.label}")
         self._pool = pool
         self._settings = settings
         self._streams: dict[int, _ClientStream] = {}

@@ -52,8 +52,6 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-import h2.config
-import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
@@ -64,6 +62,7 @@ from meshproxy.core.h2util import (
     goaway_frame,
     h2_response_headers,
     h2_trailers,
+    new_connection,
     request_head_from_h2,
     trailers_from_h2,
 )
@@ -202,13 +201,8 @@ class Http2ServerConnection(H2Endpoint):
         settings: Http2ServerSettings | None = None,
     ) -> None:
         self._settings = settings or Http2ServerSettings()
-        # Field blocks are validated per stream in meshproxy.core.h2util (h2 would make a
-        # malformed request a connection error).
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False
-        )
         super().__init__(
-            h2.connection.H2Connection(config=config),
+            new_connection(client_side=False),
             client_side=False,
             name=f"h2-server {ctx.peer_address}:{ctx.peer_port} #{ctx.connection_id}",
         )

@@ -6,7 +6,9 @@ import struct
 
 import h2.config
 import h2.connection
+import h2.events
 import pytest
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
 
 from meshproxy.core.errors import ProtocolError
@@ -18,6 +20,7 @@ from meshproxy.core.h2util import (
     h2_request_headers,
     h2_response_headers,
     h2_trailers,
+    new_connection,
     request_head_from_h2,
     response_head_from_h2,
     trailers_from_h2,
@@ -208,3 +211,143 @@ def test_malformed_goaway_is_left_for_h2_to_reject() -> None:
     on_stream = struct.pack(">HBBBL", 0, 8, 0x7, 0, 5) + bytes(8)  # GOAWAY must be on stream 0
     too_short = struct.pack(">HBBBL", 0, 4, 0x7, 0, 0) + bytes(4)  # needs at least 8 bytes
     assert GoAwaySplitter(expect_preface=False).feed(on_stream + too_short) == [on_stream + too_short]
+
+
+# --- outbound blocks and the h2 configuration (new_connection) -----------------------------
+
+
+def _validating_peer(*, client_side: bool) -> h2.connection.H2Connection:
+    """An h2 endpoint with every check on (h2's defaults), standing in for grpc-go, Envoy..."""
+    peer = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=client_side, header_encoding=None)
+    )
+    peer.initiate_connection()
+    return peer
+
+
+def _connected() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    ours = new_connection(client_side=True)
+    ours.initiate_connection()
+    peer = _validating_peer(client_side=False)
+    for _ in range(2):
+        peer.receive_data(ours.data_to_send())
+        ours.receive_data(peer.data_to_send())
+    return ours, peer
+
+
+def _send_request(
+    ours: h2.connection.H2Connection, peer: h2.connection.H2Connection, head: RequestHead
+) -> list[tuple[bytes, bytes]]:
+    sid = ours.get_next_available_stream_id()
+    ours.send_headers(sid, h2_request_headers(head), end_stream=True)
+    events = peer.receive_data(ours.data_to_send())
+    received = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+    assert len(received) == 1, events
+    return list(received[0].headers)
+
+
+def test_outbound_block_is_normalized_here_and_accepted_by_a_validating_peer() -> None:
+    # h2's own outbound normalization is off (new_connection): this module does it.
+    ours, peer = _connected()
+    head = RequestHead(
+        "POST",
+        "/pkg.Svc/Call",
+        "svc.demo:8080",
+        (
+            ("content-type", "application/grpc"),
+            ("X-Mixed-Case", "1"),  # the model keeps names lower-case; lenient if it did not
+            ("x-padded", " \tvalue\t "),  # surrounding whitespace is not allowed on the wire
+            ("te", "trailers"),
+            ("connection", "close"),
+            ("x-empty", ""),
+        ),
+    )
+    assert _send_request(ours, peer, head) == [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"svc.demo:8080"),
+        (b":path", b"/pkg.Svc/Call"),
+        (b"content-type", b"application/grpc"),
+        (b"x-mixed-case", b"1"),
+        (b"x-padded", b"value"),
+        (b"te", b"trailers"),
+        (b"x-empty", b""),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-smuggle", "a\r\nhost: evil"),
+        ("x-nul", "a\x00b"),
+        ("x-lf", "a\nb"),
+        ("bad name", "1"),
+        ("x:colon", "1"),
+    ],
+)
+def test_fields_http2_cannot_carry_are_refused_before_anything_is_sent(name: str, value: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        h2_request_headers(RequestHead("GET", "/", "a", ((name, value),)))
+    assert err.value.status == 400
+    with pytest.raises(ProtocolError) as err:
+        h2_response_headers(ResponseHead(200, ((name, value),)))
+    assert err.value.status == 502
+    with pytest.raises(ProtocolError) as err:
+        h2_trailers(((name, value),))
+    assert err.value.status == 502
+
+
+def test_bad_pseudo_header_values_are_refused() -> None:
+    for head in (RequestHead("", "/", "a", ()), RequestHead("GET", "/x\r\ny", "a", ())):
+        with pytest.raises(ProtocolError):
+            h2_request_headers(head)
+
+
+def test_per_request_ids_stay_out_of_the_peers_header_table_and_repeated_fields_are_indexed() -> None:
+    ours, peer = _connected()
+    sizes = []
+    for i in range(60):
+        tid = f"{i:032x}"
+        head = RequestHead(
+            "POST",
+            "/pkg.Svc/Call",
+            "svc.demo:8080",
+            (
+                ("content-type", "application/grpc"),
+                ("user-agent", "grpc-go/1.66.2"),
+                ("traceparent", f"00-{tid}-{i:016x}-01"),
+                ("x-request-id", f"req-{i:08d}-0123456789"),
+                ("grpc-timeout", f"{1000 - i}m"),
+                ("authorization", "Bearer secret-token"),
+            ),
+        )
+        sid = ours.get_next_available_stream_id()
+        ours.send_headers(sid, h2_request_headers(head), end_stream=True)
+        wire = ours.data_to_send()
+        sizes.append(len(wire))
+        events = peer.receive_data(wire)
+        (req,) = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+        fields = dict(req.headers)
+        assert fields[b"x-request-id"] == f"req-{i:08d}-0123456789".encode()
+        assert fields[b"traceparent"].startswith(b"00-" + tid.encode())
+        # Credentials and ids arrive as never-indexed: no hop may index them either.
+        never = {bytes(h[0]) for h in req.headers if isinstance(h, NeverIndexedHeaderTuple)}
+        assert {b"x-request-id", b"traceparent", b"grpc-timeout", b"authorization"} <= never
+    table = peer.decoder.header_table.dynamic_entries
+    names = {name for name, _ in table}
+    assert b"user-agent" in names and b":path" in names  # what repeats is indexed once ...
+    assert not names & {b"x-request-id", b"traceparent", b"grpc-timeout", b"authorization"}
+    assert len(table) < 10  # ... and the table is not churned by values seen once
+    # After the first request, repeated fields cost a byte each: only the ids are literal.
+    assert max(sizes[1:]) < sizes[0]
+
+
+def test_literals_are_sent_without_huffman_coding_and_decode_alike() -> None:
+    ours, peer = _connected()
+    head = RequestHead("GET", "/", "a", (("x-request-id", "0123456789abcdef"),))
+    sid = ours.get_next_available_stream_id()
+    ours.send_headers(sid, h2_request_headers(head), end_stream=True)
+    wire = ours.data_to_send()
+    assert b"0123456789abcdef" in wire  # plain literal on the wire
+    (req,) = [e for e in peer.receive_data(wire) if isinstance(e, h2.events.RequestReceived)]
+    assert (b"x-request-id", b"0123456789abcdef") in req.headers
