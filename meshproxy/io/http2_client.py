@@ -64,7 +64,7 @@ from meshproxy.core.h2util import (
     trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
-from meshproxy.io.body import KnownLength
+from meshproxy.io.body import known_length
 from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.http2_common import (
     CANCEL,
@@ -207,6 +207,7 @@ class _ClientConnection(H2Endpoint):
         self._goaway: GoAway | None = None
         self._closing = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop time the last stream ended (see _arm_idle_timer)
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self._ping_deadline: asyncio.TimerHandle | None = None
         self._heard = False  # any frame from the server since the last keepalive check
@@ -251,7 +252,9 @@ class _ClientConnection(H2Endpoint):
 
     def start_request(self, head: RequestHead, body: BodyStream) -> _ClientStream:
         # A body known to be empty goes as END_STREAM on the HEADERS frame, with no pump task.
-        empty = isinstance(body, KnownLength) and body.content_length == 0
+        # (``known_length``, not ``isinstance(body, KnownLength)``: a runtime Protocol check
+        # was ~9 us per request on the bench VM.)
+        empty = known_length(body) == 0
         try:
             block = h2_request_headers(head)
             sid = self._h2.get_next_available_stream_id()
@@ -260,20 +263,21 @@ class _ClientConnection(H2Endpoint):
             if isinstance(exc, h2.exceptions.TooManyStreamsError):
                 raise UpstreamResetError(f"{self._name}: no stream available") from None
             raise ProtocolError(f"request head not valid for HTTP/2: {exc}", status=400) from None
-        self._schedule_flush()
         stream = _ClientStream(self, sid)
         self._streams[sid] = stream
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self._arm_keepalive()
         if empty:
             stream.request_done = True
-            return stream
-        assert self._loop is not None
-        stream.pump = self._loop.create_task(
-            self._pump(stream, body), name=f"h2-upstream-body {self._name}:{sid}"
-        )
+        else:
+            assert self._loop is not None
+            stream.pump = self._loop.create_task(
+                self._pump(stream, body), name=f"h2-upstream-body {self._name}:{sid}"
+            )
+        # Scheduled after the pump's first step: a body that is already here (a gRPC unary
+        # request arrives with its HEADERS) is sent by that step, and HEADERS, DATA and
+        # END_STREAM leave in one write; scheduled first, they took two writes, and the
+        # server was woken twice per request.
+        self._schedule_flush()
         return stream
 
     def close(self) -> None:
@@ -426,18 +430,33 @@ class _ClientConnection(H2Endpoint):
             self.close()
 
     def _arm_idle_timer(self) -> None:
+        """The connection just went idle: make sure an idle check is pending.
+
+        One timer, re-armed lazily: a connection that goes idle between every request
+        (a few streams in flight at a time) would otherwise cancel and create a timer
+        per request. ``_on_idle`` re-checks how long the connection has really been idle.
+        """
         if self._lost or self._closing or self._loop is None:
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        self._idle_timer = self._loop.call_later(self._pool.idle_timeout, self._on_idle)
+        self._idle_since = self._loop.time()
+        timer = self._idle_timer
+        if timer is not None and timer.when() > self._idle_since + self._pool.idle_timeout:
+            timer.cancel()  # the idle timeout was shortened since the timer was armed
+            timer = None
+        if timer is None:
+            self._idle_timer = self._loop.call_later(self._pool.idle_timeout, self._on_idle)
 
     def _on_idle(self) -> None:
         self._idle_timer = None
-        if not self._streams:
-            log.debug("%s: idle, closing", self._name)
-            self._pool.discard(self)
-            self.close()
+        if self._streams or self._lost or self._closing or self._loop is None:
+            return  # busy: the timer is armed again when the last stream ends
+        left = self._idle_since + self._pool.idle_timeout - self._loop.time()
+        if left > 0:
+            self._idle_timer = self._loop.call_later(left, self._on_idle)
+            return
+        log.debug("%s: idle, closing", self._name)
+        self._pool.discard(self)
+        self.close()
 
     def _arm_keepalive(self) -> None:
         interval = self._settings.keepalive_interval

@@ -12,6 +12,7 @@ import h2.config
 import h2.connection
 import pytest
 import uvloop
+from hyperframe.frame import Frame
 
 from meshproxy.config.model import CircuitBreaker, Endpoint
 from meshproxy.core.breaker import Breaker, Limit
@@ -402,3 +403,82 @@ async def test_known_empty_body_is_sent_as_end_stream_on_headers() -> None:
         assert response.body.content_length == 0  # lets the pipeline forward a single HEADERS frame
         assert await response.body.read() == b""
     assert seen == [0, b""]
+
+
+class _RecordingTransport(asyncio.Transport):
+    """Forwards to the real transport and keeps every ``write`` apart."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        super().__init__()
+        self._inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+        self._inner.write(data)
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._inner.write_eof()
+
+
+def _frames_in(data: bytes) -> list[tuple[str, int, set[str]]]:
+    out = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        out.append((frame.__class__.__name__, frame.stream_id, set(frame.flags)))
+        data = data[9 + length :]
+    return out
+
+
+async def test_a_request_whose_body_is_already_here_leaves_in_one_write() -> None:
+    # A gRPC unary call: HEADERS, DATA and END_STREAM in one write wakes the server once.
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        data = await read_all(body)
+        await sink.send_head(ResponseHead(200, ()))
+        await sink.send_data(data)
+        await sink.send_end((("grpc-status", "0"),))
+
+    async with upstream(handler) as up, client() as c:
+        first = await c.request(up.endpoint, get(), empty(), connect_timeout=1)  # connects
+        await read_all(first.body)
+        conn = c._pools[(up.endpoint.address, up.endpoint.port)].conns[0]
+        assert conn._transport is not None
+        recording = _RecordingTransport(conn._transport)
+        conn._transport = recording
+        message = b"\0\0\0\0\x05hello"
+        head = RequestHead("POST", "/pkg.Svc/Call", "svc.demo:80", (("content-type", "application/grpc"),))
+        response = await c.request(up.endpoint, head, Body([message]), connect_timeout=1)
+        assert await read_all(response.body) == message
+        assert response.body.trailers == (("grpc-status", "0"),)
+    request_frames = _frames_in(recording.writes[0])
+    assert request_frames[0][0] == "HeadersFrame"
+    assert "DataFrame" in {name for name, _, _ in request_frames}
+    assert "END_STREAM" in request_frames[-1][2]  # the whole request, END_STREAM included
+
+
+async def test_a_connection_used_again_within_its_idle_timeout_stays_open() -> None:
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(200, ()), end_stream=True)
+
+    async with upstream(handler) as up, client(Http2ClientSettings(idle_timeout=0.5)) as c:
+        for _ in range(2):  # idle from t=0, busy again at t=0.3, idle again after that
+            response = await c.request(up.endpoint, get(), empty(), connect_timeout=1)
+            assert await read_all(response.body) == b""
+            await asyncio.sleep(0.3)  # the passing of time under test, not synchronisation
+        # t=0.6: past 0.5 s since the connection first went idle, 0.3 s since it last did.
+        assert c.connection_count(up.endpoint) == 1
+        assert len(up.connections) == 1
+        await eventually(lambda: c.connection_count(up.endpoint) == 0)  # then it does close
