@@ -92,6 +92,22 @@ class Limit(enum.Enum):
     RETRIES = "max_retries"
 
 
+# Counts and maxima live in lists indexed by these, not in dicts keyed by ``Limit``: an enum
+# member's ``__hash__`` is Python code, and every request acquires and releases twice.
+_INDEX: Mapping[Limit, int] = MappingProxyType({limit: i for i, limit in enumerate(Limit)})
+_CONNECTIONS, _PENDING, _REQUESTS, _RETRIES = (_INDEX[limit] for limit in Limit)
+_LIMITS = tuple(Limit)
+
+
+def _maxima(p: CircuitBreaker) -> list[int]:
+    out = [0] * len(_LIMITS)
+    out[_CONNECTIONS] = p.max_connections
+    out[_PENDING] = p.max_pending_requests
+    out[_REQUESTS] = p.max_requests
+    out[_RETRIES] = p.max_retries
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class Admission:
     ok: bool
@@ -116,6 +132,7 @@ class Breaker:
         "_clock",
         "_counts",
         "_failures",
+        "_maxima",
         "_open_until",
         "_policy",
         "_probe_out",
@@ -129,8 +146,9 @@ class Breaker:
         self.key = key
         self._clock = clock
         self._policy = policy
-        self._counts: dict[Limit, int] = dict.fromkeys(Limit, 0)
-        self._saturated: set[Limit] = set()
+        self._counts = [0] * len(_LIMITS)
+        self._maxima = _maxima(policy)
+        self._saturated: set[int] = set()  # indexes of saturated limits
         self._accrual = State.CLOSED
         self._failures = 0
         self._open_until = 0.0
@@ -142,14 +160,15 @@ class Breaker:
 
     def update_policy(self, policy: CircuitBreaker) -> None:
         self._policy = policy
+        self._maxima = _maxima(policy)
         if policy.consecutive_failures <= 0:
             self._transition(Event.RESET)
             self._failures = 0
             self._reopens = 0
             self._probe_out = False
-        for limit in list(self._saturated):
-            if self._counts[limit] < self._max(limit):
-                self._saturated.discard(limit)
+        for i in list(self._saturated):
+            if self._counts[i] < self._maxima[i]:
+                self._saturated.discard(i)
 
     @property
     def policy(self) -> CircuitBreaker:
@@ -174,7 +193,7 @@ class Breaker:
         return dict(self._rejections)
 
     def count(self, limit: Limit) -> int:
-        return self._counts[limit]
+        return self._counts[_INDEX[limit]]
 
     def _transition(self, event: Event) -> State:
         new = TRANSITIONS.get((self._accrual, event))
@@ -191,23 +210,15 @@ class Breaker:
 
     # -- limits ------------------------------------------------------------------------------
 
-    def _max(self, limit: Limit) -> int:
-        p = self._policy
-        return {
-            Limit.CONNECTIONS: p.max_connections,
-            Limit.PENDING: p.max_pending_requests,
-            Limit.REQUESTS: p.max_requests,
-            Limit.RETRIES: p.max_retries,
-        }[limit]
-
     def _reject(self, reason_key: str, admission: Admission) -> Admission:
         self._rejections[reason_key] = self._rejections.get(reason_key, 0) + 1
         return admission
 
-    def _acquire(self, limit: Limit) -> Admission:
-        maximum = self._max(limit)
-        if self._counts[limit] >= maximum:
-            self._saturated.add(limit)
+    def _acquire(self, i: int) -> Admission:
+        maximum = self._maxima[i]
+        if self._counts[i] >= maximum:
+            self._saturated.add(i)
+            limit = _LIMITS[i]
             return self._reject(
                 limit.value,
                 Admission(
@@ -217,14 +228,15 @@ class Breaker:
                     reason=f"{self.key}: {limit.value}={maximum} reached",
                 ),
             )
-        self._counts[limit] += 1
+        self._counts[i] += 1
         return ADMITTED
 
-    def _release(self, limit: Limit) -> None:
-        if self._counts[limit] > 0:
-            self._counts[limit] -= 1
-        if limit in self._saturated and self._counts[limit] < self._max(limit):
-            self._saturated.discard(limit)
+    def _release(self, i: int) -> None:
+        counts = self._counts
+        if counts[i] > 0:
+            counts[i] -= 1
+        if self._saturated and i in self._saturated and counts[i] < self._maxima[i]:
+            self._saturated.discard(i)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -238,7 +250,7 @@ class Breaker:
             if self._probe_out:
                 return self._circuit_open("circuit half-open, probe in flight")
             probe = True
-        admission = self._acquire(Limit.REQUESTS)
+        admission = self._acquire(_REQUESTS)
         if not admission.ok or not probe:
             return admission
         if self._accrual is State.OPEN:
@@ -260,7 +272,7 @@ class Breaker:
         """End an admitted request. Releasing a rejected admission is a no-op."""
         if not admission.ok:
             return
-        self._release(Limit.REQUESTS)
+        self._release(_REQUESTS)
         if self._policy.consecutive_failures <= 0:
             return
         if admission.probe:
@@ -287,19 +299,19 @@ class Breaker:
             self._open()
 
     def try_acquire_pending(self) -> Admission:
-        return self._acquire(Limit.PENDING)
+        return self._acquire(_PENDING)
 
     def release_pending(self) -> None:
-        self._release(Limit.PENDING)
+        self._release(_PENDING)
 
     def try_acquire_retry(self) -> Admission:
-        return self._acquire(Limit.RETRIES)
+        return self._acquire(_RETRIES)
 
     def release_retry(self) -> None:
-        self._release(Limit.RETRIES)
+        self._release(_RETRIES)
 
     def try_acquire_connection(self) -> Admission:
-        return self._acquire(Limit.CONNECTIONS)
+        return self._acquire(_CONNECTIONS)
 
     def release_connection(self) -> None:
-        self._release(Limit.CONNECTIONS)
+        self._release(_CONNECTIONS)

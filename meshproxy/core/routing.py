@@ -93,6 +93,9 @@ class _CompiledRoute:
     matches: tuple[_CompiledMatch, ...]
     backends: tuple[Service, ...]  # resolved, weight > 0 only
     cumulative: tuple[int, ...]  # running sum of weights, for bisect
+    # The decision when nothing is drawn (no backends: the owning service; one backend),
+    # built once: a frozen dataclass per request costs more than the matching.
+    fixed: RouteDecision | None = None
 
 
 def split_authority(authority: str) -> tuple[str, int | None]:
@@ -167,7 +170,7 @@ def _match(m: _CompiledMatch, method: str, path: str, headers: Headers) -> bool:
 class RouteTable:
     """Immutable per-snapshot index of services and compiled routes (see module doc)."""
 
-    __slots__ = ("_by_host", "_by_key", "_by_vip", "_compiled", "_rng", "snapshot")
+    __slots__ = ("_by_host", "_by_id", "_by_key", "_by_vip", "_compiled", "_rng", "snapshot")
 
     def __init__(
         self,
@@ -184,6 +187,17 @@ class RouteTable:
         self._by_host = by_host
         self._compiled = compiled
         self._rng = rng
+        # id(service) -> (service, its compiled routes, its default decision when it has no
+        # routes): ``Service.key`` formats a string on every call; the tuple holds the
+        # service, so the id is not reused while the table lives.
+        self._by_id: dict[int, tuple[Service, tuple[_CompiledRoute, ...], RouteDecision | None]] = {
+            id(s): (
+                s,
+                compiled[key],
+                None if compiled[key] else RouteDecision(DEFAULT_ROUTE, s, DEFAULT_ROUTE.name),
+            )
+            for key, s in by_key.items()
+        }
 
     @classmethod
     def build(cls, snapshot: Snapshot, rng: random.Random | None = None) -> RouteTable:
@@ -202,7 +216,7 @@ class RouteTable:
         for s in by_key.values():
             for suffix in _IMPLICIT_SUFFIXES:
                 by_host.setdefault(f"{s.name}.{s.namespace}{suffix}".lower(), {}).setdefault(s.port, s)
-        compiled = {key: tuple(_compile_route(r, by_key) for r in s.routes) for key, s in by_key.items()}
+        compiled = {key: tuple(_compile_route(r, by_key, s) for r in s.routes) for key, s in by_key.items()}
         return cls(snapshot, by_key, by_vip, by_host, compiled, rng if rng is not None else random.Random())
 
     def service(self, key: str) -> Service | None:
@@ -244,14 +258,24 @@ class RouteTable:
         headers: Headers,
         rng: random.Random | None = None,
     ) -> RouteDecision | None:
-        bare = _strip_query(path)
-        routes = self._compiled.get(service.key)
-        if routes is None:  # a service object from another snapshot: compile on the fly
-            routes = tuple(_compile_route(r, self._by_key) for r in service.routes)
+        routes: tuple[_CompiledRoute, ...] | None
+        held = self._by_id.get(id(service))
+        if held is not None and held[0] is service:
+            routes, default, own = held[1], held[2], True
+        else:
+            routes = self._compiled.get(service.key)
+            if routes is None:  # a service object from another snapshot: compile on the fly
+                routes = tuple(_compile_route(r, self._by_key, service) for r in service.routes)
+            default, own = None, False
         if not routes:
-            return RouteDecision(DEFAULT_ROUTE, service, DEFAULT_ROUTE.name)
+            return default or RouteDecision(DEFAULT_ROUTE, service, DEFAULT_ROUTE.name)
+        bare = _strip_query(path)
         for cr in routes:
             if any(_match(m, method, bare, headers) for m in cr.matches):
+                # A precomputed decision names the table's own service when the route has
+                # no backends: only right when ``service`` is that very object.
+                if cr.fixed is not None and (own or cr.route.backends):
+                    return cr.fixed
                 return self._decide(cr, service, rng or self._rng)
         return None
 
@@ -267,7 +291,7 @@ class RouteTable:
         return RouteDecision(cr.route, cr.backends[bisect.bisect_right(cr.cumulative, ticket)], cr.route.name)
 
 
-def _compile_route(route: Route, by_key: dict[ServiceKey, Service]) -> _CompiledRoute:
+def _compile_route(route: Route, by_key: dict[ServiceKey, Service], owner: Service) -> _CompiledRoute:
     backends: list[Service] = []
     cumulative: list[int] = []
     total = 0
@@ -278,8 +302,13 @@ def _compile_route(route: Route, by_key: dict[ServiceKey, Service]) -> _Compiled
         total += b.weight
         backends.append(target)
         cumulative.append(total)
+    fixed: RouteDecision | None = None
+    if not route.backends:
+        fixed = RouteDecision(route, owner, route.name)
+    elif len(backends) == 1:
+        fixed = RouteDecision(route, backends[0], route.name)
     return _CompiledRoute(
-        route, tuple(_compile_match(m) for m in route.matches), tuple(backends), tuple(cumulative)
+        route, tuple(_compile_match(m) for m in route.matches), tuple(backends), tuple(cumulative), fixed
     )
 
 

@@ -277,22 +277,25 @@ class _Conn(asyncio.Protocol):
         self.in_body = True
         self.keep_alive = self.parser.should_keep_alive()
         headers = tuple(self.headers)
-        head = ResponseHead(
-            status=self.status, headers=headers, version=self.parser.get_http_version(), reason=self.reason
-        )
+        head = ResponseHead(self.status, headers, self.parser.get_http_version(), self.reason)
         req = self.request_head
         assert req is not None and self.head_future is not None
         is_tunnel = self.status == 101 or (req.method == "CONNECT" and 200 <= self.status < 300)
         if is_tunnel:
             self.tunnel_head = head  # resolved in _tunnel, which knows the leftover bytes
             return
-        te = (get_header(headers, "transfer-encoding") or "").lower()
-        cl = get_header(headers, "content-length")
+        te = cl = None
+        for k, v in headers:
+            if k == "content-length":
+                if cl is None:
+                    cl = v
+            elif k == "transfer-encoding" and te is None:
+                te = v
         no_body = req.method == "HEAD" or self.status in (204, 304)
         length: int | None
         if no_body:
             length = 0
-        elif "chunked" in te:
+        elif te is not None and "chunked" in te.lower():
             length = None
         elif cl is not None and cl.isdigit():
             length = int(cl)
@@ -383,21 +386,23 @@ class _Conn(asyncio.Protocol):
         assert loop is not None
         self.head_future = loop.create_future()
         self.request_head = head
-        if head.method == "CONNECT":
+        method = head.method
+        if method == "CONNECT":
             self.head_buffer = bytearray()
-        upload, chunked, first, length = await self._framing(head, body)
-        lines = [f"{head.method} {head.path if head.method != 'CONNECT' else head.authority} HTTP/1.1"]
+        # Decided without a coroutine unless the body must be looked at first.
+        framing = self._framing(head, body)
+        upload, chunked, first, length = framing if framing is not None else await self._peek(body)
         # An HTTP/1.0 client may send no Host; the upstream still needs one.
         host = head.authority or (
             f"[{self.key[0]}]:{self.key[1]}" if ":" in self.key[0] else f"{self.key[0]}:{self.key[1]}"
         )
-        lines.append(f"host: {host}")
-        lines.extend(f"{k}: {v}" for k, v in head.headers if k != "host")
+        lines = [f"{k}: {v}\r\n" for k, v in head.headers if k != "host"]
         if chunked:
-            lines.append("transfer-encoding: chunked")
+            lines.append("transfer-encoding: chunked\r\n")
         elif length is not None:
-            lines.append(f"content-length: {length}")
-        block = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            lines.append(f"content-length: {length}\r\n")
+        target = head.path if method != "CONNECT" else head.authority
+        block = f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n{''.join(lines)}\r\n".encode("latin-1")
         if first:
             block += (b"%x\r\n%b\r\n" % (len(first), first)) if chunked else first
         if self.closed or self.transport.is_closing():
@@ -414,8 +419,9 @@ class _Conn(asyncio.Protocol):
             self.close(abort=True)
             raise
 
-    async def _framing(self, head: RequestHead, body: BodyStream) -> tuple[bool, bool, bytes, int | None]:
-        """(more body to upload, chunked, first chunk already read, content-length to add)."""
+    def _framing(self, head: RequestHead, body: BodyStream) -> tuple[bool, bool, bytes, int | None] | None:
+        """(more body to upload, chunked, first chunk already read, content-length to add);
+        None when the body's first chunk decides (``_peek``)."""
         if get_header(head.headers, "content-length") is not None:
             return head.method != "CONNECT", False, b"", None
         length = known_length(body)
@@ -424,13 +430,15 @@ class _Conn(asyncio.Protocol):
         if length is not None:
             return True, False, b"", length
         if head.method in _BODYLESS_METHODS:
-            # Unknown length on a method that rarely has a body: look before announcing chunked.
-            first = await body.read()
-            if not first:
-                return False, False, b"", None
-            self.body_consumed = True
-            return True, True, first, None
+            return None  # unknown length on a method that rarely has a body: look before announcing chunked
         return True, True, b"", None
+
+    async def _peek(self, body: BodyStream) -> tuple[bool, bool, bytes, int | None]:
+        first = await body.read()
+        if not first:
+            return False, False, b"", None
+        self.body_consumed = True
+        return True, True, first, None
 
     async def _upload(self, body: BodyStream, chunked: bool) -> None:
         t = self.transport
