@@ -208,6 +208,7 @@ def build(settings: ControlPlaneSettings, status_sink: StatusSink | None = None)
         settings.mesh,
         quiet=settings.debounce_quiet,
         max_delay=settings.debounce_max_delay,
+        leading=settings.debounce_leading,
         metrics=metrics,
         on_statuses=statuses.offer,
     )

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--access-log", choices=[a.value for a in AccessLogMode], default=m.access_log.value)
     run.add_argument("--debounce-quiet", type=float, default=d.debounce_quiet)
     run.add_argument("--debounce-max-delay", type=float, default=d.debounce_max_delay)
+    run.add_argument(
+        "--debounce-leading",
+        action=argparse.BooleanOptionalAction,
+        default=d.debounce_leading,
+        help="compile the first change after a quiet period at once",
+    )
     run.add_argument("--log-level", default="info")
     return parser
 
@@ -93,6 +99,7 @@ def settings_from(args: argparse.Namespace) -> ControlPlaneSettings:
         webhook_port=args.webhook_port,
         debounce_quiet=args.debounce_quiet,
         debounce_max_delay=args.debounce_max_delay,
+        debounce_leading=args.debounce_leading,
     )
 
 

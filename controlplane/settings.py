@@ -51,6 +51,11 @@ class ControlPlaneSettings:
     # event, so a continuous trickle of events cannot starve proxies of updates.
     debounce_quiet: float = 0.1
     debounce_max_delay: float = 1.0
+    # The first event after debounce_quiet without one is compiled at once (leading edge):
+    # most endpoint changes come alone (a pod turning ready or going away), and waiting
+    # out the quiet period was 100 ms of every such change's convergence; events that
+    # follow within the quiet period are debounced as above (one extra compile per burst).
+    debounce_leading: bool = True
     # Responses waiting to be written to one proxy. Snapshots are coalesced (a writer always
     # sends the newest), so the queue only fills while a write is stuck on a proxy that does
     # not read; 16 distinct versions in that time means the proxy is far behind: close it.

@@ -148,3 +148,24 @@ async def test_a_compile_failure_keeps_the_last_snapshots_and_is_counted(monkeyp
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_leading_edge_a_change_after_quiet_is_due_at_once_a_burst_after_it_waits() -> None:
+    d = Debouncer(quiet=0.1, max_delay=1.0, leading=True)
+    d.touch(10.0)  # the first event ever: nothing before it
+    assert d.deadline() == 10.0 and d.due(10.0)
+    assert d.take() == 10.0
+    # Events right behind it form a burst, debounced as without the leading edge.
+    d.touch(10.03)
+    d.touch(10.06)
+    assert d.deadline() == 10.16 and not d.due(10.1)
+    assert d.take() == 10.03
+    # After a quiet period the next lone change is due at once again.
+    d.touch(10.5)
+    assert d.deadline() == 10.5
+    d.touch(10.52)  # arrives before the reconcile ran: joins the same, immediate, compile
+    assert d.deadline() == 10.5 and d.take() == 10.5
+    # Without the leading edge nothing is due before the quiet period.
+    plain = Debouncer(quiet=0.1, max_delay=1.0)
+    plain.touch(10.0)
+    assert plain.deadline() == 10.1
