@@ -258,9 +258,9 @@ class Compare:
         A listening proxy is not yet a routing one: Traefik opens its entrypoints before its
         file provider's routers are loaded, and a connection accepted in that window stays for
         good with the entrypoint's first router, which has no routes and hands the bytes to
-        its HTTP server (a 400 for iperf3's cookie, or a wait for a request line that never
-        comes). That is what made Traefik's opaque TCP run fail with iperf3's "received an
-        unknown control message" (the "H" of "HTTP/1.1 400") or hang. Hence the retries.
+        its HTTP server: that waits for a request line iperf3 never sends and, after its 60 s
+        read timeout, answers "HTTP/1.1 400", whose "H" iperf3 reports as "received an unknown
+        control message" (measured). Hence a warm-up for every workload, each attempt bounded.
         """
         if workload.kind is peers.Kind.TCP:
             # A 64 KB iperf3 test: the real control protocol and a data connection, end to end.
