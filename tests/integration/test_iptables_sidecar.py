@@ -102,3 +102,61 @@ def test_unknown_destination_from_the_app_gets_a_local_reply_not_a_hang(mesh: Me
     # A VIP in the routed range that no service owns: the outbound sidecar answers itself.
     status, _ = mesh.get(mesh.a, "http://198.19.0.99:8080/")
     assert status >= 500
+
+
+VIP6 = "2001:2:0:1::20"
+
+
+@pytest.fixture
+def mesh6(lab: Lab) -> Mesh:
+    """The same two meshed pods, the service reached over IPv6 only (VIP and endpoint)."""
+    hosts = {VIP6: ["inventory.demo", "inventory.demo.svc.cluster.local"]}
+    a, b = lab.add_pod("a", hosts=hosts), lab.add_pod("b", hosts=hosts)
+    if not b.ip6:
+        pytest.skip("the kernel has no IPv6")
+    service = Service(
+        name="inventory",
+        namespace="demo",
+        port=8080,
+        protocol=Protocol.HTTP1,
+        vips=(VIP6,),
+        hostnames=("inventory.demo", "inventory.demo.svc.cluster.local"),
+        endpoints=(Endpoint(b.ip6, 8080, pod="b-0", workload="b"),),
+    )
+    app = lab.spawn(
+        b, [sys.executable, "-m", "meshdemo.inventory"], name="app", uid=APP_UID, env={"VERSION": "v6"}
+    )
+    lab.wait_listening(b, 8080, proc=app)
+    for pod, inbound in ((a, ()), (b, (InboundPort(8080, Protocol.HTTP1, service="inventory"),))):
+        snapshot = Snapshot(
+            workload=Workload(name=pod.name, namespace="demo"),
+            services=(service,),
+            inbound=Inbound(ports=inbound),
+        ).with_version()
+        intercept(lab, pod)
+        start_sidecar(lab, pod, snapshot)
+    return Mesh(lab, a, b)
+
+
+def test_http_over_ipv6_goes_through_both_sidecars(mesh6: Mesh) -> None:
+    # A's app -> [VIP6]:8080 -> ip6tables OUTPUT -> A's sidecar (15001) -> B's pod address over
+    # IPv6 as the proxy UID -> B's ip6tables PREROUTING -> B's sidecar (15006) -> B's app.
+    status, body = mesh6.get(mesh6.a, "http://inventory.demo:8080/stock")
+    assert status == 200, body
+    assert body["version"] == "v6"
+    app_log = next(p for p in mesh6.lab.processes if p.pod == mesh6.b and p.name == "app").output()
+    assert "inventory: 127.0.0.1 " in app_log and mesh6.a.ip6 not in app_log
+    assert requests_total(admin_get(mesh6.lab, mesh6.a, "/metrics"), "source") == 1
+    assert requests_total(admin_get(mesh6.lab, mesh6.b, "/metrics"), "destination") == 1
+    # And it was the IPv6 rules that redirected it, on both sides.
+    assert redirected6(mesh6.lab, mesh6.a, "MESH_REDIRECT") == 1
+    assert redirected6(mesh6.lab, mesh6.b, "MESH_IN_REDIRECT") == 1
+
+
+def redirected6(lab: Lab, pod: Pod, chain: str) -> int:
+    """Connections ``chain``'s REDIRECT rule took in the pod's ip6tables nat table (nat sees one
+    packet per connection)."""
+    for line in lab.exec(pod, ["ip6tables-save", "-c", "-t", "nat"]).stdout.splitlines():
+        if f"-A {chain} " in line and "REDIRECT" in line:
+            return int(line.split("]", 1)[0].lstrip("[").split(":")[0])
+    raise AssertionError(f"no REDIRECT rule in {chain}")
