@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 import pytest
+from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, PingFrame
 
@@ -351,3 +354,95 @@ def test_literals_are_sent_without_huffman_coding_and_decode_alike() -> None:
     assert b"0123456789abcdef" in wire  # plain literal on the wire
     (req,) = [e for e in peer.receive_data(wire) if isinstance(e, h2.events.RequestReceived)]
     assert (b"x-request-id", b"0123456789abcdef") in req.headers
+
+
+# --- inbound validation agrees with h2's own validator --------------------------------------
+
+_NAMES = [
+    b":method", b":scheme", b":authority", b":path", b":status", b":protocol", b":custom", b":Method",
+    b"content-type", b"te", b"host", b"connection", b"keep-alive", b"upgrade", b"transfer-encoding",
+    b"X-Upper", b"x-ok", b"bad name", b"x:colon", b"", b"x\x7f", b"caf\xe9", b"x-\"quoted\"",
+]  # fmt: skip
+_VALUES = [
+    b"", b"GET", b"CONNECT", b"POST", b"http", b"/", b"200", b"svc:80", b"other:80", b"trailers",
+    b"Trailers", b"gzip", b" padded", b"padded\t", b"a\r\nb", b"a\x00b", b"a\nb", b"caf\xe9", b"a b",
+]  # fmt: skip
+
+
+_WELL_FORMED = [
+    (b"x-ok", b"1"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b"host", b"svc:80"),
+]
+
+
+def _random_block(rng: random.Random) -> list[tuple[bytes, bytes]]:
+    block: list[tuple[bytes, bytes]] = []
+    shape = rng.random()
+    if shape < 0.35:  # mostly-valid request, then mutated
+        block = [(b":method", rng.choice([b"GET", b"CONNECT", b"POST"])), (b":scheme", b"http"),
+                 (b":authority", rng.choice([b"svc:80", b""])), (b":path", rng.choice([b"/", b""]))]  # fmt: skip
+        rng.shuffle(block) if rng.random() < 0.1 else None
+        block = [h for h in block if rng.random() > 0.05]
+    elif shape < 0.6:  # mostly-valid response or trailers
+        block = [(b":status", b"200")] if rng.random() < 0.7 else []
+    for _ in range(rng.randrange(0, 5)):
+        if rng.random() < 0.75:
+            block.append(rng.choice(_WELL_FORMED))
+        else:
+            block.append((rng.choice(_NAMES), rng.choice(_VALUES)))
+    if rng.random() < 0.2 and block:
+        i = rng.randrange(len(block))
+        block.insert(rng.randrange(len(block) + 1), block[i])  # duplicates
+    return block
+
+
+_FLAGS = {
+    "request": HeaderValidationFlags(is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False),
+    "response": HeaderValidationFlags(is_client=True, is_trailer=False, is_response_header=True, is_push_promise=False),
+    "trailers": HeaderValidationFlags(is_client=True, is_trailer=True, is_response_header=False, is_push_promise=False),
+}  # fmt: skip
+
+
+def _ours(kind: str, block: list[tuple[bytes, bytes]]) -> bool:
+    try:
+        if kind == "request":
+            request_head_from_h2(block)
+        elif kind == "response":
+            response_head_from_h2(block)
+        else:
+            trailers_from_h2(block, client_side=True)
+    except ProtocolError:
+        return False
+    return True
+
+
+def _h2s(kind: str, block: list[tuple[bytes, bytes]]) -> bool:
+    try:
+        list(validate_headers(block, _FLAGS[kind]))
+    except h2.exceptions.ProtocolError:
+        return False
+    if kind == "request":  # checks of the mapping itself, on top of h2's
+        fields = dict(block)
+        if b":protocol" in fields:
+            return False  # extended CONNECT (RFC 8441) is not supported
+        if fields[b":method"] == b"CONNECT":
+            return b":authority" in fields
+    if kind == "response":
+        status = dict(block)[b":status"]
+        return status.isdigit() and 100 <= int(status) <= 999
+    return True
+
+
+@pytest.mark.parametrize("kind", ["request", "response", "trailers"])
+def test_inbound_validation_accepts_and_rejects_what_h2_does(kind: str) -> None:
+    rng = random.Random(f"h2-validation-{kind}")  # a fixed corpus: same blocks every run
+    accepted = rejected = 0
+    for _ in range(4000):
+        block = _random_block(rng)
+        expected = _h2s(kind, block)
+        assert _ours(kind, block) == expected, block
+        accepted += expected
+        rejected += not expected
+    assert accepted > 100 and rejected > 100  # the corpus exercises both outcomes
