@@ -9,7 +9,7 @@ The stack is composed in exactly one place (``Proxy._compose``); every layer
 has the signature ``async (call, next) -> UpstreamResponse``::
 
     outbound: route -> fault -> timeout -> retry -> breaker -> balance -> upstream
-    inbound:  route -> rate limit -> balance -> upstream        (balance: the app address)
+    inbound:  route -> rate limit -> upstream        (route: the app address is the endpoint)
 
   * route:     outbound, the destination service by original VIP:port then Host
                (``RouteTable``); a known service without a matching route is NR (404);
@@ -327,7 +327,8 @@ class Proxy:
         self._outbound = self._compose(
             [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
         )
-        self._inbound = self._compose([self._route_inbound, self._rate_limit, self._balance])
+        # Inbound has one fixed endpoint, the app: the route layer sets it, no balance layer.
+        self._inbound = self._compose([self._route_inbound, self._rate_limit])
 
     def _compose(self, layers: list[Layer]) -> Next:
         handler: Next = self._upstream
@@ -459,7 +460,8 @@ class Proxy:
             body = resp.body
             empty = known_length(body) == 0
             send_whole = getattr(sink, "send_whole", None)
-            whole = body.take_complete() if send_whole is not None and isinstance(body, _Tracked) else None
+            take = getattr(body, "take_complete", None) if send_whole is not None else None
+            whole: bytes | None = take() if take is not None else None
             if whole is not None:
                 # The whole body is here (the common small response): head, body and end in
                 # one write, no per-chunk coroutines. The last read runs the accounting.
@@ -564,7 +566,7 @@ class Proxy:
 
     async def _route_inbound(self, call: Call, nxt: Next) -> UpstreamResponse:
         active, port = call.active, call.ctx.original_dst_port
-        call.target = active.inbound_targets.get(port) or Endpoint(
+        call.target = call.endpoint = active.inbound_targets.get(port) or Endpoint(
             address=active.snapshot.inbound.app_address, port=port
         )
         call.inbound_port = active.inbound_ports.get(port)
