@@ -218,7 +218,7 @@ class _Head:
     json: str  # ``head_json`` of the snapshot: the digest version's per-workload input
 
 
-_MAX_HEADS = 65536  # distinct node shapes remembered across changes (pods churn)
+_MAX_HEADS = 16384  # distinct node shapes remembered across changes (pods churn): a few MB at most
 
 
 @dataclass(frozen=True, slots=True)
