@@ -64,7 +64,7 @@ from meshproxy.core.h2util import (
     trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
-from meshproxy.io.body import known_length
+from meshproxy.io.body import BytesBody, known_length
 from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.http2_common import (
     CANCEL,
@@ -128,6 +128,16 @@ class Http2ResponseBody:
         trailers-only response what it was. ``None`` (unknown) otherwise.
         """
         return 0 if self._stream.body.empty_and_ended else None
+
+    @property
+    def complete(self) -> bool:
+        """The whole response body has arrived (it may not all have been read yet)."""
+        return self._stream.body.complete
+
+    def take_complete(self) -> bytes | None:
+        """The rest of the body in one piece once it has all arrived, else None (see
+        ``InboundBody.take_complete``); lets the pipeline forward it with ``send_whole``."""
+        return self._stream.body.take_complete()
 
     def abort(self) -> None:
         """Give up on the response: RST_STREAM(CANCEL) if the stream is still open."""
@@ -266,12 +276,21 @@ class _ClientConnection(H2Endpoint):
         stream = _ClientStream(self, sid)
         self._streams[sid] = stream
         self._arm_keepalive()
-        if empty:
+        rest: BodyStream | None = None
+        if not empty:
+            try:
+                rest = self._send_whole_body(sid, body)
+            except (StreamClosedError, ProtocolError) as exc:
+                self._reset_stream(sid, CANCEL)
+                stream.fail(exc if isinstance(exc, ProtocolError) else UpstreamResetError(str(exc)))
+                self._schedule_flush()
+                return stream
+        if rest is None:
             stream.request_done = True
         else:
             assert self._loop is not None
             stream.pump = self._loop.create_task(
-                self._pump(stream, body), name=f"h2-upstream-body {self._name}:{sid}"
+                self._pump(stream, rest), name=f"h2-upstream-body {self._name}:{sid}"
             )
         # Scheduled after the pump's first step: a body that is already here (a gRPC unary
         # request arrives with its HEADERS) is sent by that step, and HEADERS, DATA and
@@ -290,6 +309,33 @@ class _ClientConnection(H2Endpoint):
             self.close_transport()
 
     # -- request body ---------------------------------------------------------------------
+    def _send_whole_body(self, sid: int, body: BodyStream) -> BodyStream | None:
+        """Send a request body that has all arrived (``take_complete``) now; None once sent.
+
+        A unary gRPC request arrives whole with its HEADERS: its DATA (carrying END_STREAM,
+        or followed by the trailers) leaves with the HEADERS, without a pump task and its
+        coroutine per chunk. Otherwise returns what the pump must send: ``body`` itself
+        while it is not all here, or what was taken when it does not fit the server's
+        window. Raises ``ProtocolError`` for trailers HTTP/2 cannot carry (nothing of the
+        body sent), ``StreamClosedError`` if the stream is gone.
+        """
+        take = getattr(body, "take_complete", None)
+        data = take() if take is not None else None
+        if data is None:
+            return body
+        trailers = body.trailers
+        tail = h2_trailers(trailers) if trailers else None
+        if data and not self._send_data_now(sid, data, end_stream=tail is None):
+            return BytesBody(data, trailers)
+        try:
+            if tail is not None:
+                self._h2.send_headers(sid, tail, end_stream=True)
+            elif not data:
+                self._h2.end_stream(sid)
+        except h2.exceptions.ProtocolError as exc:
+            raise StreamClosedError(f"{self._name}: stream {sid}: {exc}") from None
+        return None
+
     async def _pump(self, stream: _ClientStream, body: BodyStream) -> None:
         sid = stream.stream_id
         while True:
@@ -316,6 +362,10 @@ class _ClientConnection(H2Endpoint):
             else:
                 self._h2.end_stream(sid)
         except h2.exceptions.ProtocolError:
+            return
+        except ProtocolError as exc:  # trailers HTTP/2 cannot carry: the request fails
+            self._reset_stream(sid, CANCEL)
+            stream.fail(exc)
             return
         self._schedule_flush()
         stream.request_done = True

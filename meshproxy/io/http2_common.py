@@ -139,6 +139,34 @@ class InboundBody:
     def trailers(self) -> Headers | None:
         return self._trailers
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived (END_STREAM, no error); it may not all be read yet."""
+        return self._done and self._error is None
+
+    def take_complete(self) -> bytes | None:
+        """Everything still buffered, in one piece, once the body has ended without error.
+
+        None while more may come (or after an error): read chunk by chunk then. The
+        taken bytes' flow-control credit goes back at once; ``read`` returns ``b""``
+        afterwards and ``trailers`` are as usual. Lets a unary gRPC message that arrived
+        with its HEADERS go on without a coroutine per chunk (``meshproxy.io.body``).
+        """
+        if not self._done or self._error is not None:
+            return None
+        chunks = self._chunks
+        if not chunks:
+            data = b""
+        elif len(chunks) == 1:
+            data = chunks.popleft()[0]
+        else:
+            data = b"".join([chunk for chunk, _ in chunks])
+            chunks.clear()
+        if self._buffered:
+            self._ack(self._buffered)
+            self._buffered = 0
+        return data
+
     async def read(self) -> bytes:
         while not self._chunks:
             if self._error is not None:
@@ -333,6 +361,34 @@ class H2Endpoint(asyncio.Protocol):
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def _send_data_now(self, stream_id: int, data: bytes, *, end_stream: bool) -> bool:
+        """Send ``data`` (END_STREAM too, if asked) in one DATA frame if that needs no wait.
+
+        False, with nothing sent, when the peer's window or frame size is too small or the
+        transport is above its high-water mark: the caller then takes ``_send_data``.
+        Raises ``StreamClosedError`` if the stream or connection died.
+        """
+        if self._lost:
+            raise StreamClosedError(f"{self._name}: connection lost")
+        if not self._writable.is_set():
+            return False
+        h2conn = self._h2
+        try:
+            if (
+                len(data) > h2conn.local_flow_control_window(stream_id)
+                or len(data) > h2conn.max_outbound_frame_size
+            ):
+                return False
+            h2conn.send_data(stream_id, data, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:  # StreamClosedError included
+            raise StreamClosedError(f"{self._name}: stream {stream_id} closed: {exc}") from None
+        self._unflushed += len(data)
+        if self._unflushed >= _FLUSH_AT:
+            self._flush()
+        else:
+            self._schedule_flush()
+        return True
 
     async def _send_data(self, stream_id: int, data: bytes) -> None:
         """Send ``data`` on ``stream_id`` within the peer's flow-control window.

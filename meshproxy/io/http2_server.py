@@ -185,6 +185,35 @@ class _ServerStream:
         else:
             self._conn._end_stream(self.stream_id)
 
+    async def send_whole(
+        self, head: ResponseHead, data: bytes, trailers: Headers | None, *, end_stream: bool
+    ) -> None:
+        """``send_head``, ``send_data(data)``, ``send_end(trailers)`` for a body that is all here.
+
+        The same frames, except that END_STREAM rides on the last DATA frame when there are
+        no trailers; without holding the head back a loop iteration and without a coroutine
+        per step; one write at the end of the iteration. ``end_stream``: the body is known
+        to be empty (``data`` and ``trailers`` are then ignored, as by ``send_head``), which
+        keeps a gRPC trailers-only response one HEADERS frame.
+        """
+        if self._head_sent or self._pending_head is not None:
+            raise ProtocolError("response head sent twice", status=500)
+        conn = self._conn
+        sid = self.stream_id
+        block = h2_response_headers(head)
+        tail = h2_trailers(trailers) if trailers and not end_stream else None  # checked before sending
+        self._head_sent = self._ended = True
+        if end_stream or (not data and tail is None):
+            conn._send_headers(sid, block, end_stream=True)
+            return
+        conn._send_headers(sid, block, end_stream=False)
+        if data and not conn._send_data_now(sid, data, end_stream=tail is None):
+            await conn._send_data(sid, data)  # waits for the client's window
+            if tail is None:
+                conn._end_stream(sid)
+        if tail is not None:
+            conn._send_headers(sid, tail, end_stream=True)
+
     async def reset(self) -> None:
         self._ended = True
         self._pending_head = None

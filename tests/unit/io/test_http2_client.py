@@ -21,7 +21,8 @@ from meshproxy.core.errors import UpstreamConnectError, UpstreamOverflowError, U
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
 from meshproxy.io.body import BytesBody, KnownLength
 from meshproxy.io.exchange import BodyStream, DownstreamContext, ResponseSink
-from meshproxy.io.http2_client import Http2Client, Http2ClientSettings
+from meshproxy.io.http2_client import Http2Client, Http2ClientSettings, Http2ResponseBody
+from meshproxy.io.http2_common import InboundBody
 from meshproxy.io.http2_server import Http2ServerConnection, Http2ServerSettings
 
 Handler = Callable[[DownstreamContext, RequestHead, BodyStream, ResponseSink], Awaitable[None]]
@@ -110,7 +111,8 @@ async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
     """Run every test on both event loops the sidecar supports."""
     if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
     return asyncio.DefaultEventLoopPolicy()
 
 
@@ -482,3 +484,89 @@ async def test_a_connection_used_again_within_its_idle_timeout_stays_open() -> N
         assert c.connection_count(up.endpoint) == 1
         assert len(up.connections) == 1
         await eventually(lambda: c.connection_count(up.endpoint) == 0)  # then it does close
+
+
+def _arrived(data: bytes, trailers: Headers | None = None) -> InboundBody:
+    """A request body that has all arrived, as the HTTP/2 server hands a unary gRPC call on."""
+    body = InboundBody(lambda n: None)
+    body.push(data, len(data))
+    body.finish(trailers)
+    return body
+
+
+@pytest.mark.parametrize("trailers", [None, (("x-checksum", "abc"),)])
+async def test_a_request_body_that_has_all_arrived_is_sent_without_a_pump(trailers: Headers | None) -> None:
+    got: list[object] = []
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        got.append(await read_all(body))
+        got.append(body.trailers)
+        await sink.send_head(ResponseHead(200, ()), end_stream=True)
+
+    async with upstream(handler) as up, client() as c:
+        first = await c.request(up.endpoint, get(), empty(), connect_timeout=1)  # connects
+        await read_all(first.body)
+        got.clear()
+        conn = c._pools[(up.endpoint.address, up.endpoint.port)].conns[0]
+        assert conn._transport is not None
+        recording = _RecordingTransport(conn._transport)
+        conn._transport = recording
+        head = RequestHead("POST", "/pkg.Svc/Call", "svc.demo:80", (("content-type", "application/grpc"),))
+        response = await c.request(
+            up.endpoint, head, _arrived(b"\0\0\0\0\x02hi", trailers), connect_timeout=1
+        )
+        assert await read_all(response.body) == b""
+    assert got == [b"\0\0\0\0\x02hi", trailers]
+    frames = [(name, flags) for name, _, flags in _frames_in(recording.writes[0])]
+    if trailers is None:  # END_STREAM rides on the one DATA frame
+        assert frames == [("HeadersFrame", {"END_HEADERS"}), ("DataFrame", {"END_STREAM"})]
+    else:
+        assert frames == [
+            ("HeadersFrame", {"END_HEADERS"}),
+            ("DataFrame", set()),
+            ("HeadersFrame", {"END_HEADERS", "END_STREAM"}),
+        ]
+
+
+async def test_an_arrived_request_body_larger_than_the_servers_window_still_goes_in_full() -> None:
+    big = bytes(range(256)) * 64  # 16 KiB against a 4 KiB stream window
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        data = await read_all(body)
+        await sink.send_head(
+            ResponseHead(200, (("x-len", str(len(data))), ("x-same", str(data == big)))), end_stream=True
+        )
+
+    async with upstream(handler, Http2ServerSettings(initial_window_size=4096)) as up, client() as c:
+        response = await c.request(up.endpoint, get(), _arrived(big, (("x-t", "1"),)), connect_timeout=1)
+        assert response.head.header("x-len") == str(len(big))
+        assert response.head.header("x-same") == "True"
+
+
+async def test_a_response_that_has_all_arrived_can_be_taken_whole() -> None:
+    release = asyncio.Event()
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await sink.send_head(ResponseHead(200, (("content-type", "application/grpc"),)))
+        await sink.send_data(b"\0\0\0\0\x01a")
+        await release.wait()
+        await sink.send_data(b"\0\0\0\0\x01b")
+        await sink.send_end((("grpc-status", "0"),))
+
+    async with upstream(handler) as up, client() as c:
+        response = await c.request(up.endpoint, get(), empty(), connect_timeout=1)
+        body = response.body
+        assert isinstance(body, Http2ResponseBody)
+        assert not body.complete
+        assert body.take_complete() is None  # more may come: read chunk by chunk
+        release.set()
+        await eventually(lambda: body.complete)
+        assert body.take_complete() == b"\0\0\0\0\x01a\0\0\0\0\x01b"
+        assert body.trailers == (("grpc-status", "0"),)
+        assert await body.read() == b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -147,7 +148,8 @@ async def read_all(body: BodyStream) -> bytes:
 def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
     """Run every test on both event loops the sidecar supports."""
     if request.param == "uvloop":
-        return uvloop.EventLoopPolicy()
+        policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
+        return policy
     return asyncio.DefaultEventLoopPolicy()
 
 
@@ -488,3 +490,70 @@ async def test_rapid_reset_flood_closes_the_connection() -> None:
         await client.close()
         await server.connections[0].wait_closed()
         assert server.connections[0].active_streams == 0  # every task was cancelled and forgotten
+
+
+async def test_send_whole_sends_head_body_and_end_in_one_go() -> None:
+    grpc = (("content-type", "application/grpc"),)
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await read_all(body)
+        send_whole = sink.send_whole  # type: ignore[attr-defined]
+        if head.path == "/trailers":
+            await send_whole(
+                ResponseHead(200, grpc), b"\x00\x00\x00\x00\x02hi", (("grpc-status", "0"),), end_stream=False
+            )
+        elif head.path == "/plain":
+            await send_whole(ResponseHead(200, ()), b"hello", None, end_stream=False)
+        else:  # a trailers-only gRPC answer: the body is known to be empty
+            await send_whole(ResponseHead(200, (*grpc, ("grpc-status", "5"))), b"", None, end_stream=True)
+
+    async with serve(handler) as server:
+        client = await RawClient.connect(server.port)
+        for sid, path in ((1, "/trailers"), (3, "/plain"), (5, "/only")):
+            client.conn.send_headers(sid, request(path, "POST"), end_stream=True)
+        client.flush()
+        await client.wait_for(lambda c: len(c.of_type(h2.events.StreamEnded)) == 3)
+        assert client.body(1) == b"\x00\x00\x00\x00\x02hi"
+        trailers = client.of_type(h2.events.TrailersReceived, 1)[0]
+        assert trailers.headers == [(b"grpc-status", b"0")]  # type: ignore[attr-defined]
+        (data,) = client.of_type(h2.events.DataReceived, 3)
+        assert data.data == b"hello"  # type: ignore[attr-defined]
+        assert data.stream_ended is not None  # type: ignore[attr-defined] # END_STREAM on the DATA frame
+        only = client.of_type(h2.events.ResponseReceived, 5)[0]
+        assert only.stream_ended is not None  # type: ignore[attr-defined] # one HEADERS frame
+        assert (b"grpc-status", b"5") in only.headers  # type: ignore[attr-defined]
+        assert not client.of_type(h2.events.DataReceived, 5)
+        await client.close()
+
+
+async def test_send_whole_waits_for_the_clients_window_when_the_body_does_not_fit() -> None:
+    big = bytes(range(256)) * 400  # 100 KiB, beyond the client's 64 KiB initial window
+
+    async def handler(
+        ctx: DownstreamContext, head: RequestHead, body: BodyStream, sink: ResponseSink
+    ) -> None:
+        await read_all(body)
+        await sink.send_whole(ResponseHead(200, ()), big, (("x-done", "1"),), end_stream=False)  # type: ignore[attr-defined]
+
+    async with serve(handler) as server:
+        client = await RawClient.connect(server.port)
+        client.conn.send_headers(1, request("/big"), end_stream=True)
+        client.flush()
+        acked = 0
+
+        def progress(c: RawClient, seen: int) -> bool:
+            return len(c.of_type(h2.events.DataReceived, 1)) > seen or bool(
+                c.of_type(h2.events.StreamEnded, 1)
+            )
+
+        while not client.of_type(h2.events.StreamEnded, 1):
+            await client.wait_for(functools.partial(progress, seen=acked))
+            for event in client.of_type(h2.events.DataReceived, 1)[acked:]:
+                client.conn.acknowledge_received_data(event.flow_controlled_length, 1)  # type: ignore[attr-defined]
+                acked += 1
+            client.flush()
+        assert client.body(1) == big
+        assert client.of_type(h2.events.TrailersReceived, 1)[0].headers == [(b"x-done", b"1")]  # type: ignore[attr-defined]
+        await client.close()
