@@ -134,6 +134,23 @@ def test_service_without_routes_gets_default_route(table: RouteTable) -> None:
     assert d is not None and d.backend is V1 and d.route_name == "default"
 
 
+def test_a_service_object_from_another_snapshot_is_its_own_backend() -> None:
+    # A request that captured an older snapshot asks the new table about its Service object:
+    # routes without backends (and the implicit default) must name that very object, not the
+    # table's equal-keyed one.
+    table = RouteTable.build(SNAP, random.Random(7))
+    older = Service(
+        name="inventory", namespace="demo", port=8080, vips=("198.18.0.10",), routes=INVENTORY.routes
+    )
+    d = table.route(older, "DELETE", "/items/42", ())
+    assert d is not None and d.route_name == "items" and d.backend is older
+    d = table.route(INVENTORY, "DELETE", "/items/42", ())
+    assert d is not None and d.backend is INVENTORY
+    other_v1 = Service(name="inventory-v1", namespace="demo", port=8080)
+    d = table.route(other_v1, "GET", "/", ())
+    assert d is not None and d.route_name == "default" and d.backend is other_v1
+
+
 def test_header_regex_and_multiple_values() -> None:
     svc = Service(
         name="a",

@@ -83,6 +83,33 @@ async def test_request_timeout_is_504_ut(upstream: Upstream) -> None:
         assert (await client.get("/hello")).status_code == 200
 
 
+async def test_request_timeouts_fire_on_time_for_each_request_among_finished_ones(upstream: Upstream) -> None:
+    # Requests with the same timeout share one deadline queue: a deadline behind finished
+    # requests, or after one that fired, must still fire, and never before its own time.
+    policy = TrafficPolicy(timeout=0.3, retry=None, outlier_detection=None)
+    loop = asyncio.get_running_loop()
+
+    async def timed(client: httpx.AsyncClient, path: str) -> tuple[httpx.Response, float]:
+        start = loop.time()
+        r = await client.get(path)
+        return r, loop.time() - start
+
+    async with (
+        Sidecar(snapshot(service(upstream.port, policy=policy)), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url, timeout=10) as client,
+    ):
+        first = asyncio.create_task(timed(client, "/slow"))
+        await wait_for(lambda: upstream.server.requests == 1)
+        for _ in range(3):
+            assert (await client.get("/hello")).status_code == 200
+        second = asyncio.create_task(timed(client, "/slow"))
+        for r, took in await asyncio.gather(first, second):
+            assert r.status_code == 504 and r.headers["x-meshproxy-flag"] == "UT"
+            assert 0.3 <= took < 5.0
+        upstream.server.release.set()
+        assert (await client.get("/hello")).status_code == 200
+
+
 async def test_fault_injection_aborts_with_the_configured_status(upstream: Upstream) -> None:
     policy = TrafficPolicy(fault=FaultInjection(abort_percent=100, abort_status=418))
     async with (

@@ -78,6 +78,28 @@ async def test_body_queue_pauses_above_high_water_and_resumes_below_low() -> Non
     assert q.trailers == (("grpc-status", "0"),)
 
 
+async def test_body_queue_hands_over_a_finished_body_in_one_piece() -> None:
+    events: list[str] = []
+    q = BodyQueue(high_water=4, pause=lambda: events.append("pause"), resume=lambda: events.append("resume"))
+    q.feed(b"abc")
+    assert q.take_complete() is None  # more may come: read chunk by chunk
+    q.feed(b"def")
+    assert events == ["pause"]
+    q.feed_end((("x-checksum", "1"),))
+    assert q.take_complete() == b"abcdef"
+    assert events == ["pause", "resume"]  # the socket is read again once the queue is empty
+    assert await q.read() == b""
+    assert q.trailers == (("x-checksum", "1"),)
+
+    failed = BodyQueue()
+    failed.feed(b"x")
+    failed.feed_error(RuntimeError("upstream reset"))
+    assert failed.take_complete() is None
+    assert await failed.read() == b"x"  # what arrived before the error, then the error
+    with pytest.raises(RuntimeError):
+        await failed.read()
+
+
 async def test_replay_buffer_replays_small_bodies_and_refuses_large_ones() -> None:
     class Chunks:
         def __init__(self, parts: list[bytes]) -> None:
