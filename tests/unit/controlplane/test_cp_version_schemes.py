@@ -148,8 +148,8 @@ async def test_an_old_and_a_new_proxy_are_served_side_by_side(
     schemes: dict[str, list[tuple[int, str | None]]] = {"web-0": [], "web-1": []}
     real = xconv.received_response
 
-    def spy(resp: Any, base: Any) -> Any:
-        got = real(resp, base)
+    def spy(resp: Any, base: Any, *rest: Any) -> Any:
+        got = real(resp, base, *rest)
         who = "web-0" if resp.version_scheme == pb.VERSION_SCHEME_DIGEST else "web-1"
         schemes[who].append((resp.version_scheme, resp.WhichOneof("payload")))
         return got

@@ -197,7 +197,7 @@ def test_invalid_content_names_the_field() -> None:
 
 def test_unknown_enum_value_names_the_field() -> None:
     msg = snapshot_to_proto(rich_snapshot())
-    msg.services[1].protocol = 42
+    msg.services[1].protocol = 42  # type: ignore[assignment]  # an enum value from the future
     with pytest.raises(ConfigError) as e:
         xconv.snapshot_from_proto(msg)
     assert e.value.path == "services[1].protocol"
@@ -295,3 +295,36 @@ def test_a_response_is_checked_in_the_scheme_it_announces() -> None:
     with pytest.raises(ConfigError) as e:
         xconv.received_snapshot(unknown)
     assert e.value.path == "version_scheme"
+
+
+def test_the_digest_memo_rehashes_only_the_services_an_update_replaced() -> None:
+    base = rich_snapshot()
+    memo = xversion.ServiceDigests()
+    full = pb.DiscoveryResponse(
+        version_info=xversion.digest_version(base),
+        snapshot=snapshot_to_proto(base),
+        version_scheme=pb.VERSION_SCHEME_DIGEST,
+    )
+    held = xconv.received_response(full, None, memo)
+    assert held.version == xversion.digest_version(held) and memo.misses == len(base.services)
+    changed = held.services[0]
+    moved = replace(changed, endpoints=(replace(changed.endpoints[0], address="198.18.9.8"),))
+    expected = replace(held, services=(moved, *held.services[1:]))
+    update = pb.DiscoveryResponse(
+        version_info=xversion.digest_version(expected),
+        version_scheme=pb.VERSION_SCHEME_DIGEST,
+        endpoints=pb.EndpointUpdate(
+            base_version=held.version,
+            services=[
+                pb.ServiceEndpoints(
+                    service_key=moved.key, endpoints=snapshot_to_proto(expected).services[0].endpoints
+                )
+            ],
+        ),
+    )
+    rebuilt = xconv.received_response(update, held, memo)
+    assert rebuilt.version == xversion.digest_version(rebuilt) == update.version_info
+    assert memo.misses == len(base.services) + 1  # only the replaced service was hashed again
+    # Unrelated objects (another full snapshot) are hashed, never taken for others.
+    other = replace(base, services=tuple(replace(s, port=s.port + 1) for s in base.services))
+    assert xversion.digest_version(other, memo) == xversion.digest_version(other)
