@@ -5,11 +5,16 @@ its TCP counterpart ``Proxy.handle_tcp``; the layers of one hop; the one
 translation of errors into local replies (``reply_for`` over
 ``meshproxy.core.flags``).
 
-The stack is composed in exactly one place (``Proxy._compose``); every layer
-has the signature ``async (call, next) -> UpstreamResponse``::
+The stacks are composed in exactly one place (``Proxy.__init__`` with ``_compose``);
+every layer has the signature ``async (call, next) -> UpstreamResponse``. Gates
+before a stack only decide (they raise a local reply or fill in the ``Call``)::
 
-    outbound: route -> fault -> timeout -> retry -> breaker -> balance -> upstream
-    inbound:  route -> rate limit -> upstream        (route: the app address is the endpoint)
+    outbound: route gate -> [fault] -> [timeout] -> [retry] -> breaker -> balance -> upstream
+    inbound:  route gate -> rate-limit gate -> upstream   (the app address is the endpoint)
+
+The bracketed layers are in the stack only when the request's policy has something
+for them to do (a fault configured, a timeout, a retry policy): the route gate picks
+the composed variant, so a default request awaits no coroutine for a no-op layer.
 
   * route:     outbound, the destination service by original VIP:port then Host
                (``RouteTable``); a known service without a matching route is NR (404);
@@ -324,11 +329,25 @@ class Proxy:
         self._ejected_reported: dict[int, tuple[EndpointPool, int]] = {}  # id(pool) -> last gauge value
         self._panicking: set[ServiceKey] = set()  # services whose pool is in panic mode (for logs)
         self._deadlines: dict[float, _Deadlines] = {}  # whole-request timeouts, by length
-        self._outbound = self._compose(
-            [self._route_outbound, self._fault, self._timeout, self._retry, self._breaker, self._balance]
-        )
-        # Inbound has one fixed endpoint, the app: the route layer sets it, no balance layer.
-        self._inbound = self._compose([self._route_inbound, self._rate_limit])
+        # The outbound stack in each combination of the optional layers (fault, timeout,
+        # retry): the route gate picks the one whose layers have something to do for the
+        # request, so a no-op layer costs no coroutine. Unknown destinations (passthrough)
+        # only need the fixed endpoint set by the balance layer.
+        self._outbound: dict[tuple[bool, bool, bool], Next] = {
+            (fault, timeout, retry): self._compose(
+                [
+                    *([self._fault] if fault else []),
+                    *([self._timeout] if timeout else []),
+                    *([self._retry] if retry else []),
+                    self._breaker,
+                    self._balance,
+                ]
+            )
+            for fault in (False, True)
+            for timeout in (False, True)
+            for retry in (False, True)
+        }
+        self._passthrough = self._compose([self._balance])
 
     def _compose(self, layers: list[Layer]) -> Next:
         handler: Next = self._upstream
@@ -389,9 +408,13 @@ class Proxy:
         # Python 3.11, measurable at one per request.
         call.loop = loop = getattr(sink, "loop", None) or asyncio.get_running_loop()
         call.task = asyncio.current_task(loop)
-        stack = self._inbound if ctx.direction == "inbound" else self._outbound
         try:
-            resp = await stack(call)
+            if ctx.direction == "inbound":
+                self._route_inbound(call)
+                self._rate_limit(call)
+                resp = await self._upstream(call)  # inbound has one endpoint, the app
+            else:
+                resp = await self._route_outbound(call)(call)
         except asyncio.CancelledError:
             if hop is not None:
                 hop.finish(status=499, flag=Flag.DC.value, request_bytes=counted.count, response_bytes=0)
@@ -544,35 +567,43 @@ class Proxy:
 
     # ---- layers (in stack order) ----------------------------------------------------------
 
-    async def _route_outbound(self, call: Call, nxt: Next) -> UpstreamResponse:
+    def _route_outbound(self, call: Call) -> Next:
+        """The route gate: service, route and backend; the stack for this request's policy."""
         ctx, table, svc = call.ctx, call.active.table, call.matched
         if svc is None:
             # Unknown destination: transparent passthrough to where the app was connecting.
             call.target = Endpoint(address=ctx.original_dst_address, port=ctx.original_dst_port)
             if call.hop is not None:
                 call.hop.annotate(route="passthrough")
-            return await nxt(call)
+            return self._passthrough
         decision = table.route(svc, call.head.method, call.head.path, call.head.headers, self.rng)
         if decision is None:
             raise LocalReplyError(Flag.NR, f"{svc.key} {call.head.method} {call.head.path}")
         call.service = decision.backend
-        call.route = decision.route
-        call.head = call.head.with_headers(
-            apply_header_modifier(call.head.headers, decision.route.request_headers)
-        )
+        route = call.route = decision.route
+        call.head = call.head.with_headers(apply_header_modifier(call.head.headers, route.request_headers))
         if call.hop is not None:
             call.hop.annotate(route=decision.route_name, backend=str(decision.backend.key))
-        return await nxt(call)
+        policy = call.request_policy
+        # The same conditions the optional layers test before doing anything.
+        return self._outbound[
+            (
+                policy.fault is not None,
+                bool(route.timeout) or policy.timeout is not None,
+                (route.retry or policy.retry) is not None,
+            )
+        ]
 
-    async def _route_inbound(self, call: Call, nxt: Next) -> UpstreamResponse:
+    def _route_inbound(self, call: Call) -> None:
+        """The inbound route gate: the app's address on the original port is the endpoint."""
         active, port = call.active, call.ctx.original_dst_port
         call.target = call.endpoint = active.inbound_targets.get(port) or Endpoint(
             address=active.snapshot.inbound.app_address, port=port
         )
         call.inbound_port = active.inbound_ports.get(port)
-        return await nxt(call)
 
-    async def _rate_limit(self, call: Call, nxt: Next) -> UpstreamResponse:
+    def _rate_limit(self, call: Call) -> None:
+        """The inbound rate-limit gate (RL)."""
         port = call.inbound_port
         policy = port.rate_limit if port is not None else None
         name = ""
@@ -587,7 +618,6 @@ class Proxy:
             if self.telemetry is not None:
                 self.telemetry.metrics.rate_limited(port.service if port and port.service else name)
             raise LocalReplyError(Flag.RL, f"{name}: {policy.requests_per_second}/s, burst {policy.burst}")
-        return await nxt(call)
 
     async def _fault(self, call: Call, nxt: Next) -> UpstreamResponse:
         fault = call.request_policy.fault
