@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from controlplane.app import build
 from controlplane.cache import Debouncer, Reconciler, SnapshotCache
 from controlplane.compile import ProxyNode
 from controlplane.events import KINDS, Relist, WatchEvent
 from controlplane.index import Index
 from controlplane.metrics import ControlPlaneMetrics
-from controlplane.settings import MeshSettings
+from controlplane.settings import ControlPlaneSettings, MeshSettings
 from meshproxy.config.model import Service, Snapshot
 
 
@@ -169,3 +170,29 @@ def test_leading_edge_a_change_after_quiet_is_due_at_once_a_burst_after_it_waits
     plain = Debouncer(quiet=0.1, max_delay=1.0)
     plain.touch(10.0)
     assert plain.deadline() == 10.1
+
+
+async def test_the_control_plane_compiles_a_lone_change_without_waiting_out_the_quiet_period() -> None:
+    # The process's settings turn the leading edge on: with a quiet period of a minute, a
+    # change after a quiet spell still reaches the cache at once; the next one, right
+    # behind it, waits (it is not there while the first one is).
+    settings = ControlPlaneSettings(debounce_quiet=60.0, debounce_max_delay=120.0)
+    assert settings.debounce_leading
+    plane = build(settings)
+    r, cache = plane.reconciler, plane.cache
+    for kind in KINDS:
+        r.apply(Relist(kind=kind, objects=[]))
+    r.add_node("a.demo", ProxyNode(pod="a", namespace="demo"))
+    woken: list[Snapshot] = []
+    cache.watch("a.demo", woken.append)
+    task = asyncio.create_task(r.run(), name="test-reconciler")
+    try:
+        r.apply(WatchEvent(kind="Service", type="ADDED", obj=service("first", "198.19.0.1")))
+        await eventually(lambda: len(woken) == 1)  # well within the minute
+        r.apply(WatchEvent(kind="Service", type="ADDED", obj=service("second", "198.19.0.2")))
+        r.apply(WatchEvent(kind="Service", type="ADDED", obj=service("third", "198.19.0.3")))
+        await asyncio.sleep(0.2)  # the burst is due in a minute: nothing may be published meanwhile
+        assert [s.name for s in woken[-1].services] == ["first"] and len(woken) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
