@@ -446,3 +446,15 @@ def test_inbound_validation_accepts_and_rejects_what_h2_does(kind: str) -> None:
         accepted += expected
         rejected += not expected
     assert accepted > 100 and rejected > 100  # the corpus exercises both outcomes
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        (("x-padded", "\t v \t"), ("x-ok", "1")),  # only whitespace to fix
+        (("X-Padded", "\t v \t"), ("x-ok", "1")),  # and a name to lower-case
+    ],
+)
+def test_surrounding_whitespace_is_stripped_and_names_lowered(fields: tuple[tuple[str, str], ...]) -> None:
+    assert h2_trailers(fields) == [(b"x-padded", b"v"), (b"x-ok", b"1")]
+    assert h2_response_headers(ResponseHead(200, fields))[1:] == [(b"x-padded", b"v"), (b"x-ok", b"1")]
