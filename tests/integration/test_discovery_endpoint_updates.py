@@ -68,9 +68,9 @@ async def test_endpoint_change_arrives_as_an_update_and_the_sidecar_runs_the_exa
     payloads: list[str | None] = []
     real = xconv.received_response
 
-    def spy(resp: Any, base: Any) -> Any:
+    def spy(resp: Any, base: Any, *rest: Any) -> Any:
         payloads.append(resp.WhichOneof("payload"))
-        return real(resp, base)
+        return real(resp, base, *rest)
 
     monkeypatch.setattr(xconv, "received_response", spy)
     proxy = Proxy(plane.target)
