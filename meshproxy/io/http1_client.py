@@ -584,7 +584,9 @@ class Http1Client:
         return conn
 
     def _release(self, conn: _Conn) -> None:
-        idle = self._idle.setdefault(conn.key, deque())
+        idle = self._idle.get(conn.key)
+        if idle is None:
+            idle = self._idle[conn.key] = deque()
         if len(idle) >= self.settings.max_idle_per_endpoint:
             conn.close()
             return

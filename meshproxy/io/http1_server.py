@@ -132,6 +132,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: _Parsing | None = None
         self.pending: deque[_Request | _Failure] = deque()
+        self.failures = 0  # _Failure items ever queued: data_received looks for one only then
         # Woken when a request head, an error, EOF or shutdown arrives. A bare future rather
         # than an asyncio.Event: Event.wait looks the loop up on every call, and on Python 3.11
         # that is a getpid() system call, several per request across the data path.
@@ -190,7 +191,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         if self.upgrade_buffer is not None:
             self.upgrade_buffer += data
             return
-        if any(isinstance(p, _Failure) for p in self.pending):
+        if self.failures and any(isinstance(p, _Failure) for p in self.pending):
             return  # after a parse error nothing more is read
         try:
             self.parser.feed_data(data)
@@ -237,6 +238,7 @@ class Http1ServerProtocol(asyncio.Protocol):
             p.request.body.feed_error(error)
         self.parsing = None
         self.pending.append(_Failure(error))
+        self.failures += 1
         self._pause("error")
         self._wake()
 

@@ -252,9 +252,10 @@ def _abort_body(body: BodyStream) -> None:
 
 def _track(resp: UpstreamResponse, on_end: Callable[[EndVerdict], None]) -> UpstreamResponse:
     # Layers stacked on one response share one wrapper: each wrapper costs a coroutine per read.
-    if isinstance(resp.body, _Tracked) and resp.body.add(on_end):
-        return resp
-    return UpstreamResponse(head=resp.head, body=_Tracked(resp.body, on_end))
+    # The response object is the layer's own (from the layer below), so it is updated in place.
+    if not (isinstance(resp.body, _Tracked) and resp.body.add(on_end)):
+        resp.body = _Tracked(resp.body, on_end)
+    return resp
 
 
 @dataclass(slots=True)
