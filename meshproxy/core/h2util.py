@@ -121,10 +121,12 @@ def _check_block(headers: H2Headers, kind: int) -> None:
                 if host is not None:
                     raise _Malformed("request header block has multiple Host headers")
                 host = value
-        if value and (
-            _VALUE_ILLEGAL_BYTES.search(value) or value[0] in _WHITESPACE or value[-1] in _WHITESPACE
-        ):
-            raise _Malformed(f"illegal header value {value!r} for {name!r}")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise _Malformed(f"header value {value!r} of {name!r} surrounded by whitespace")
+    # CR, LF or NUL anywhere: one search over all values rather than one per value.
+    if _VALUE_ILLEGAL_BYTES.search(b"".join([header[1] for header in headers])):
+        bad = next(h for h in headers if _VALUE_ILLEGAL_BYTES.search(h[1]))
+        raise _Malformed(f"illegal character in header value {bad[1]!r} of {bad[0]!r}")
     if kind == _TRAILERS:
         if pseudo:
             raise _Malformed(f"pseudo-header in trailers {sorted(pseudo)}")
@@ -440,6 +442,26 @@ class GoAwaySplitter:
         self._goaway_left = 0
 
     def feed(self, data: bytes) -> list[bytes | GoAway]:
+        if not (self._preface_left or self._skip or self._held or self._goaway is not None):
+            # The common case, a read that starts on a frame boundary: walk the frame
+            # headers in place (no slices); anything else takes the general path below.
+            n = len(data)
+            pos = 0
+            unpack = _FRAME_HEADER.unpack_from
+            while n - pos >= 9:
+                hi, lo, ftype, _flags, stream_id = unpack(data, pos)
+                length = (hi << 8) | lo
+                if ftype == _GOAWAY_TYPE and (stream_id & 0x7FFFFFFF) == 0 and length >= 8:
+                    return self._feed(data)  # nothing changed yet: start over, the long way
+                pos += 9 + length
+            if pos >= n:
+                self._skip = pos - n  # the last frame's body goes on in the next read
+                return [data]
+            self._held = data[pos:]  # a frame header split across reads
+            return [data[:pos]] if pos else []
+        return self._feed(data)
+
+    def _feed(self, data: bytes) -> list[bytes | GoAway]:
         out: list[bytes | GoAway] = []
         pieces: list[bytes | memoryview] = []
         view = memoryview(data)

@@ -458,3 +458,16 @@ def test_inbound_validation_accepts_and_rejects_what_h2_does(kind: str) -> None:
 def test_surrounding_whitespace_is_stripped_and_names_lowered(fields: tuple[tuple[str, str], ...]) -> None:
     assert h2_trailers(fields) == [(b"x-padded", b"v"), (b"x-ok", b"1")]
     assert h2_response_headers(ResponseHead(200, fields))[1:] == [(b"x-padded", b"v"), (b"x-ok", b"1")]
+
+
+def test_splitter_returns_any_frame_stream_unchanged_however_it_is_read() -> None:
+    headers, data, ping, goaway = _frames()
+    empty = DataFrame(1, data=b"", flags=["END_STREAM"]).serialize()  # a frame with no body
+    stream = headers + data + empty + ping + data + empty + headers
+    for size in range(1, 60):
+        assert _feed_in_pieces(GoAwaySplitter(expect_preface=False), stream, size) == [stream], size
+    # and with a GOAWAY in it, at every offset a read can start or end on
+    stream = headers + empty + goaway + data + empty
+    for size in range(1, 60):
+        result = _feed_in_pieces(GoAwaySplitter(expect_preface=False), stream, size)
+        assert result == [headers + empty, GoAway(7, 0, b"bye"), data + empty], size
