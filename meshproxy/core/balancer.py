@@ -92,6 +92,7 @@ class EndpointPool:
     __slots__ = (
         "_clock",
         "_ejected",
+        "_ejections",
         "_ejections_by_reason",
         "_eligible",
         "_fallback",
@@ -133,6 +134,7 @@ class EndpointPool:
         self._outlier: OutlierDetection | None = OutlierDetection()
         self._rr = 0
         self._ejections_by_reason: dict[EjectReason, int] = dict.fromkeys(EjectReason, 0)
+        self._ejections = 0  # their sum: read twice per request by the pipeline
         self._eligible: list[_EndpointState] = []
         self._fallback: list[_EndpointState] = []
         self._next_return: float | None = None
@@ -268,18 +270,22 @@ class EndpointPool:
         policy = self._outlier
         if policy is None:
             return
-        now = self._clock.now()
-        st.outlier.maybe_return(now)
-        if st.outlier.is_ejected(now):
-            return  # results of requests that were in flight at ejection do not extend it
-        reason = st.outlier.record(outcome, policy)
+        outlier = st.outlier
+        if outlier.ejected_until is not None:  # else neither can hold: the clock is not read
+            now = self._clock.now()
+            outlier.maybe_return(now)
+            if outlier.is_ejected(now):
+                return  # results of requests that were in flight at ejection do not extend it
+        reason = outlier.record(outcome, policy)
         if reason is None:
             return
+        now = self._clock.now()
         ejected = sum(1 for s in self._states.values() if s.outlier.is_ejected(now))
         if not may_eject(ejected, len(self._states), policy.max_ejection_percent):
             return
         st.outlier.eject(now, policy)
         self._ejections_by_reason[reason] += 1
+        self._ejections += 1
         self._rebuild()
 
     # -- observation ------------------------------------------------------------------------------
@@ -298,7 +304,7 @@ class EndpointPool:
 
     @property
     def ejections_total(self) -> int:
-        return sum(self._ejections_by_reason.values())
+        return self._ejections
 
     @property
     def ejections_by_reason(self) -> Mapping[EjectReason, int]:
