@@ -324,7 +324,9 @@ def _checked_fields(fields: Headers, status: int) -> H2Headers:
 
 
 def _pseudo(name: bytes, value: str, status: int) -> tuple[bytes, bytes]:
-    if not value or _VALUE_NEEDS_CARE.search(value):
+    if _VALUE_NEEDS_CARE.search(value):
+        value = value.strip(" \t")  # as h2's normalization did
+    if not value or _VALUE_ILLEGAL.search(value):
         raise ProtocolError(f"invalid HTTP/2 {_dec(name)} {value!r}", status=status)
     return name, _enc(value)
 

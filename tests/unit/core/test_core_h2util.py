@@ -300,10 +300,11 @@ def test_fields_http2_cannot_carry_are_refused_before_anything_is_sent(name: str
     assert err.value.status == 502
 
 
-def test_bad_pseudo_header_values_are_refused() -> None:
+def test_bad_pseudo_header_values_are_refused_and_padding_is_stripped() -> None:
     for head in (RequestHead("", "/", "a", ()), RequestHead("GET", "/x\r\ny", "a", ())):
         with pytest.raises(ProtocolError):
             h2_request_headers(head)
+    assert h2_request_headers(RequestHead("GET", "/", " svc:80 ", ()))[2] == (b":authority", b"svc:80")
 
 
 def test_per_request_ids_stay_out_of_the_peers_header_table_and_repeated_fields_are_indexed() -> None:
