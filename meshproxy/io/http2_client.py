@@ -551,6 +551,13 @@ class _EndpointPool:
         self._connecting: asyncio.Task[None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
+    def ready(self) -> _ClientConnection | None:
+        """A connection with a free stream right now, if there is one."""
+        for conn in self.conns:
+            if conn.has_capacity():
+                return conn
+        return None
+
     async def acquire(
         self, connect_timeout: float, limits: ConnectionLimits | None = None
     ) -> _ClientConnection:
@@ -678,7 +685,8 @@ class Http2Client:
             pool = self._pools[key] = _EndpointPool(endpoint.address, endpoint.port, self._settings)
         if idle_timeout is not None:
             pool.idle_timeout = idle_timeout
-        conn = await pool.acquire(connect_timeout, limits)
+        # A connection with a free stream is the common case: no coroutine for it.
+        conn = pool.ready() or await pool.acquire(connect_timeout, limits)
         stream = conn.start_request(head, body)
         try:
             response_head = await stream.head
