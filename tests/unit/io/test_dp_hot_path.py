@@ -90,6 +90,69 @@ async def test_small_response_head_and_body_leave_in_one_write() -> None:
     proto.connection_lost(None)
 
 
+CASES = [
+    # (request, response head, body, trailers, body known empty)
+    (
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        ResponseHead(200, (("content-length", "5"),)),
+        b"hello",
+        None,
+        False,
+    ),
+    (
+        b"GET / HTTP/1.1\r\nhost: x\r\n\r\n",
+        ResponseHead(200, (("content-type", "text/plain"),)),
+        b"chunk",
+        (("x-checksum", "1"),),
+        False,
+    ),
+    (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", ResponseHead(200, (("x-a", "1"),)), b"", None, True),
+    (b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n", ResponseHead(200, (("content-length", "5"),)), b"", None, False),
+    (b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", ResponseHead(204, (), reason="Nothing"), b"", None, True),
+    (b"GET / HTTP/1.0\r\nhost: x\r\n\r\n", ResponseHead(200, (("connection", "x"),)), b"old", None, False),
+    (
+        b"GET / HTTP/1.0\r\nhost: x\r\nconnection: keep-alive\r\n\r\n",
+        ResponseHead(200, (("content-length", "3"),)),
+        b"old",
+        None,
+        False,
+    ),
+    (
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        ResponseHead(503, (("connection", "keep-alive"), ("transfer-encoding", "chunked"))),
+        b"no",
+        None,
+        False,
+    ),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+async def test_a_response_sent_whole_is_the_same_bytes_as_sent_step_by_step(case: int) -> None:
+    request, head, data, trailers, empty = CASES[case]
+
+    async def stepwise(ctx: DownstreamContext, h: RequestHead, body: BodyStream, sink: ResponseSink) -> None:
+        await sink.send_head(head, end_stream=empty)
+        if not empty:
+            await sink.send_data(data)
+            await sink.send_end(trailers)
+
+    async def whole(ctx: DownstreamContext, h: RequestHead, body: BodyStream, sink: ResponseSink) -> None:
+        await sink.send_whole(head, data, trailers, end_stream=empty)  # type: ignore[attr-defined]
+
+    async def wire(handler: object) -> tuple[bytes, bool]:
+        t = RecordingTransport()
+        proto = Http1ServerProtocol(handler, CTX, local_reply_for)  # type: ignore[arg-type]
+        proto.connection_made(t)  # type: ignore[arg-type]
+        proto.data_received(request)
+        # The handler has returned (and the codec decided keep-alive or close).
+        await wait_for(lambda: bool(t.writes) and not proto.in_flight)
+        proto.connection_lost(None)
+        return b"".join(t.writes), t.closed
+
+    assert await wire(whole) == await wire(stepwise)
+
+
 async def test_a_streamed_response_head_is_not_held_back_by_a_slow_body() -> None:
     release = asyncio.Event()
 
