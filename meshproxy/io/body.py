@@ -71,6 +71,25 @@ def _noop() -> None:
 class BodyQueue:
     """A ``BodyStream`` fed by protocol callbacks, with pause/resume flow control."""
 
+    # One or two per request: slots make it smaller and quicker to build.
+    __slots__ = (
+        "_chunks",
+        "_content_length",
+        "_ended",
+        "_error",
+        "_high",
+        "_loop",
+        "_low",
+        "_on_first_read",
+        "_pause",
+        "_paused",
+        "_resume",
+        "_size",
+        "_trailers",
+        "_waiter",
+        "received",
+    )
+
     def __init__(
         self,
         *,

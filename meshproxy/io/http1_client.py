@@ -104,6 +104,8 @@ class TunnelBody:
 class _ResponseBody(BodyQueue):
     """A response body queue that can abort its connection when the consumer gives up."""
 
+    __slots__ = ("_conn",)
+
     def __init__(self, conn: _Conn, content_length: int | None) -> None:
         t = conn.transport
         assert t is not None

@@ -499,6 +499,9 @@ def _phrase(status: int) -> str:
 class Http1ResponseSink:
     """``ResponseSink`` writing one HTTP/1.1 response to the downstream connection."""
 
+    # One per request: slots make it smaller and quicker to build.
+    __slots__ = ("chunked", "conn", "finished", "held", "must_close", "no_body", "req", "started", "status")
+
     def __init__(self, conn: Http1ServerProtocol, req: _Request) -> None:
         self.conn = conn
         self.req = req

@@ -1164,6 +1164,8 @@ def _classify(head: RequestHead) -> tuple[bool, str | None]:
 class _Counting:
     """Counts request body bytes for telemetry while passing the stream through."""
 
+    __slots__ = ("_inner", "count")
+
     def __init__(self, inner: BodyStream) -> None:
         self._inner = inner
         self.count = 0
