@@ -15,6 +15,11 @@ Invariants:
   * A ``BodyStream`` ends with ``b""``; ``trailers`` is set only after that.
   * ``ResponseSink`` is used in order: ``send_head`` once, ``send_data`` any number
     of times, ``send_end`` once; or ``reset`` at any time.
+  * Optional fast path, looked up with ``getattr`` by the pipeline: a body with
+    ``take_complete() -> bytes | None`` (all of the rest, once the body has ended without
+    error, else None; ``read`` then returns ``b""``) and a sink with ``send_whole(head,
+    data, trailers, *, end_stream)`` (the same as ``send_head`` + ``send_data`` +
+    ``send_end``, in one step). A response that arrived whole then costs one write.
 
 Concurrency: one asyncio task per request (HTTP/2 streams run concurrently on
 one connection).
