@@ -74,7 +74,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from prometheus_client import CollectorRegistry
 
 from meshproxy.config import model
-from meshproxy.core.http import Headers, RequestHead
+from meshproxy.core.http import Headers, RequestHead, get_header
 from meshproxy.telemetry import propagation
 from meshproxy.telemetry.accesslog import AccessLog
 from meshproxy.telemetry.metrics import ProxyMetrics
@@ -89,6 +89,8 @@ _SOURCE_HEADERS = frozenset({SOURCE_WORKLOAD_HEADER, SOURCE_NAMESPACE_HEADER})
 # Replaced on the way upstream: trace context, caller identity (and x-request-id, when ours).
 _REPLACED = propagation.TRACE_HEADERS | _SOURCE_HEADERS
 _REPLACED_AND_ID = _REPLACED | {propagation.REQUEST_ID}
+# Every header start_http reads: one pass picks them out, the lookups then scan a short list.
+_READ = _REPLACED_AND_ID | {"content-type", "user-agent"}
 # A DNS-1123 name: what Kubernetes allows for workloads and namespaces.
 _NAME_RE = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 # Distinct caller identities accepted as label values before new ones become "unknown":
@@ -116,9 +118,9 @@ def _split_authority(authority: str) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() else None
 
 
-def _grpc_method(head: RequestHead) -> tuple[str, str] | None:
+def _grpc_method(head: RequestHead, read: Headers) -> tuple[str, str] | None:
     """``(service, method)`` when the request is gRPC (``/pkg.Service/Method``), else None."""
-    ct = head.header("content-type")
+    ct = get_header(read, "content-type")
     if ct is None or not ct.startswith("application/grpc"):
         return None
     parts = head.path.split("/")
@@ -593,7 +595,8 @@ class Telemetry:
         destination_service: str | None,
     ) -> HttpHop:
         """A request head arrived: start its span (child of any incoming trace context)."""
-        parent = propagation.extract(head.headers)
+        read = tuple(kv for kv in head.headers if kv[0] in _READ)
+        parent = propagation.extract(read) if read else None
         pipeline = self.tracing
         w = self.workload
         if direction == "outbound":
@@ -601,12 +604,12 @@ class Telemetry:
             src_workload, src_namespace = w.name, w.namespace
         else:
             kind = KIND_SERVER
-            src_workload, src_namespace = self._caller(head.headers)
-        grpc = _grpc_method(head)
+            src_workload, src_namespace = self._caller(read)
+        grpc = _grpc_method(head, read)
         ids = new_ids(self._ids, parent)
         sampled = pipeline.sampler.sampled(ids[0], parent)
         trace_state = parent.trace_state if parent is not None else ""
-        incoming_id = propagation.request_id(head.headers)
+        incoming_id = propagation.request_id(read)
         request_id = incoming_id or propagation.new_request_id(self._ids)
         record = None
         if sampled and pipeline.recording:
@@ -637,7 +640,7 @@ class Telemetry:
                 attrs.append(("server.port", port))
             if kind == KIND_SERVER:
                 attrs.append(("client.address", peer[0]))
-            ua = head.header("user-agent")
+            ua = get_header(read, "user-agent")
             if ua is not None:
                 attrs.append(("user_agent.original", ua))
             if grpc is not None:
