@@ -178,7 +178,7 @@ class Bench:
             name="backend",
         )
         lab.wait_listening(self.server, APP_PORT, proc=backend)
-        self.spans_file = self.workdir / "spans.jsonl"
+        self.spans_file = self.workdir / "spans.count"
         receiver = lab.spawn(
             self.telemetry_pod,
             [
@@ -187,7 +187,7 @@ class Bench:
                 LOAD_CPU,
                 sys.executable,
                 "-m",
-                "meshproxy.lab.spanlog",
+                "bench.spancount",
                 "--host",
                 "0.0.0.0",
                 "--port",
@@ -196,24 +196,16 @@ class Bench:
                 str(self.spans_file),
             ],
             name="otlp",
+            cwd=ROOT,
         )
         lab.wait_listening(self.telemetry_pod, OTLP_PORT, proc=receiver)
 
-        self._spans_offset = 0
-        self._spans_count = 0
-
     def spans_received(self) -> int:
-        """Spans the OTLP receiver has written so far (counted incrementally)."""
+        """Spans the OTLP receiver has counted so far."""
         try:
-            with self.spans_file.open("rb") as f:
-                f.seek(self._spans_offset)
-                data = f.read()
-        except FileNotFoundError:
+            return int(self.spans_file.read_text() or 0)
+        except (FileNotFoundError, ValueError):
             return 0
-        end = data.rfind(b"\n") + 1  # a line being written counts when it is complete
-        self._spans_count += data.count(b"\n", 0, end)
-        self._spans_offset += end
-        return self._spans_count
 
     def spans_settled(self, expected: int | None = None, timeout: float = 15.0) -> int:
         """The receiver's span count once it reached ``expected`` or stopped growing for 1.5 s

@@ -53,7 +53,7 @@ from meshproxy.telemetry.spans import SCOPE, RatioSampler, SpanRecord, to_readab
 
 log = logging.getLogger(__name__)
 
-MAX_EXPORT_BATCH = 256  # spans per export request (~0.1 MB of OTLP at this proxy's span size)
+MAX_EXPORT_BATCH = 128  # spans per export request (~90 KB of OTLP at this proxy's span size)
 
 
 class ExportQueue:
@@ -100,20 +100,22 @@ class ExportQueue:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self._delay)
+            ticked = not self._wake.wait(self._delay)
             self._wake.clear()
             ticket = self._flush_asked
             stopping = self._stopping
-            self._drain()
+            # Full batches go at once; a partial one waits for the timer, a flush or shutdown
+            # (draining whatever is there after each export made many small exports).
+            self._drain(everything=ticked or stopping or ticket > self._flush_done)
             with self._done:
                 self._flush_done = max(self._flush_done, ticket)
                 self._done.notify_all()
             if stopping:
                 return
 
-    def _drain(self) -> None:
+    def _drain(self, *, everything: bool) -> None:
         queue = self._queue
-        while queue:
+        while len(queue) >= self._batch or (everything and queue):
             n = min(len(queue), self._batch)
             batch = [queue.popleft() for _ in range(n)]
             try:
