@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -109,6 +110,7 @@ _GRPC_SERVER_ERRORS = frozenset({"2", "4", "12", "13", "14", "15"})
 Clock = Callable[[], float]
 
 
+@functools.lru_cache(maxsize=1024)  # a proxy sees a handful of authorities, request after request
 def _split_authority(authority: str) -> tuple[str, int | None]:
     if authority.startswith("["):
         host, _, rest = authority[1:].partition("]")

@@ -58,6 +58,8 @@ _HEX_SPAN = re.compile(r"[0-9a-f]{16}")
 _MAX_TRACESTATE = 512  # W3C: vendors must propagate at least 512 characters
 _MAX_TRACESTATE_MEMBERS = 32
 _B3_SAMPLED = frozenset({"1", "true", "d"})
+_UUID_MASK = ~((0xF << 76) | (0x3 << 62)) & ((1 << 128) - 1)
+_UUID_V4 = (0x4 << 76) | (0x2 << 62)
 
 
 def _w3c(traceparent: str, tracestate: list[str]) -> Parent | None:
@@ -187,6 +189,8 @@ def new_request_id(rng: random.Random | None = None) -> str:
     ``rng`` (the caller's generator, seeded from the OS) no system call is made per id:
     request ids need to be unique, not secret (OpenTelemetry's trace ids are made the
     same way)."""
-    h = f"{rng.getrandbits(128):032x}" if rng is not None else os.urandom(16).hex()
-    variant = "89ab"[int(h[16], 16) & 3]
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{variant}{h[17:20]}-{h[20:]}"
+    bits = rng.getrandbits(128) if rng is not None else int.from_bytes(os.urandom(16), "big")
+    # Version 4 and the RFC 4122 variant set in the integer, then one formatting pass.
+    bits = (bits & _UUID_MASK) | _UUID_V4
+    h = f"{bits:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
