@@ -624,32 +624,41 @@ class Telemetry:
                 kind=kind,
                 start_ns=time.time_ns(),
             )
-            host, port = _split_authority(head.authority)
-            attrs: list[tuple[str, str | int | float | bool]] = [
-                ("http.request.method", head.method),
+            ua = get_header(read, "user-agent")
+            dest = destination_service or UNKNOWN
+
+            def static() -> list[tuple[str, str | int | float | bool]]:
+                host, port = _split_authority(head.authority)
+                attrs: list[tuple[str, str | int | float | bool]] = [
+                    ("http.request.method", head.method),
+                    ("url.scheme", head.scheme),
+                    ("server.address", host),
+                    ("network.protocol.version", head.version),
+                    ("network.peer.address", peer[0]),
+                    ("mesh.source.workload", src_workload),
+                    ("mesh.source.namespace", src_namespace),
+                    ("mesh.destination.service", dest),
+                ]
+                if port is not None:
+                    attrs.append(("server.port", port))
+                if kind == KIND_SERVER:
+                    attrs.append(("client.address", peer[0]))
+                if ua is not None:
+                    attrs.append(("user_agent.original", ua))
+                if grpc is not None:
+                    attrs.append(("rpc.system", "grpc"))
+                    attrs.append(("rpc.service", grpc[0]))
+                    attrs.append(("rpc.method", grpc[1]))
+                return attrs
+
+            key = (kind, head.method, head.scheme, head.authority, head.version, peer[0],
+                   src_workload, src_namespace, dest, ua, grpc)  # fmt: skip
+            record.static, record.static_wire = pipeline.static_attributes(key, static)
+            record.attributes = [
                 ("url.path", head.path.partition("?")[0]),
-                ("url.scheme", head.scheme),
-                ("server.address", host),
-                ("network.protocol.version", head.version),
-                ("network.peer.address", peer[0]),
                 ("network.peer.port", peer[1]),
-                ("mesh.source.workload", src_workload),
-                ("mesh.source.namespace", src_namespace),
-                ("mesh.destination.service", destination_service or UNKNOWN),
                 ("mesh.request_id", request_id),
             ]
-            if port is not None:
-                attrs.append(("server.port", port))
-            if kind == KIND_SERVER:
-                attrs.append(("client.address", peer[0]))
-            ua = get_header(read, "user-agent")
-            if ua is not None:
-                attrs.append(("user_agent.original", ua))
-            if grpc is not None:
-                attrs.append(("rpc.system", "grpc"))
-                attrs.append(("rpc.service", grpc[0]))
-                attrs.append(("rpc.method", grpc[1]))
-            record.attributes = attrs
         return HttpHop(
             self,
             direction=direction,

@@ -112,6 +112,10 @@ class WireEncoder:
         parts.append(_KIND[record.kind])
         parts.append(b"\x39" + _PACK_Q(record.start_ns))
         parts.append(b"\x41" + _PACK_Q(record.end_ns))
+        if record.static_wire:
+            parts.append(record.static_wire)
+        elif record.static:
+            parts.append(self.attributes(record.static))
         cache = self._kv
         for item in record.attributes:
             kv = cache.get(item)
@@ -130,6 +134,10 @@ class WireEncoder:
         parts.append(_FLAGS_REMOTE_PARENT if record.parent_id else _FLAGS_ROOT)
         body = b"".join(parts)
         return b"\x12" + _varint(len(body)) + body
+
+    def attributes(self, attributes: Sequence[tuple[str, AttrValue]]) -> bytes:
+        """``Span.attributes`` entries for ``attributes``, encoded once (not cached here)."""
+        return b"".join(_key_value(k, v) for k, v in attributes)
 
     def request(self, spans: Sequence[bytes]) -> bytes:
         """A serialized ``ExportTraceServiceRequest`` holding ``spans`` (from ``span``)."""

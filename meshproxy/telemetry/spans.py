@@ -94,6 +94,8 @@ class SpanRecord:
         "parent_id",
         "span_id",
         "start_ns",
+        "static",
+        "static_wire",
         "trace_id",
         "trace_state",
     )
@@ -118,6 +120,10 @@ class SpanRecord:
         self.start_ns = start_ns
         self.end_ns = 0
         self.attributes: list[tuple[str, AttrValue]] = []
+        # Attributes shared by every request of one kind (method, workloads, peer, user agent...):
+        # one tuple per distinct set, and its OTLP bytes, both cached by the pipeline.
+        self.static: tuple[tuple[str, AttrValue], ...] = ()
+        self.static_wire = b""
         self.error: str | None = None  # the ERROR status description; None: status UNSET
 
 
@@ -135,7 +141,7 @@ def to_readable(record: SpanRecord, resource: Resource, scope: InstrumentationSc
         context=context,
         parent=parent,
         resource=resource,
-        attributes=dict(record.attributes),
+        attributes=dict((*record.static, *record.attributes)),
         kind=_SDK_KIND[record.kind],
         status=status,
         start_time=record.start_ns,

@@ -49,10 +49,11 @@ from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
 from meshproxy.telemetry.otlp_grpc import AsyncExportQueue, OtlpGrpcClient
 from meshproxy.telemetry.otlp_wire import WireEncoder
-from meshproxy.telemetry.spans import SCOPE, RatioSampler, SpanRecord, to_readable
+from meshproxy.telemetry.spans import SCOPE, AttrValue, RatioSampler, SpanRecord, to_readable
 
 log = logging.getLogger(__name__)
 
+_MAX_STATIC = 4096  # cached static attribute sets per pipeline (a few MB at most)
 MAX_EXPORT_BATCH = 128  # spans per export request (~90 KB of OTLP at this proxy's span size)
 
 
@@ -207,6 +208,23 @@ class TracingPipeline:
         # Built only for OTLP: it imports the SDK's protobuf encoder (~5 MB) once, at start.
         self.encoder = WireEncoder(self.resource, self.scope) if self._encoded else None
         self.recording = bool(self.queues or self.async_queues)
+        self._static: dict[tuple[object, ...], tuple[tuple[tuple[str, AttrValue], ...], bytes]] = {}
+
+    def static_attributes(
+        self, key: tuple[object, ...], build: Callable[[], list[tuple[str, AttrValue]]]
+    ) -> tuple[tuple[tuple[str, AttrValue], ...], bytes]:
+        """The attributes every request described by ``key`` shares, and their OTLP bytes.
+
+        Built and encoded once per distinct ``key`` (a proxy sees a few callers, methods and
+        destinations, request after request); at most ``_MAX_STATIC`` sets, then cleared."""
+        hit = self._static.get(key)
+        if hit is None:
+            attrs = tuple(build())
+            wire = self.encoder.attributes(attrs) if self.encoder is not None else b""
+            if len(self._static) >= _MAX_STATIC:
+                self._static.clear()
+            hit = self._static[key] = (attrs, wire)
+        return hit
 
     def _encoded_request(self, batch: list[bytes]) -> bytes:
         assert self.encoder is not None

@@ -65,7 +65,14 @@ def _records() -> list[SpanRecord]:
     )
     server.attributes = [("rpc.grpc.status_code", 14)]
     bare = _record(span_id=10, name="")
-    return [root, failed, empty_error, server, bare]
+    # Shared attributes as the pipeline caches them: as a tuple with its bytes, or without.
+    shared = _record(span_id=11)
+    shared.static = (("http.request.method", "GET"), ("server.port", 8080), ("mesh.source.workload", "web"))
+    shared.static_wire = WireEncoder(RESOURCE, SCOPE).attributes(shared.static)
+    shared.attributes = [("url.path", "/a"), ("mesh.request_id", "r-1")]
+    unencoded = _record(span_id=12)
+    unencoded.static = shared.static
+    return [root, failed, empty_error, server, bare, shared, unencoded]
 
 
 def _stock(records: list[SpanRecord]) -> ExportTraceServiceRequest:
