@@ -295,7 +295,7 @@ class HttpHop:
             c = tel.metrics.http_children(labels)
             c.requests.inc()
             if self.sampled:
-                c.duration.observe(duration, {"trace_id": self.trace_id, "span_id": self.span_id})
+                c.observe(duration, self._start + duration, self._tid, self._sid)
             else:
                 c.duration.observe(duration)
             if request_bytes:

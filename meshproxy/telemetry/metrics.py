@@ -25,8 +25,9 @@ dropped-spans counter concurrently.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -68,12 +69,30 @@ BREAKER_STATES: Final = {"closed": 0, "open": 1, "half_open": 2, "half-open": 2,
 _CACHE_LIMIT: Final = 4096
 
 
+# An exemplar is kept per histogram bucket and only the last one is scraped, so refreshing a
+# bucket's more often than this is work nobody sees (validating and storing one is ~4 us, the
+# largest single cost of a traced request's metrics). A bucket that has not had one for this
+# long (a rare slow request) always gets the new one.
+EXEMPLAR_REFRESH: Final = 1.0  # seconds
+
+
 @dataclass(frozen=True, slots=True)
 class _HttpChildren:
     requests: Counter
     duration: Histogram
     request_bytes: Counter
     response_bytes: Counter
+    # Per duration bucket (DURATION_BUCKETS and +Inf): when its exemplar may be replaced.
+    exemplar_due: list[float] = field(default_factory=lambda: [0.0] * (len(DURATION_BUCKETS) + 1))
+
+    def observe(self, duration: float, now: float, trace_id: int, span_id: int) -> None:
+        """``duration`` into the histogram, with an exemplar if its bucket is due for one."""
+        i = bisect.bisect_left(DURATION_BUCKETS, duration)
+        if now >= self.exemplar_due[i]:
+            self.exemplar_due[i] = now + EXEMPLAR_REFRESH
+            self.duration.observe(duration, {"trace_id": f"{trace_id:032x}", "span_id": f"{span_id:016x}"})
+        else:
+            self.duration.observe(duration)
 
 
 @dataclass(frozen=True, slots=True)

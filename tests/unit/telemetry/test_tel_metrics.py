@@ -203,3 +203,43 @@ async def test_exemplars_carry_the_trace_id_in_openmetrics_only(make_rig: MakeRi
     # No exemplar for an unsampled request: its trace id leads nowhere.
     om2 = generate_openmetrics(unsampled.tel.metrics.registry).decode()
     assert not [s for f in parse_openmetrics(om2) for s in f.samples if s.exemplar is not None]
+
+
+async def test_a_bucket_exemplar_is_refreshed_at_most_once_per_interval() -> None:
+    from meshproxy.config import model
+    from meshproxy.telemetry import Telemetry
+    from meshproxy.telemetry.metrics import EXEMPLAR_REFRESH
+
+    now = [100.0]
+    tel = Telemetry.build(
+        model.Telemetry(tracing=model.Tracing(sampling_ratio=1.0)),
+        model.Workload(name="a", namespace="demo"),
+        env={},
+        clock=lambda: now[0],
+    )
+
+    def request(seconds: float) -> str:
+        hop = tel.start_http(
+            direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
+        )
+        now[0] += seconds
+        hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
+        return hop.trace_id
+
+    def exemplars() -> dict[str, str]:
+        om = generate_openmetrics(tel.metrics.registry).decode()
+        return {
+            s.labels["le"]: s.exemplar.labels["trace_id"]
+            for f in parse_openmetrics(om)
+            for s in f.samples
+            if s.name == "meshproxy_request_duration_seconds_bucket" and s.exemplar is not None
+        }
+
+    first = request(0.0002)  # the 0.5 ms bucket
+    request(0.0002)  # same bucket, right after: the first request's exemplar stays
+    slow = request(2.0)  # a slow one lands in its own bucket and gets its exemplar at once
+    assert exemplars() == {"0.0005": first, "2.5": slow}
+    now[0] += EXEMPLAR_REFRESH
+    later = request(0.0002)  # the interval has passed: the bucket shows a fresh example
+    assert exemplars() == {"0.0005": later, "2.5": slow}
+    await tel.shutdown(grace=1)
