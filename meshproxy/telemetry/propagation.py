@@ -8,9 +8,9 @@ Invariants:
   * Extraction always understands every format, whatever the config says, so a
     B3-only caller and a W3C-only caller both join their trace. If a request
     carries both, W3C wins (it is the standard; B3 is the compatibility path).
-  * Injection first removes every trace header the request arrived with, then
-    writes the hop's own context in exactly the configured formats: the next
-    hop never sees a stale parent.
+  * ``context_headers`` writes the hop's own context in exactly the configured
+    formats; the caller (``hop.HttpHop.upstream_headers``) first removes every
+    trace header the request arrived with, so the next hop never sees a stale parent.
   * Malformed context (wrong lengths, non-hex, all-zero ids, W3C version ``ff``)
     is ignored as OpenTelemetry's propagators ignore it: the request starts a new
     trace. A B3 parent without a sampling state is *deferred* (``Parent.sampled``
@@ -158,20 +158,6 @@ def context_headers(
             out.append(("x-b3-spanid", sid))
             out.append(("x-b3-sampled", "1" if sampled else "0"))
     return out
-
-
-def inject(
-    headers: Headers,
-    trace_id: int,
-    span_id: int,
-    sampled: bool,
-    trace_state: str,
-    formats: Sequence[Propagation],
-) -> Headers:
-    """``headers`` without any incoming trace headers, plus this span's context in ``formats``."""
-    out = [kv for kv in headers if kv[0] not in TRACE_HEADERS]
-    out += context_headers(trace_id, span_id, sampled, trace_state, formats)
-    return tuple(out)
 
 
 def request_id(headers: Iterable[tuple[str, str]]) -> str | None:
