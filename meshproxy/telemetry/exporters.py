@@ -1,8 +1,7 @@
 """Span exporters: which backends get our spans, and counting what never arrives.
 
 Owns: turning ``model.Tracing`` (and the standard ``OTEL_*`` environment
-variables) into OpenTelemetry ``SpanExporter`` objects, and the wrapper that
-counts spans an exporter failed to deliver.
+variables) into exporters of the kinds below.
 
 Selection (first that applies):
   1. Endpoints in the config snapshot: ``otlp_grpc_endpoint``,
@@ -16,8 +15,8 @@ Selection (first that applies):
      (``grpc`` or ``http/protobuf``), ``OTEL_EXPORTER_ZIPKIN_ENDPOINT``,
      ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT``. With no exporter named, ``otlp`` is
      chosen only if an OTLP endpoint is set: a proxy without a backend exports nothing.
-  Headers, compression and TLS files are read from the environment by the
-  OpenTelemetry exporters themselves.
+  TLS files and compression are read from the environment by the OpenTelemetry
+  exporters themselves.
 
 Kinds: OTLP/gRPC to a plaintext endpoint (the in-cluster default) is an
 ``otlp_grpc.OtlpGrpcClient``, sending from the event loop; with TLS (``https://``),
@@ -29,7 +28,8 @@ already encoded by ``otlp_wire`` (``export_encoded``). Zipkin is the SDK's
 (``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``) apply to every OTLP exporter.
 
 Invariants:
-  * Exporters run on the export queues' worker threads, never on the event loop.
+  * The SDK exporters run on the export queues' worker threads, never on the event
+    loop; the ``OtlpGrpcClient`` runs on the loop and never blocks it.
   * A failed or raising export never propagates: the queue counts the batch as dropped
     (``meshproxy_spans_dropped_total{reason="export_failed"}``).
 """

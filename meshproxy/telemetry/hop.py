@@ -39,8 +39,9 @@ Conventions:
 
 Invariants:
   * ``start_http`` and ``finish`` never block and never raise because of a
-    telemetry backend: export is batched on worker threads, access-log lines go
-    through a bounded queue, and both count what they drop.
+    telemetry backend: spans go to bounded export queues (drained by a task on the
+    loop or a worker thread, see ``tracing``), access-log lines through a bounded
+    queue, and both count what they drop.
   * The span of an inbound hop is the child of the incoming trace context; the
     context injected upstream is the hop's own span, so the chain across
     sidecars is client span -> server span -> (app) -> client span -> ...
@@ -50,17 +51,17 @@ Invariants:
     started keep their span, and the old pipeline stays open ``RETIRE_GRACE``
     seconds for them before it is flushed and stopped.
 
-Concurrency: everything here runs on the event-loop thread. The other threads
-are the exporters' batch workers and the access-log writer (reached through
-bounded, thread-safe queues), plus short-lived daemon threads that retire a
-replaced tracing pipeline and run ``shutdown``'s blocking flush off the loop.
+Concurrency: everything here runs on the event-loop thread, as do the OTLP/gRPC
+export tasks. The other threads are the worker threads of the SDK exporters (TLS
+OTLP/gRPC, OTLP/HTTP, Zipkin) and the access-log writer (reached through bounded,
+thread-safe queues), plus short-lived daemon threads that retire a replaced tracing
+pipeline and run ``shutdown``'s blocking flush off the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import random
@@ -110,7 +111,6 @@ _GRPC_SERVER_ERRORS = frozenset({"2", "4", "12", "13", "14", "15"})
 Clock = Callable[[], float]
 
 
-@functools.lru_cache(maxsize=1024)  # a proxy sees a handful of authorities, request after request
 def _split_authority(authority: str) -> tuple[str, int | None]:
     if authority.startswith("["):
         host, _, rest = authority[1:].partition("]")

@@ -14,8 +14,9 @@ queued and converted to a ``ReadableSpan`` on the worker thread.
 
 Invariants:
   * Never touches OpenTelemetry's global state; nothing here can block the event loop:
-    ``submit`` is a few appends, and the worker threads hold the GIL only for a
-    ``b"".join`` (wire) or the conversion (SDK) per batch; network waits release it.
+    ``submit`` is an encode and a few appends, the loop's export tasks only await, and
+    the worker threads hold the GIL only for a ``b"".join`` (wire) or the conversion
+    (SDK) per batch; network waits release it.
   * Each queue holds at most ``Tracing.max_queue_size`` spans. A span that finds its
     queue full is dropped and counted in ``meshproxy_spans_dropped_total{reason=
     "queue_full"}``; a batch whose export fails (after the exporter's own retries) is
@@ -25,10 +26,12 @@ Invariants:
   * A pipeline with no exporter records no spans (``recording`` is False), but the
     sampling decision is still made and propagated, so the hops after this one agree.
 
-Concurrency: ``submit`` runs on the event-loop thread; each queue has one daemon worker
-thread. ``deque`` appends and pops are atomic, so the loop never takes a lock per span:
-it sets the worker's ``threading.Event`` only when a full batch is waiting. ``force_flush``
-and ``shutdown`` block and are called off the loop (tests, ``Telemetry.shutdown``).
+Concurrency: ``submit`` runs on the event-loop thread. An ``otlp_grpc.AsyncExportQueue``
+is drained by a task on the same loop (``flush``/``aclose`` are awaited); an
+``ExportQueue`` has one daemon worker thread. ``deque`` appends and pops are atomic, so the
+loop never takes a lock per span: it sets the worker's ``threading.Event`` only when a
+full batch is waiting. ``force_flush`` and ``shutdown`` (threaded queues) block and are
+called off the loop (tests, ``Telemetry.shutdown``).
 """
 
 from __future__ import annotations
