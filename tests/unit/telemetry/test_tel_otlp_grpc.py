@@ -4,6 +4,7 @@ collector costs a bounded wait."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -170,4 +171,37 @@ async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Colle
         for s in ss.spans
     ]
     assert got == hops
+    await tel.shutdown(grace=2)
+
+
+async def test_the_sdk_grpc_exporter_sends_the_same_encoded_spans(collector: Collector) -> None:
+    # MESHPROXY_OTLP_GRPC_CLIENT=sdk (and TLS or compression) take the OpenTelemetry SDK's
+    # grpcio exporter, fed the bytes the event loop encoded, from a worker thread.
+    from tel_rig import head
+
+    from meshproxy.telemetry.otlp_export import WireOTLPGrpcExporter
+
+    settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
+    tel = Telemetry.build(
+        settings, model.Workload(name="a", namespace="demo"), env={"MESHPROXY_OTLP_GRPC_CLIENT": "sdk"}
+    )
+    assert not tel.tracing.async_queues and len(tel.tracing.queues) == 1
+    hops = []
+    for _ in range(3):
+        hop = tel.start_http(
+            direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
+        )
+        hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
+        hops.append(hop.trace_id)
+    assert await asyncio.to_thread(tel.tracing.force_flush, 5000)
+    got = [
+        s.trace_id.hex()
+        for r in collector.requests
+        for rs in r.resource_spans
+        for ss in rs.scope_spans
+        for s in ss.spans
+    ]
+    assert got == hops
+    with pytest.raises(TypeError):  # SDK spans would be encoded on the worker thread again
+        WireOTLPGrpcExporter(endpoint="127.0.0.1:1", insecure=True).export([])
     await tel.shutdown(grace=2)
