@@ -144,41 +144,48 @@ async def test_a_dead_collector_fails_within_the_timeout() -> None:
     await client.aclose()
 
 
-async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Collector) -> None:
-    import threading
-
+def finish_hops(tel: Telemetry, n: int) -> list[str]:
+    """Start and finish ``n`` outbound HTTP hops; their trace ids, in order."""
     from tel_rig import head
 
-    settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
-    threads_before = threading.active_count()
-    tel = Telemetry.build(
-        settings, model.Workload(name="a", namespace="demo"), env={}, schedule_delay_millis=20
-    )
-    hops = []
-    for _ in range(5):
+    ids = []
+    for _ in range(n):
         hop = tel.start_http(
             direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
         )
         hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
-        hops.append(hop.trace_id)
-    assert threading.active_count() == threads_before
-    await tel.tracing.flush()
-    got = [
+        ids.append(hop.trace_id)
+    return ids
+
+
+def received_trace_ids(collector: Collector) -> list[str]:
+    return [
         s.trace_id.hex()
         for r in collector.requests
         for rs in r.resource_spans
         for ss in rs.scope_spans
         for s in ss.spans
     ]
-    assert got == hops
+
+
+async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Collector) -> None:
+    import threading
+
+    settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
+    threads_before = threading.active_count()
+    tel = Telemetry.build(
+        settings, model.Workload(name="a", namespace="demo"), env={}, schedule_delay_millis=20
+    )
+    hops = finish_hops(tel, 5)
+    assert threading.active_count() == threads_before
+    await tel.tracing.flush()
+    assert received_trace_ids(collector) == hops
     await tel.shutdown(grace=2)
 
 
 async def test_the_sdk_grpc_exporter_sends_the_same_encoded_spans(collector: Collector) -> None:
     # MESHPROXY_OTLP_GRPC_CLIENT=sdk (and TLS or compression) take the OpenTelemetry SDK's
     # grpcio exporter, fed the bytes the event loop encoded, from a worker thread.
-    from tel_rig import head
-
     from meshproxy.telemetry.otlp_export import WireOTLPGrpcExporter
 
     settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
@@ -186,22 +193,9 @@ async def test_the_sdk_grpc_exporter_sends_the_same_encoded_spans(collector: Col
         settings, model.Workload(name="a", namespace="demo"), env={"MESHPROXY_OTLP_GRPC_CLIENT": "sdk"}
     )
     assert not tel.tracing.async_queues and len(tel.tracing.queues) == 1
-    hops = []
-    for _ in range(3):
-        hop = tel.start_http(
-            direction="outbound", head=head(), peer=("127.0.0.1", 1), destination_service="b"
-        )
-        hop.finish(status=200, flag=None, request_bytes=0, response_bytes=0)
-        hops.append(hop.trace_id)
+    hops = finish_hops(tel, 3)
     assert await asyncio.to_thread(tel.tracing.force_flush, 5000)
-    got = [
-        s.trace_id.hex()
-        for r in collector.requests
-        for rs in r.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
-    assert got == hops
+    assert received_trace_ids(collector) == hops
     with pytest.raises(TypeError):  # SDK spans would be encoded on the worker thread again
         WireOTLPGrpcExporter(endpoint="127.0.0.1:1", insecure=True).export([])
     await tel.shutdown(grace=2)
