@@ -38,6 +38,16 @@ class Collector:
     def spans(self) -> int:
         return sum(len(ss.spans) for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans)
 
+    def trace_ids(self) -> list[str]:
+        """The trace id of every span received, in arrival order."""
+        return [
+            s.trace_id.hex()
+            for r in self.requests
+            for rs in r.resource_spans
+            for ss in rs.scope_spans
+            for s in ss.spans
+        ]
+
 
 @pytest.fixture
 async def collector() -> AsyncIterator[Collector]:
@@ -158,16 +168,6 @@ def finish_hops(tel: Telemetry, n: int) -> list[str]:
     return ids
 
 
-def received_trace_ids(collector: Collector) -> list[str]:
-    return [
-        s.trace_id.hex()
-        for r in collector.requests
-        for rs in r.resource_spans
-        for ss in rs.scope_spans
-        for s in ss.spans
-    ]
-
-
 async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Collector) -> None:
     import threading
 
@@ -179,7 +179,7 @@ async def test_telemetry_exports_from_the_loop_without_a_thread(collector: Colle
     hops = finish_hops(tel, 5)
     assert threading.active_count() == threads_before
     await tel.tracing.flush()
-    assert received_trace_ids(collector) == hops
+    assert collector.trace_ids() == hops
     await tel.shutdown(grace=2)
 
 
@@ -195,7 +195,7 @@ async def test_the_sdk_grpc_exporter_sends_the_same_encoded_spans(collector: Col
     assert not tel.tracing.async_queues and len(tel.tracing.queues) == 1
     hops = finish_hops(tel, 3)
     assert await asyncio.to_thread(tel.tracing.force_flush, 5000)
-    assert received_trace_ids(collector) == hops
+    assert collector.trace_ids() == hops
     with pytest.raises(TypeError):  # SDK spans would be encoded on the worker thread again
         WireOTLPGrpcExporter(endpoint="127.0.0.1:1", insecure=True).export([])
     await tel.shutdown(grace=2)
