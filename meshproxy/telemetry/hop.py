@@ -476,7 +476,7 @@ class Telemetry:
         env: Mapping[str, str],
         access_log_stream: TextIO | None,
         extra_exporters: Sequence[SpanExporter],
-        schedule_delay_millis: float,
+        schedule_delay_millis: float | None,
         access_log_path: str | None = None,
     ) -> None:
         self.metrics = metrics
@@ -515,7 +515,7 @@ class Telemetry:
         access_log_stream: TextIO | None = None,
         access_log_path: str | None = None,
         extra_exporters: Sequence[SpanExporter] = (),
-        schedule_delay_millis: float = 1000,
+        schedule_delay_millis: float | None = None,
     ) -> Telemetry:
         """``env`` defaults to a copy of ``os.environ`` (read once, here: the OTEL_* variables).
         The access log goes to ``access_log_path`` (appended, opened when first needed) if given,

@@ -82,9 +82,17 @@ class _Protocol(asyncio.Protocol):
 
     def __init__(self, authority: str) -> None:
         self.authority = authority
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        # The request's headers are built here, already lower-case and valid, and the only
+        # headers read back are :status and grpc-*: h2's checks of both cost a fifth of an export.
+        config = h2.config.H2Configuration(
+            client_side=True,
+            header_encoding="utf-8",
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+            validate_inbound_headers=False,
+            normalize_inbound_headers=False,
         )
+        self.conn = h2.connection.H2Connection(config)
         self.transport: asyncio.Transport | None = None
         self.window_opened: asyncio.Event = asyncio.Event()
         self.responses: dict[int, _Response] = {}
@@ -316,6 +324,16 @@ class AsyncExportQueue:
         self._closing = False
         self._flushing = False
         self.exported = 0
+
+    @property
+    def batch(self) -> int:
+        """Spans per export request."""
+        return self._batch
+
+    @property
+    def delay(self) -> float:
+        """Seconds a partial batch waits before it is exported anyway."""
+        return self._delay
 
     def offer(self, item: bytes) -> None:
         queue = self._queue

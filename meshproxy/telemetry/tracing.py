@@ -17,6 +17,8 @@ Invariants:
     ``submit`` is an encode and a few appends, the loop's export tasks only await, and
     the worker threads hold the GIL only for a ``b"".join`` (wire) or the conversion
     (SDK) per batch; network waits release it.
+  * Batches hold ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` spans (default 128, at most the
+    queue); a partial batch leaves after ``OTEL_BSP_SCHEDULE_DELAY`` ms (default 1000).
   * Each queue holds at most ``Tracing.max_queue_size`` spans. A span that finds its
     queue full is dropped and counted in ``meshproxy_spans_dropped_total{reason=
     "queue_full"}``; a batch whose export fails (after the exporter's own retries) is
@@ -58,6 +60,30 @@ log = logging.getLogger(__name__)
 
 _MAX_STATIC = 4096  # cached static attribute sets per pipeline (a few MB at most)
 MAX_EXPORT_BATCH = 128  # spans per export request (~90 KB of OTLP at this proxy's span size)
+SCHEDULE_DELAY_MILLIS = 1000.0  # a partial batch waits at most this long
+
+
+def batch_settings(env: Mapping[str, str], max_queue_size: int) -> tuple[float, int]:
+    """``(schedule delay in ms, spans per export)`` from the OpenTelemetry SDK's variables
+    ``OTEL_BSP_SCHEDULE_DELAY`` and ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE``; a missing or invalid
+    value (logged) keeps this proxy's default. The batch never exceeds the queue."""
+    delay = _positive(env, "OTEL_BSP_SCHEDULE_DELAY", SCHEDULE_DELAY_MILLIS)
+    batch = int(_positive(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", MAX_EXPORT_BATCH))
+    return delay, max(1, min(batch, max_queue_size))
+
+
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if value >= 1 and value == int(value):
+        return value
+    log.warning("%s=%r is not a positive integer; using %g", name, raw, default)
+    return default
 
 
 class ExportQueue:
@@ -70,6 +96,7 @@ class ExportQueue:
         close: Callable[[], None],
         *,
         max_queue_size: int,
+        batch: int,
         delay: float,
         on_full: Callable[[int], None],
         on_failed: Callable[[int], None],
@@ -78,7 +105,7 @@ class ExportQueue:
         self._send = send
         self._close = close
         self._max = max(1, max_queue_size)
-        self._batch = min(MAX_EXPORT_BATCH, self._max)
+        self._batch = max(1, min(batch, self._max))
         self._delay = delay
         self._on_full = on_full
         self._on_failed = on_failed
@@ -176,7 +203,7 @@ class TracingPipeline:
         *,
         env: Mapping[str, str],
         extra_exporters: Sequence[SpanExporter] = (),
-        schedule_delay_millis: float = 1000,
+        schedule_delay_millis: float | None = None,
     ) -> None:
         self.settings = settings
         self.formats: tuple[Propagation, ...] = settings.propagation
@@ -189,18 +216,18 @@ class TracingPipeline:
         self._wire: list[ExportQueue] = []
         self._sdk: list[ExportQueue] = []
         self._async: list[AsyncExportQueue] = []
-        delay = max(0.001, schedule_delay_millis / 1000.0)
+        env_delay, batch = batch_settings(env, settings.max_queue_size)
+        delay = max(0.001, (env_delay if schedule_delay_millis is None else schedule_delay_millis) / 1000.0)
         for name, exporter in named:
             common: dict[str, Any] = {
                 "max_queue_size": settings.max_queue_size,
+                "batch": batch,
                 "delay": delay,
                 "on_full": metrics.spans_dropped_queue_full,
                 "on_failed": metrics.spans_dropped_export_failed,
             }
             if isinstance(exporter, OtlpGrpcClient):
-                self._async.append(
-                    AsyncExportQueue(name, exporter, self._encoded_request, batch=MAX_EXPORT_BATCH, **common)
-                )
+                self._async.append(AsyncExportQueue(name, exporter, self._encoded_request, **common))
             elif isinstance(exporter, exporters.WireExporter):
                 self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, **common))
             else:

@@ -33,10 +33,17 @@ class Collector:
     metadata: list[dict[str, str]] = field(default_factory=list)
     # Codes to answer the next calls with, in order; then OK.
     failures: list[grpc.StatusCode] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set by each accepted request
 
     @property
     def spans(self) -> int:
         return sum(len(ss.spans) for r in self.requests for rs in r.resource_spans for ss in rs.scope_spans)
+
+    async def wait_for_spans(self, n: int) -> None:
+        """Until ``n`` spans arrived (callers bound the wait with ``asyncio.timeout``)."""
+        while self.spans < n:
+            self.arrived.clear()
+            await self.arrived.wait()
 
     def trace_ids(self) -> list[str]:
         """The trace id of every span received, in arrival order."""
@@ -59,6 +66,7 @@ async def collector() -> AsyncIterator[Collector]:
         if state.failures:
             await context.abort(state.failures.pop(0), "try again")
         state.requests.append(request)
+        state.arrived.set()
         return ExportTraceServiceResponse()
 
     handler = grpc.method_handlers_generic_handler(
@@ -199,3 +207,44 @@ async def test_the_sdk_grpc_exporter_sends_the_same_encoded_spans(collector: Col
     with pytest.raises(TypeError):  # SDK spans would be encoded on the worker thread again
         WireOTLPGrpcExporter(endpoint="127.0.0.1:1", insecure=True).export([])
     await tel.shutdown(grace=2)
+
+
+async def test_otel_bsp_variables_set_the_batch_size_and_the_schedule_delay(collector: Collector) -> None:
+    # The OpenTelemetry SDK's batch variables, as a pod's env sets them: 7 spans in batches
+    # of at most 3, and the partial last batch leaves on the 30 ms timer, with no flush asked.
+    settings = model.Telemetry(tracing=model.Tracing(otlp_grpc_endpoint=f"http://127.0.0.1:{collector.port}"))
+    env = {"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3", "OTEL_BSP_SCHEDULE_DELAY": "30"}
+    tel = Telemetry.build(settings, model.Workload(name="a", namespace="demo"), env=env)
+    (queue,) = tel.tracing.async_queues
+    assert (queue.batch, queue.delay) == (3, 0.03)
+    hops = finish_hops(tel, 7)
+    async with asyncio.timeout(10):
+        await collector.wait_for_spans(7)  # no flush: the last, partial batch goes on the timer
+    sizes = [
+        sum(len(ss.spans) for rs in r.resource_spans for ss in rs.scope_spans) for r in collector.requests
+    ]
+    assert sizes == [3, 3, 1]
+    assert collector.trace_ids() == hops
+    await tel.shutdown(grace=2)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (1000.0, 128)),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "5000", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "512"}, (5000.0, 512)),
+        ({"OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "100000"}, (1000.0, 2048)),  # never above the queue
+        ({"OTEL_BSP_SCHEDULE_DELAY": "soon", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "0"}, (1000.0, 128)),
+        ({"OTEL_BSP_SCHEDULE_DELAY": "-5", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2.5"}, (1000.0, 128)),
+    ],
+)
+def test_batch_settings_take_valid_values_and_name_the_invalid_ones(
+    env: dict[str, str], expected: tuple[float, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    from meshproxy.telemetry.tracing import batch_settings
+
+    assert batch_settings(env, 2048) == expected
+    bad = [k for k, v in env.items() if k == "OTEL_BSP_SCHEDULE_DELAY" and v in ("soon", "-5")]
+    bad += [k for k, v in env.items() if k == "OTEL_BSP_MAX_EXPORT_BATCH_SIZE" and v in ("0", "2.5")]
+    for name in bad:
+        assert name in caplog.text
