@@ -53,6 +53,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from meshproxy.core.passthrough import INBOUND_SOURCE_V4, INBOUND_SOURCE_V6
+
 CHAIN_PREFIX = "MESH_"
 CHAIN_INBOUND = "MESH_INBOUND"
 CHAIN_REDIRECT = "MESH_REDIRECT"
@@ -111,11 +113,11 @@ class InterceptSettings:
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()
     include_outbound_cidrs: tuple[str, ...] | None = None
-    # Source address for the sidecar's inbound forwarding to a non-loopback app address;
-    # rule 1 lets that connection out instead of looping it back to 15006. (The sidecar
-    # forwards to inbound.app_address, 127.0.0.1 by default, and does not bind it yet.)
-    inbound_passthrough_v4: str = "127.0.0.6"
-    inbound_passthrough_v6: str = "::6"
+    # Source address of the sidecar's inbound forwarding to a non-loopback app address
+    # (``meshproxy.core.passthrough``); rule 1 lets that connection out instead of looping
+    # it back to 15006.
+    inbound_passthrough_v4: str = INBOUND_SOURCE_V4
+    inbound_passthrough_v6: str = INBOUND_SOURCE_V6
     ipv6: bool | None = None  # None: apply IPv6 rules when the pod has IPv6
 
     @property

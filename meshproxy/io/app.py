@@ -45,8 +45,8 @@ from meshproxy.core.errors import ConfigError
 from meshproxy.io.admin import AdminServer
 from meshproxy.io.app_probes import AppProbes
 from meshproxy.io.exchange import UpstreamClient
-from meshproxy.io.http1_client import Http1Client
-from meshproxy.io.http2_client import Http2Client
+from meshproxy.io.http1_client import Http1Client, PoolSettings
+from meshproxy.io.http2_client import Http2Client, Http2ClientSettings
 from meshproxy.io.proxy import Proxy
 from meshproxy.io.runtime import Active, Runtime
 from meshproxy.io.server import Listener, ListenerSettings
@@ -182,8 +182,12 @@ class Sidecar:
         )
         self.http1 = Http1Client()
         self.http2 = Http2Client()
+        # To the app: separate pools, bound to the inbound passthrough source when needed.
+        self.http1_inbound = Http1Client(PoolSettings(inbound=True))
+        self.http2_inbound = Http2Client(Http2ClientSettings(inbound=True))
         clients: dict[str, UpstreamClient] = {"1.1": self.http1, "2": self.http2}
-        self.proxy = Proxy(self.runtime, clients, telemetry=self.telemetry)
+        inbound: dict[str, UpstreamClient] = {"1.1": self.http1_inbound, "2": self.http2_inbound}
+        self.proxy = Proxy(self.runtime, clients, inbound_clients=inbound, telemetry=self.telemetry)
         self.listeners = [
             Listener(
                 ListenerSettings(
@@ -329,8 +333,8 @@ class Sidecar:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.http1.close()
-        await self.http2.close()
+        for client in (self.http1, self.http2, self.http1_inbound, self.http2_inbound):
+            await client.close()
         await self.telemetry.shutdown(grace=2.0)
         await self.admin.close()
 

@@ -45,6 +45,7 @@ from meshproxy.core.errors import (
     UpstreamResetError,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead, get_header
+from meshproxy.core.passthrough import source_for
 from meshproxy.io.body import BodyQueue, known_length
 from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.sockopt import set_nodelay
@@ -66,6 +67,9 @@ class PoolSettings:
     idle_timeout: float = 60.0
     body_high_water: int = 64 * 1024
     write_high_water: int = 64 * 1024
+    # Connections to this pod's own app: bound to the passthrough source when the app is
+    # not on loopback (``meshproxy.core.passthrough``). The inbound client's pools only.
+    inbound: bool = False
 
 
 class _StaleConnectionError(Exception):
@@ -578,7 +582,12 @@ class Http1Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Conn(self, key), key[0], key[1])
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self, key),
+                    key[0],
+                    key[1],
+                    local_addr=source_for(key[0]) if self.settings.inbound else None,
+                )
         except (OSError, TimeoutError) as exc:
             raise UpstreamConnectError(f"connect {key[0]}:{key[1]}: {exc or 'timeout'}") from exc
         self.connects += 1

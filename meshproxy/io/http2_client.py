@@ -64,6 +64,7 @@ from meshproxy.core.h2util import (
     trailers_from_h2,
 )
 from meshproxy.core.http import Headers, RequestHead, ResponseHead
+from meshproxy.core.passthrough import source_for
 from meshproxy.io.body import BytesBody, known_length
 from meshproxy.io.exchange import BodyStream, ConnectionLimits, UpstreamResponse
 from meshproxy.io.http2_common import (
@@ -99,6 +100,9 @@ class Http2ClientSettings:
     max_header_list_size: int = 64 * 1024
     keepalive_interval: float | None = None
     keepalive_timeout: float = 20.0
+    # Connections to this pod's own app: bound to the passthrough source when the app is
+    # not on loopback (``meshproxy.core.passthrough``). The inbound client's pools only.
+    inbound: bool = False
 
 
 class Http2ResponseBody:
@@ -606,7 +610,12 @@ class _EndpointPool:
         transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(connect_timeout):
-                transport, _ = await loop.create_connection(lambda: conn, self.address, self.port)
+                transport, _ = await loop.create_connection(
+                    lambda: conn,
+                    self.address,
+                    self.port,
+                    local_addr=source_for(self.address) if self._settings.inbound else None,
+                )
                 assert conn.ready is not None
                 await conn.ready
         except TimeoutError:

@@ -78,6 +78,7 @@ from meshproxy.core.errors import (
 from meshproxy.core.flags import Flag, grpc_local_reply, local_reply
 from meshproxy.core.http import Headers, RequestHead, ResponseHead, end_to_end, get_header
 from meshproxy.core.outlier import Outcome, outcome_for_status
+from meshproxy.core.passthrough import source_for
 from meshproxy.core.retry import RetryBudgetState, backoff, should_retry
 from meshproxy.core.routing import apply_header_modifier
 from meshproxy.io.body import (
@@ -317,6 +318,7 @@ class Proxy:
         runtime: Runtime,
         clients: Mapping[str, UpstreamClient],
         *,
+        inbound_clients: Mapping[str, UpstreamClient] | None = None,
         telemetry: Telemetry | None = None,
         rng: random.Random | None = None,
         stream_idle_timeout: float | None = STREAM_IDLE_TIMEOUT,
@@ -324,6 +326,10 @@ class Proxy:
         self.runtime = runtime
         self.stream_idle_timeout = stream_idle_timeout
         self.clients = clients
+        # Connections to the app: their own pools, bound to the passthrough source when the
+        # app is not on loopback (``core.passthrough``). The same address:port can be an
+        # outbound destination too (a call to a service on this pod), which must not share them.
+        self.inbound_clients = inbound_clients if inbound_clients is not None else clients
         self.telemetry = telemetry
         self.rng = rng or random.Random()
         self._gauge_states: dict[int, tuple[Breaker, BreakerState]] = {}
@@ -898,7 +904,8 @@ class Proxy:
     async def _upstream(self, call: Call) -> UpstreamResponse:
         ep = call.endpoint
         assert ep is not None
-        client = self.clients.get(self._upstream_version(call)) or self.clients["1.1"]
+        clients = self.inbound_clients if call.ctx.direction == "inbound" else self.clients
+        client = clients.get(self._upstream_version(call)) or clients["1.1"]
         if call.service is not None:
             policy = call.service.policy
             return await client.request(
@@ -985,7 +992,12 @@ class Proxy:
             else:
                 chosen = candidates[0]
             try:
-                upstream = await open_tcp(chosen.address, chosen.port, connect_timeout=connect_timeout)
+                upstream = await open_tcp(
+                    chosen.address,
+                    chosen.port,
+                    connect_timeout=connect_timeout,
+                    local_addr=source_for(chosen.address) if ctx.direction == "inbound" else None,
+                )
                 break
             except UpstreamConnectError as exc:
                 last = exc

@@ -229,15 +229,18 @@ class Parked(asyncio.Protocol):
         return self.transport, data, self.eof
 
 
-async def open_tcp(host: str, port: int, *, connect_timeout: float) -> Parked:
-    """Connect to ``host:port`` within ``connect_timeout``; the connection is parked (not reading).
+async def open_tcp(
+    host: str, port: int, *, connect_timeout: float, local_addr: tuple[str, int] | None = None
+) -> Parked:
+    """Connect to ``host:port`` (from ``local_addr``, if given) within ``connect_timeout``; the
+    connection is parked (not reading).
 
     Raises ``UpstreamConnectError`` (flag UF) on refusal, unreachability or timeout.
     """
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(connect_timeout):
-            transport, parked = await loop.create_connection(Parked, host, port)
+            transport, parked = await loop.create_connection(Parked, host, port, local_addr=local_addr)
     except (OSError, TimeoutError) as exc:
         raise UpstreamConnectError(f"connect {host}:{port}: {exc or 'timeout'}") from exc
     set_nodelay(transport.get_extra_info("socket"))

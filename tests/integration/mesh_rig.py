@@ -408,9 +408,12 @@ def ws_read_frame(stream: Any) -> tuple[int, bytes]:
     return b0 & 0x0F, payload
 
 
-def serve_http(name: str, port: int) -> None:
+def serve_http(name: str, port: int, host: str = "0.0.0.0") -> None:
     handler = type("Handler", (AppHandler,), {"state": AppState(name)})
-    server = ThreadingHTTPServer(("0.0.0.0", port), handler)
+    server_class = ThreadingHTTPServer
+    if ":" in host:  # an IPv6 listener (IPv6-only, so it never hides an IPv4 one)
+        server_class = type("Http6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    server = server_class((host, port), handler)
     server.daemon_threads = True
     server.request_queue_size = 128
     server.serve_forever()
@@ -778,6 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = sub.add_parser("http-app")
     s.add_argument("--name", required=True)
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default="0.0.0.0")
     for name in ("tcp-echo", "smtp-like", "grpc-app"):
         sub.add_parser(name).add_argument("--port", type=int, required=True)
     s = sub.add_parser("get")
@@ -814,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     servers = {
-        "http-app": lambda: serve_http(a.name, a.port),
+        "http-app": lambda: serve_http(a.name, a.port, a.host),
         "tcp-echo": lambda: _serve_tcp(a.port, tcp_echo),
         "smtp-like": lambda: _serve_tcp(a.port, smtp_like),
         "grpc-app": lambda: serve_grpc(a.port),
