@@ -356,6 +356,7 @@ def _validate_policy(p: model.TrafficPolicy, path: str) -> None:
             v = getattr(od, name)
             _check(v >= 0, _join(odp, name), f"must be >= 0, got {v}")
         _percent(od.max_ejection_percent, _join(odp, "max_ejection_percent"))
+        _percent(od.min_health_percent, _join(odp, "min_health_percent"))
     if p.rate_limit is not None:
         _validate_rate_limit(p.rate_limit, _join(path, "rate_limit"))
     if p.fault is not None:

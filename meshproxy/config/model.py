@@ -161,6 +161,9 @@ class OutlierDetection:
     base_ejection_time: float = 30.0  # ejection n lasts n * base (capped by max_ejection_time)
     max_ejection_time: float = 300.0
     max_ejection_percent: int = 50
+    # Panic threshold (Envoy's healthy_panic_threshold, Istio's minHealthPercent): with fewer
+    # than this percentage of the usable endpoints healthy, ejections are ignored. 0: never.
+    min_health_percent: int = 50
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,9 @@ Owns: ``EndpointPool`` (one per service key, kept by the shell in a dict
 (its read-only view for /clusters).
 
 API:
-    EndpointPool(key, clock, rng, endpoints=(), policy=None, panic_threshold=50)
-    pool.update(endpoints, policy)      new endpoint list / TrafficPolicy; state kept by (address, port)
+    EndpointPool(key, clock, rng, endpoints=(), policy=None)
+    pool.update(endpoints, policy)      new endpoint list / TrafficPolicy (lb, outlier detection,
+                                        panic threshold); state kept by (address, port)
     pool.pick(exclude=frozenset()) -> Endpoint | None
     pool.on_request_start(endpoint)     in-flight += 1
     pool.on_request_end(endpoint, outcome: Outcome)   in-flight -= 1, outlier accounting
@@ -19,14 +20,17 @@ Picking:
   * Eligible: ready, not terminating, weight > 0, not ejected. If none is
     eligible, endpoints that are terminating but still serving are used (so
     in-flight rollouts drain gracefully rather than fail).
-  * Panic (Envoy's panic threshold): when the eligible endpoints are fewer than
-    ``panic_threshold`` percent of the usable ones (ready, not terminating,
+  * Panic (Envoy's healthy_panic_threshold): when the eligible endpoints are fewer
+    than ``min_health_percent`` (of the service's ``OutlierDetection``, default 50)
+    percent of the usable ones (ready, not terminating,
     weight > 0, ejected or not), outlier ejection is ignored and every usable
     endpoint is picked from. Ejection is a guess from a few errors; when it has
     removed most of a service, concentrating all traffic on the few endpoints
     left (or answering UH for a single-endpoint service until an ejection ends)
     does more harm than sending some requests to a host that may have recovered.
-    ``panic_threshold=0`` turns this off. ``in_panic``/``panic_picks`` report it.
+    ``min_health_percent=0`` turns this off. The threshold is per service and
+    follows ``update`` like the rest of the policy (re-evaluated at once).
+    ``in_panic``/``panic_picks`` report it.
   * ``exclude`` holds (address, port) pairs or Endpoints a retry wants to avoid;
     it is a preference: if it would leave nothing, it is ignored.
   * ROUND_ROBIN rotates over the eligible list; LEAST_REQUEST is power of two
@@ -58,6 +62,8 @@ from meshproxy.core.clock import Clock
 from meshproxy.core.outlier import EjectReason, Outcome, OutlierState, may_eject
 
 EndpointId = tuple[str, int]
+
+_DEFAULT_PANIC_THRESHOLD = OutlierDetection().min_health_percent  # Envoy's default, 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +123,9 @@ class EndpointPool:
         rng: random.Random,
         endpoints: Iterable[Endpoint] = (),
         policy: TrafficPolicy | None = None,
-        panic_threshold: int = 50,
     ) -> None:
         self.key = key
-        # Envoy's default healthy_panic_threshold; a setting of the proxy, not of a service.
-        self._panic_threshold = panic_threshold
+        self._panic_threshold = _DEFAULT_PANIC_THRESHOLD  # set from the policy by update()
         self._usable: list[_EndpointState] = []
         self._panic = False
         self._ejected = 0
@@ -146,6 +150,10 @@ class EndpointPool:
         """Replace the endpoint list and policy, keeping state of endpoints still present."""
         self._lb = policy.lb
         self._outlier = policy.outlier_detection
+        # Without outlier detection nothing is ejected, so no threshold can cause panic.
+        self._panic_threshold = (
+            self._outlier.min_health_percent if self._outlier is not None else _DEFAULT_PANIC_THRESHOLD
+        )
         new: dict[EndpointId, _EndpointState] = {}
         for ep in endpoints:
             eid = _eid(ep)

@@ -275,6 +275,16 @@ BAD = [
         "services[0].policy.outlier_detection.max_ejection_percent: must be 0..100, got 101",
     ),
     (
+        "services[0].policy.outlier_detection",
+        {"min_health_percent": 101},
+        "services[0].policy.outlier_detection.min_health_percent: must be 0..100, got 101",
+    ),
+    (
+        "services[0].policy.outlier_detection",
+        {"min_health_percent": -1},
+        "services[0].policy.outlier_detection.min_health_percent: must be 0..100, got -1",
+    ),
+    (
         "services[0].policy.retry",
         {"retry_on": ["5xx", "sometimes"]},
         "services[0].policy.retry.retry_on: unknown condition 'sometimes'",
@@ -357,6 +367,19 @@ def test_unknown_field_suggests_the_closest_name() -> None:
         ConfigError, match=r"services\[0\]\.policy\.retyr: unknown field \(did you mean 'retry'\?"
     ):
         load_dict(data)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, 50), (0, 0), (30, 30), (100, 100)])
+def test_min_health_percent_is_read_per_service(given: int | None, expected: int) -> None:
+    data = valid()
+    data["services"][0]["policy"] = {
+        "outlier_detection": {} if given is None else {"min_health_percent": given}
+    }
+    snap = load_dict(data)
+    od = snap.services[0].policy.outlier_detection
+    assert od is not None and od.min_health_percent == expected
+    other = snap.services[1].policy.outlier_detection  # the other service keeps the default
+    assert other is not None and other.min_health_percent == 50
 
 
 def test_valid_baseline_loads() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -280,14 +281,47 @@ def test_panic_ignores_not_ready_endpoints_and_can_be_turned_off() -> None:
     pool, _ = pool_of(A, not_ready)
     fail(pool, A, Outcome.CONNECT_FAILURE, 2)
     assert pool.in_panic and {pool.pick() for _ in range(10)} == {A}  # never the not-ready one
-    clock = FakeClock()
-    off = EndpointPool(
-        "svc.demo:8080",
-        clock,
-        random.Random(1),
-        (A,),
-        TrafficPolicy(lb=LbPolicy.ROUND_ROBIN, outlier_detection=OD),
-        panic_threshold=0,
-    )
+    off, _ = pool_of(A, od=replace(OD, min_health_percent=0))
     fail(off, A, Outcome.CONNECT_FAILURE, 2)
     assert not off.in_panic and off.pick() is None  # the old behaviour: UH until the ejection ends
+
+
+def eject_two_of_four(min_health_percent: int) -> EndpointPool:
+    """A, B of A..D ejected (50% healthy), with the given panic threshold."""
+    od = replace(OD, max_ejection_percent=100, min_health_percent=min_health_percent)
+    pool, _ = pool_of(A, B, C, D, od=od)
+    fail(pool, A, Outcome.CONNECT_FAILURE, 2)
+    fail(pool, B, Outcome.CONNECT_FAILURE, 2)
+    assert pool.ejected_count == 2
+    return pool
+
+
+def test_the_panic_threshold_is_the_services_min_health_percent() -> None:
+    # The same ejection state (2 of 4 healthy): below a 75% threshold, not below 50%.
+    strict = eject_two_of_four(75)
+    assert strict.in_panic and {strict.pick() for _ in range(40)} == {A, B, C, D}
+    lenient = eject_two_of_four(50)
+    assert not lenient.in_panic and {lenient.pick() for _ in range(40)} == {C, D}
+    assert lenient.panic_picks == 0
+
+
+def test_min_health_percent_zero_never_panics() -> None:
+    od = replace(OD, max_ejection_percent=100, min_health_percent=0)
+    pool, clock = pool_of(A, B, od=od)
+    fail(pool, A, Outcome.CONNECT_FAILURE, 2)
+    fail(pool, B, Outcome.CONNECT_FAILURE, 2)
+    assert pool.ejected_count == 2  # nothing healthy left, still no panic
+    assert not pool.in_panic and pool.pick() is None and pool.panic_picks == 0
+    clock.advance(od.base_ejection_time)
+    assert pool.pick() in {A, B}
+
+
+def test_a_new_min_health_percent_applies_to_the_existing_pool_at_once() -> None:
+    pool = eject_two_of_four(50)
+    assert not pool.in_panic
+    strict = TrafficPolicy(lb=LbPolicy.ROUND_ROBIN, outlier_detection=replace(OD, min_health_percent=75))
+    pool.update([A, B, C, D], strict)  # a new snapshot: ejections are kept, the threshold changes
+    assert pool.ejected_count == 2 and pool.in_panic
+    assert {pool.pick() for _ in range(40)} == {A, B, C, D}
+    pool.update([A, B, C, D], TrafficPolicy(lb=LbPolicy.ROUND_ROBIN, outlier_detection=OD))  # 50 again
+    assert pool.ejected_count == 2 and not pool.in_panic

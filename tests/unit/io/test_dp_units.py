@@ -14,10 +14,11 @@ import pytest
 from dp_rig import VIP, Sidecar, Upstream, service, snapshot
 from prometheus_client import CollectorRegistry
 
-from meshproxy.config.model import Endpoint, Workload
+from meshproxy.config.model import Endpoint, OutlierDetection, Snapshot, TrafficPolicy, Workload
 from meshproxy.config.model import Telemetry as TelemetrySettings
 from meshproxy.core.clock import FakeClock
 from meshproxy.core.errors import ConfigError
+from meshproxy.core.outlier import Outcome
 from meshproxy.io.body import BodyQueue, NotReplayableError, ReplayBuffer
 from meshproxy.io.runtime import Runtime
 from meshproxy.io.sockopt import decode_sockaddr_in, decode_sockaddr_in6, original_dst
@@ -171,6 +172,27 @@ def test_endpoint_state_survives_a_config_swap() -> None:
     assert rt.pools[svc_key] is pool
     assert pool.in_flight(ep) == 1
     assert len(pool.endpoints) == 2
+
+
+def test_a_new_min_health_percent_reaches_the_existing_pool_with_its_ejections() -> None:
+    rt = _runtime()
+    eps = (Endpoint(address="127.0.0.1", port=8080), Endpoint(address="127.0.0.2", port=8080))
+
+    def with_threshold(percent: int) -> Snapshot:
+        od = OutlierDetection(consecutive_connect_failures=1, min_health_percent=percent)
+        return snapshot(service(8080, endpoints=eps, policy=TrafficPolicy(outlier_detection=od)))
+
+    rt.apply(with_threshold(0))
+    pool = rt.pools[rt.active.snapshot.services[0].key] if rt.active else None
+    assert pool is not None
+    pool.on_request_start(eps[0])
+    pool.on_request_end(eps[0], Outcome.CONNECT_FAILURE)
+    assert pool.ejected_count == 1 and not pool.in_panic  # 1 of 2 healthy; panic off
+    rt.apply(with_threshold(60))
+    assert rt.pools[rt.active.snapshot.services[0].key] is pool
+    assert pool.ejected_count == 1 and pool.in_panic  # 50% < 60%: the new threshold applies now
+    rt.apply(with_threshold(50))
+    assert not pool.in_panic
 
 
 def test_cache_lets_a_restarted_sidecar_start_with_the_last_good_config(tmp_path: Path) -> None:
