@@ -117,6 +117,7 @@ def _policy(p: model.TrafficPolicy) -> pb.TrafficPolicy:
                 base_ejection_time=_duration(od.base_ejection_time),
                 max_ejection_time=_duration(od.max_ejection_time),
                 max_ejection_percent=od.max_ejection_percent,
+                min_health_percent=od.min_health_percent,  # always set: 0 is "panic off"
             )
         )
     if p.rate_limit is not None:

@@ -740,6 +740,7 @@ def parse_traffic_policy_spec(spec: Any) -> model.TrafficPolicy:
                 base_ejection_time=o.duration("baseEjectionTime", od.base_ejection_time),
                 max_ejection_time=o.duration("maxEjectionTime", od.max_ejection_time),
                 max_ejection_percent=o.integer("maxEjectionPercent", od.max_ejection_percent, maximum=100),
+                min_health_percent=o.integer("minHealthPercent", od.min_health_percent, maximum=100),
             )
             if o.boolean("enabled", True)
             else None

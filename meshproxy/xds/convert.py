@@ -17,7 +17,8 @@ the proxy for seconds.
 Mapping conventions (the reverse of ``controlplane.convert``): an unset optional
 message (``timeout``, ``retry``, ``outlier_detection``, ``rate_limit``,
 ``fault``, ``path``) is ``None``; "" strings and 0 ports that mean "unset" are
-``None``; an unset required message keeps the model's default.
+``None``; an unset required message keeps the model's default, and so does an
+unset ``optional`` scalar (``min_health_percent``, where 0 is a real value).
 
 Versions: a response names its ``VersionScheme``; the proxy recomputes the
 version of what it built in that scheme (``meshproxy.xds.version``) and refuses
@@ -134,6 +135,9 @@ def _retry(r: pb.RetryPolicy) -> model.RetryPolicy:
     )
 
 
+_DEFAULT_MIN_HEALTH_PERCENT = model.OutlierDetection().min_health_percent  # for an unset field
+
+
 def _rate_limit(rl: pb.RateLimit) -> model.RateLimit:
     return model.RateLimit(requests_per_second=rl.requests_per_second, burst=rl.burst)
 
@@ -164,6 +168,9 @@ def _policy(p: pb.TrafficPolicy, path: str) -> model.TrafficPolicy:
             base_ejection_time=_seconds(od.base_ejection_time),
             max_ejection_time=_seconds(od.max_ejection_time),
             max_ejection_percent=od.max_ejection_percent,
+            min_health_percent=od.min_health_percent
+            if od.HasField("min_health_percent")
+            else _DEFAULT_MIN_HEALTH_PERCENT,
         )
     fault = None
     if p.HasField("fault"):

@@ -47,6 +47,7 @@ FULL_SPEC = {
         "baseEjectionTime": "30s",
         "maxEjectionTime": "5m",
         "maxEjectionPercent": 50,
+        "minHealthPercent": 0,
     },
     "loadBalancer": "least_request",
     "rateLimit": {"requestsPerSecond": 100, "burst": 20},
@@ -96,6 +97,9 @@ def test_full_valid_policy_is_accepted_and_stored_as_written(apiserver: ApiServe
     assert info.policy.retry.budget.window == 10.0
     assert info.policy.lb is LbPolicy.LEAST_REQUEST
     assert info.policy.rate_limit == RateLimit(requests_per_second=100, burst=20)
+    # 0 (panic mode off) is kept, not taken for "unset" (the default is 50).
+    assert info.policy.outlier_detection is not None
+    assert info.policy.outlier_detection.min_health_percent == 0
 
 
 @pytest.mark.parametrize(
@@ -114,6 +118,8 @@ def test_full_valid_policy_is_accepted_and_stored_as_written(apiserver: ApiServe
         ("targetRef.kind", "Deployment", "spec.targetRef.kind"),
         ("targetRef.name", "Not_A_Name", "spec.targetRef.name"),
         ("outlierDetection.maxEjectionPercent", 150, "spec.outlierDetection.maxEjectionPercent"),
+        ("outlierDetection.minHealthPercent", 150, "spec.outlierDetection.minHealthPercent"),
+        ("outlierDetection.minHealthPercent", -1, "spec.outlierDetection.minHealthPercent"),
         ("rateLimit.requestsPerSecond", 0, "spec.rateLimit.requestsPerSecond"),
         ("rateLimit.burst", ..., "spec.rateLimit.burst"),
         ("fault.abort.status", 42, "spec.fault.abort.status"),

@@ -6,8 +6,17 @@ from typing import Any
 
 import pytest
 
+from controlplane.compile import ProxyNode, compile_snapshot
 from controlplane.events import Relist, WatchEvent
-from controlplane.index import Index, parse_duration, parse_pod, parse_traffic_policy, workload_of
+from controlplane.index import (
+    ClusterState,
+    Index,
+    parse_duration,
+    parse_pod,
+    parse_traffic_policy,
+    workload_of,
+)
+from controlplane.settings import MeshSettings
 
 
 def slice_(name: str, svc: str, ips: list[str]) -> dict[str, Any]:
@@ -134,11 +143,40 @@ def test_traffic_policy_defaults_and_overrides() -> None:
         ({"rateLimit": {"burst": 3}}, "spec.rateLimit.requestsPerSecond"),
         ({"fault": {"abort": {"percent": 150}}}, "spec.fault.abort.percent"),
         ({"outlierDetection": {"maxEjectionPercent": 101}}, "spec.outlierDetection.maxEjectionPercent"),
+        ({"outlierDetection": {"minHealthPercent": 101}}, "spec.outlierDetection.minHealthPercent"),
+        ({"outlierDetection": {"minHealthPercent": -1}}, "spec.outlierDetection.minHealthPercent"),
+        ({"outlierDetection": {"minHealthPercent": "50%"}}, "spec.outlierDetection.minHealthPercent"),
     ],
 )
 def test_invalid_traffic_policy_names_the_field(spec: dict[str, Any], path: str) -> None:
     info = policy(spec)
     assert info.error is not None and info.error.path == path
+
+
+def test_min_health_percent_above_100_is_explained() -> None:
+    info = policy({"outlierDetection": {"minHealthPercent": 101}})
+    assert info.error is not None
+    assert str(info.error) == "spec.outlierDetection.minHealthPercent: must be <= 100, got 101"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"), [({}, 50), ({"minHealthPercent": 0}, 0), ({"minHealthPercent": 30}, 30)]
+)
+def test_min_health_percent_reaches_the_compiled_snapshot(spec: dict[str, Any], expected: int) -> None:
+    objects: list[dict[str, Any]] = [
+        {"kind": "Service", "metadata": {"name": "s", "namespace": "ns"}, "spec": {"ports": [{"port": 80}]}},
+        slice_("s-1", "s", ["198.18.0.1"]),
+        {
+            "kind": "TrafficPolicy",
+            "metadata": {"name": "p", "namespace": "ns", "generation": 1},
+            "spec": {"targetRef": {"kind": "Service", "name": "s"}, "outlierDetection": spec},
+        },
+    ]
+    state = ClusterState.from_objects(objects)
+    snap = compile_snapshot(state, ProxyNode(pod="client", namespace="ns"), MeshSettings())
+    (svc,) = [s for s in snap.services if s.name == "s"]
+    od = svc.policy.outlier_detection
+    assert od is not None and od.min_health_percent == expected
 
 
 def test_traffic_policy_needs_a_service_target() -> None:

@@ -173,6 +173,30 @@ def test_rich_snapshot_differs_from_defaults_everywhere_it_can() -> None:
     assert s.inbound.ports[0].rate_limit is not None and s.inbound.opaque_ports
 
 
+@pytest.mark.parametrize("percent", [0, 30, 50, 100])
+def test_min_health_percent_survives_the_wire_including_zero(percent: int) -> None:
+    s = rich_snapshot()
+    od = model.OutlierDetection(min_health_percent=percent)
+    front = replace(s.services[0], policy=replace(s.services[0].policy, outlier_detection=od))
+    snap = replace(s, services=(front, *s.services[1:])).with_version()
+    msg = snapshot_to_proto(snap)
+    assert msg.services[0].policy.outlier_detection.HasField("min_health_percent")  # 0 is sent, too
+    back = round_trip(snap)
+    got = back.services[0].policy.outlier_detection
+    assert got is not None and got.min_health_percent == percent
+    assert back.version == snap.version
+
+
+def test_an_unset_min_health_percent_is_the_default_50() -> None:
+    # A control plane that predates the field sends an OutlierDetection without it.
+    s = rich_snapshot()
+    msg = snapshot_to_proto(s)
+    msg.services[0].policy.outlier_detection.CopyFrom(pb.OutlierDetection(consecutive_5xx=7))
+    assert not msg.services[0].policy.outlier_detection.HasField("min_health_percent")
+    got = xconv.snapshot_from_proto(msg).services[0].policy.outlier_detection
+    assert got is not None and got.consecutive_5xx == 7 and got.min_health_percent == 50
+
+
 def test_announced_version_must_match_content() -> None:
     s = rich_snapshot()
     good = response(snapshot_to_proto(s), s.version, "n1")
