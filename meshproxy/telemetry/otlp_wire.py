@@ -91,6 +91,9 @@ class WireEncoder:
     def __init__(self, resource: Resource, scope: InstrumentationScope) -> None:
         self._kv: dict[tuple[str, AttrValue], bytes] = {}
         self._names: dict[str, bytes] = {}
+        # A volatile string attribute's bytes up to its value, by (key, value length): a
+        # request id (36 bytes, every request) is then one lookup and one concatenation.
+        self._heads: dict[tuple[str, int], bytes] = {}
         self._frame = _Frame(resource, scope)
 
     def span(self, record: SpanRecord) -> bytes:
@@ -120,8 +123,11 @@ class WireEncoder:
         for item in record.attributes:
             kv = cache.get(item)
             if kv is None:
-                kv = _key_value(*item)
-                if item[0] not in VOLATILE:
+                key, value = item
+                if key in VOLATILE:
+                    kv = self._volatile(key, value)
+                else:
+                    kv = _key_value(key, value)
                     if len(cache) >= _MAX_CACHED:
                         cache.clear()
                     cache[item] = kv
@@ -134,6 +140,26 @@ class WireEncoder:
         parts.append(_FLAGS_REMOTE_PARENT if record.parent_id else _FLAGS_ROOT)
         body = b"".join(parts)
         return b"\x12" + _varint(len(body)) + body
+
+    def _volatile(self, key: str, value: AttrValue) -> bytes:
+        """``_key_value(key, value)`` for a value never cached: strings reuse the bytes before
+        the value, which depend only on the key and the value's length."""
+        if not isinstance(value, str):
+            return _key_value(key, value)
+        data = value.encode("utf-8", "surrogateescape")
+        head = self._heads.get((key, len(data)))
+        if head is None:
+            # KeyValue{key: field 1, value: field 2 AnyValue{string_value: field 1}}, in
+            # Span.attributes (field 9): every length is known before the value's bytes.
+            value_field = b"\x0a" + _varint(len(data))  # followed by ``data``
+            any_value_len = len(value_field) + len(data)
+            key_field = _field(0x0A, key.encode())
+            kv_head = key_field + b"\x12" + _varint(any_value_len) + value_field
+            head = b"\x4a" + _varint(len(kv_head) + len(data)) + kv_head
+            if len(self._heads) >= _MAX_CACHED:
+                self._heads.clear()
+            self._heads[(key, len(data))] = head
+        return head + data
 
     def attributes(self, attributes: Sequence[tuple[str, AttrValue]]) -> bytes:
         """``Span.attributes`` entries for ``attributes``, encoded once (not cached here)."""

@@ -70,9 +70,17 @@ def _records() -> list[SpanRecord]:
     shared.static = (("http.request.method", "GET"), ("server.port", 8080), ("mesh.source.workload", "web"))
     shared.static_wire = WireEncoder(RESOURCE, SCOPE).attributes(shared.static)
     shared.attributes = [("url.path", "/a"), ("mesh.request_id", "r-1")]
+    # Request ids are never cached, only the bytes before them, by length: ids of one length
+    # (canonical UUIDs), of another, one long enough for two-byte lengths, non-ASCII.
+    ids = _record(span_id=13)
+    ids.attributes = [("mesh.request_id", new_request_id(None)), ("url.path", "/b")]
+    long_id = _record(span_id=14)
+    long_id.attributes = [("mesh.request_id", "x" * 200)]
+    non_ascii_id = _record(span_id=15)
+    non_ascii_id.attributes = [("mesh.request_id", "ünï-1")]
     unencoded = _record(span_id=12)
     unencoded.static = shared.static
-    return [root, failed, empty_error, server, bare, shared, unencoded]
+    return [root, failed, empty_error, server, bare, shared, unencoded, ids, long_id, non_ascii_id]
 
 
 def _stock(records: list[SpanRecord]) -> ExportTraceServiceRequest:
