@@ -229,14 +229,14 @@ class OtlpGrpcClient:
                     if proto.error is not None:
                         raise ExportError(UNAVAILABLE, proto.error)
                     continue
-                conn.send_data(stream_id, body[:size].tobytes())
+                last = size == len(body)  # END_STREAM on the last DATA frame: no empty frame
+                conn.send_data(stream_id, body[:size].tobytes(), end_stream=last)
                 body = body[size:]
                 if body:
                     # One frame per loop iteration: requests waiting behind a large export
                     # are served between its frames instead of after all of them.
                     proto.flush()
                     await asyncio.sleep(0)
-            conn.end_stream(stream_id)
             proto.flush()
             async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                 failure = await response.done
