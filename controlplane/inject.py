@@ -47,6 +47,17 @@ Probe rewriting contract (served by the sidecar's admin server on the admin port
   alone (they do not target the pod), as are exec probes. A named port is resolved
   from the container's ports; an unresolvable one leaves the probe unchanged.
 
+Operator environment (``extraEnv`` in the template, the chart's ``sidecar.extraEnv``):
+  Kubernetes EnvVar objects appended, in order, to the sidecar's ``env`` after the
+  injector's own (typically ``OTEL_*`` variables). They are validated when the
+  template is loaded, with the same rules as the chart's schema, because a patch the
+  API server rejects would fail the pod's creation: a name matching
+  ``[-._a-zA-Z][-._a-zA-Z0-9]*`` and exactly one of ``value`` (a string) or
+  ``valueFrom`` (an object with one source). The injector's own variables cannot be
+  overridden: ``RESERVED_ENV_NAMES`` and any name starting with
+  ``RESERVED_ENV_PREFIX`` (``MESHPROXY_``) are rejected, so a later injector variable
+  can never be shadowed by, or silently shadow, an operator's entry.
+
 Concurrency: none; pure functions over plain JSON data.
 """
 
@@ -56,6 +67,7 @@ import base64
 import enum
 import ipaddress
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +86,21 @@ SIDECAR_NAME = "meshproxy"
 INIT_NAME = "meshproxy-init"
 TMP_VOLUME = "meshproxy-tmp"
 APP_PROBES_ENV = "MESHPROXY_APP_PROBES"
+
+# The sidecar's downward-API variables. Every other variable the injector sets starts
+# with RESERVED_ENV_PREFIX; together they are what the template's extraEnv may not name.
+_FIELD_ENV = (
+    ("POD_NAME", "metadata.name"),
+    ("POD_NAMESPACE", "metadata.namespace"),
+    ("POD_IP", "status.podIP"),
+    ("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ("NODE_NAME", "spec.nodeName"),
+)
+RESERVED_ENV_NAMES = frozenset(name for name, _ in _FIELD_ENV)
+RESERVED_ENV_PREFIX = "MESHPROXY_"
+# Kubernetes' classic EnvVar name rule (accepted by every supported version; 1.34's
+# relaxed rule accepts more, but a name outside this one would break older clusters).
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 
 SYSTEM_NAMESPACES = frozenset({"kube-system", "kube-public", "kube-node-lease"})
 # Kubernetes made native sidecars (SidecarContainers) beta and on by default in 1.29.
@@ -123,6 +150,25 @@ class TracingTemplate:
 
 
 @dataclass(frozen=True, slots=True)
+class EnvVar:
+    """One validated ``extraEnv`` entry: a Kubernetes EnvVar with ``value`` or ``valueFrom``.
+
+    ``value_from`` is the ``valueFrom`` object as canonical JSON text (sorted keys), so
+    the template stays deeply immutable and hashable; ``to_json`` gives the EnvVar back.
+    """
+
+    name: str
+    value: str | None = None
+    value_from: str | None = None
+
+    def to_json(self) -> Json:
+        if self.value_from is not None:
+            value_from: Json = json.loads(self.value_from)
+            return {"name": self.name, "valueFrom": value_from}
+        return {"name": self.name, "value": self.value}
+
+
+@dataclass(frozen=True, slots=True)
 class InjectionTemplate:
     """What the chart's values say every injected pod gets (the mounted ConfigMap)."""
 
@@ -143,6 +189,8 @@ class InjectionTemplate:
     # Send kubelet's probes through the sidecar's /app-health (see the module docstring).
     # Off: probes stay as written and reach the app through the inbound listener.
     rewrite_probes: bool = True
+    # Appended to the sidecar's env after the injector's own (see the module docstring).
+    extra_env: tuple[EnvVar, ...] = ()
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> InjectionTemplate:
@@ -164,6 +212,7 @@ class InjectionTemplate:
             "prometheusAnnotations",
             "excludeOutboundCIDRs",
             "rewriteProbes",
+            "extraEnv",
         }
         unknown = sorted(set(data) - known)
         if unknown:
@@ -209,6 +258,7 @@ class InjectionTemplate:
             prometheus_annotations=bool(data.get("prometheusAnnotations", d.prometheus_annotations)),
             exclude_outbound_cidrs=tuple(cidr_list),
             rewrite_probes=bool(data.get("rewriteProbes", d.rewrite_probes)),
+            extra_env=_extra_env(data.get("extraEnv")),
         )
 
 
@@ -508,11 +558,7 @@ def _sidecar_container(t: InjectionTemplate, app_probes: Json, native: bool) -> 
         return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
     env: list[Json] = [
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        field_env("POD_IP", "status.podIP"),
-        field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-        field_env("NODE_NAME", "spec.nodeName"),
+        *(field_env(name, path) for name, path in _FIELD_ENV),
         {"name": "MESHPROXY_CONTROL_PLANE", "value": t.control_plane_address},
         {"name": "MESHPROXY_LOG_LEVEL", "value": t.log_level},
         {"name": "MESHPROXY_ADMIN_PORT", "value": str(t.ports.admin)},
@@ -533,6 +579,9 @@ def _sidecar_container(t: InjectionTemplate, app_probes: Json, native: bool) -> 
         env.append(
             {"name": APP_PROBES_ENV, "value": json.dumps(app_probes, sort_keys=True, separators=(",", ":"))}
         )
+    # Last, so the order is the injector's then the operator's (names never collide:
+    # from_json rejects the reserved ones).
+    env += [e.to_json() for e in t.extra_env]
 
     ready = {"httpGet": {"path": "/ready", "port": t.ports.admin, "scheme": "HTTP"}}
     c: Json = {
@@ -738,6 +787,52 @@ def _resources(data: Mapping[str, Any], key: str) -> tuple[tuple[str, tuple[tupl
         if not isinstance(quantities, Mapping):
             raise TemplateError(f"{key}.{section}", "must be an object")
         out.append((section, tuple(sorted((str(k), str(v)) for k, v in quantities.items()))))
+    return tuple(out)
+
+
+def _extra_env(value: Any) -> tuple[EnvVar, ...]:
+    if value is None:  # absent, or rendered from an unset value
+        return ()
+    if not isinstance(value, list):
+        raise TemplateError("extraEnv", "must be a list of EnvVar objects")
+    out: list[EnvVar] = []
+    for i, entry in enumerate(value):
+        path = f"extraEnv[{i}]"
+        if not isinstance(entry, Mapping):
+            raise TemplateError(path, "must be an object with name and value or valueFrom")
+        unknown = sorted(set(entry) - {"name", "value", "valueFrom"})
+        if unknown:
+            raise TemplateError(
+                f"{path}.{unknown[0]}", "unknown field (an EnvVar has name, value, valueFrom)"
+            )
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise TemplateError(f"{path}.name", "must be a non-empty string")
+        if not _ENV_NAME.fullmatch(name):
+            raise TemplateError(f"{path}.name", f"{name!r} is not a valid environment variable name")
+        if name in RESERVED_ENV_NAMES or name.startswith(RESERVED_ENV_PREFIX):
+            raise TemplateError(
+                f"{path}.name",
+                f"{name} is set by the injector (reserved: {', '.join(sorted(RESERVED_ENV_NAMES))}"
+                f" and {RESERVED_ENV_PREFIX}*)",
+            )
+        if ("value" in entry) == ("valueFrom" in entry):
+            raise TemplateError(path, "needs exactly one of value or valueFrom")
+        if "value" in entry:
+            if not isinstance(entry["value"], str):
+                raise TemplateError(f"{path}.value", "must be a string (quote numbers)")
+            out.append(EnvVar(name, value=entry["value"]))
+            continue
+        source = entry["valueFrom"]
+        if (
+            not isinstance(source, Mapping)
+            or len(source) != 1
+            or not all(isinstance(v, Mapping) for v in source.values())
+        ):
+            raise TemplateError(
+                f"{path}.valueFrom", "must be an object with exactly one source (e.g. fieldRef, secretKeyRef)"
+            )
+        out.append(EnvVar(name, value_from=json.dumps(source, sort_keys=True, separators=(",", ":"))))
     return tuple(out)
 
 

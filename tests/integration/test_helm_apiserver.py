@@ -204,7 +204,16 @@ def test_install_inject_upgrade_restart_uninstall(apiserver: ApiServer, tmp_path
     cp = ControlPlane(apiserver, tmp_path, port)
     try:
         # ---- install: CRDs, RBAC, webhook configuration, control-plane objects ----
-        helm("install", *install_args(port), "--create-namespace", *kube)
+        extra_env = [
+            {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "2000"},
+            {"name": "OTEL_SERVICE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ]
+        helm(
+            "install",
+            *install_args(port, "--set-json", f"sidecar.extraEnv={json.dumps(extra_env)}"),
+            "--create-namespace",
+            *kube,
+        )
         apiserver.kubectl(
             "wait", "--for=condition=Established", "--timeout=60s", "crd/trafficpolicies.policy.meshproxy.io"
         )
@@ -251,6 +260,16 @@ def test_install_inject_upgrade_restart_uninstall(apiserver: ApiServer, tmp_path
         assert pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/app-health/app/readyz"
         assert sidecar_env(pod)["MESHPROXY_LOG_LEVEL"] == "info"
         assert sidecar_env(pod)["MESHPROXY_CONTROL_PLANE"] == f"{SA}.{MESH_NS}.svc:15010"
+        # sidecar.extraEnv: after the injector's variables, as stored by the API server
+        # (which defaults fieldRef.apiVersion).
+        sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == "meshproxy")
+        assert sidecar["env"][-2:] == [
+            extra_env[0],
+            {
+                "name": "OTEL_SERVICE_NAME",
+                "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
+            },
+        ]
 
         assert injected(create_pod(apiserver, labeled)[0])
         assert not injected(create_pod(apiserver, plain)[0])

@@ -143,6 +143,8 @@ NON_DEFAULT = [
     "--set", "webhook.certIPs={127.0.0.1}",
     "--set", "image.repository=registry.example/mesh/meshproxy",
     "--set", "image.tag=1.2.3",
+    "--set-json", 'sidecar.extraEnv=[{"name":"OTEL_BSP_SCHEDULE_DELAY","value":"2000"},'
+                  '{"name":"OTEL_SERVICE_NAME","valueFrom":{"fieldRef":{"fieldPath":"metadata.name"}}}]',
 ]  # fmt: skip
 VALUE_SETS = {
     "default": [],
@@ -290,6 +292,10 @@ def test_injection_template_is_what_the_webhook_accepts(values: list[str]) -> No
         assert template.tracing.sampling == 0.5
         assert template.exclude_outbound_cidrs == ("169.254.169.254/32",)
         assert template.rewrite_probes is False
+        assert [e.to_json() for e in template.extra_env] == [
+            {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "2000"},
+            {"name": "OTEL_SERVICE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ]
         # The bundled Jaeger is the default tracing backend when enabled.
         assert template.tracing.otlp_grpc_endpoint == "http://meshproxy-jaeger.meshproxy-system.svc:4317"
     elif values == VALUE_SETS["demo"]:
@@ -300,6 +306,99 @@ def test_injection_template_is_what_the_webhook_accepts(values: list[str]) -> No
         assert template.tracing.sampling == 0.01
         assert template.tracing.otlp_grpc_endpoint == ""
         assert template.rewrite_probes is True
+        assert template.extra_env == ()
+
+
+SIDECAR_EXTRA_ENV = """
+sidecar:
+  extraEnv:
+    - name: OTEL_BSP_SCHEDULE_DELAY
+      value: "2000"
+    - name: OTEL_EXPORTER_OTLP_HEADERS
+      valueFrom:
+        secretKeyRef: {name: otlp-auth, key: headers}
+    - name: OTEL_RESOURCE_ATTRIBUTES
+      valueFrom:
+        fieldRef: {fieldPath: "metadata.labels['app']"}
+"""
+
+
+def injection_template_json(objs: list[dict[str, Any]]) -> Any:
+    import json
+
+    cm = next(o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-injection"))
+    return json.loads(cm["data"]["template.json"])
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_sidecar_extra_env_reaches_injected_pods_as_valid_env(tmp_path: Path, version: str) -> None:
+    import json
+
+    import jsonpatch
+
+    from controlplane import inject
+
+    values = tmp_path / "values.yaml"
+    values.write_text(SIDECAR_EXTRA_ENV)
+    data = injection_template_json(render(["-f", str(values)]))
+    expected = yaml.safe_load(SIDECAR_EXTRA_ENV)["sidecar"]["extraEnv"]
+    assert data["extraEnv"] == expected
+    # The webhook's view of that ConfigMap, applied to a pod: the result is a valid Pod.
+    template = inject.InjectionTemplate.from_json(data)
+    case = json.loads((REPO / "tests/unit/webhook/cases/pod_opt_in.json").read_text())
+    outcome = inject.review(case["review"], case["namespace"], template, inject.ClusterInfo((1, 29)))
+    assert outcome.patch is not None
+    pod = jsonpatch.apply_patch(case["review"]["request"]["object"], outcome.patch)
+    sidecar = next(c for c in pod["spec"]["initContainers"] if c["name"] == "meshproxy")
+    assert sidecar["env"][-len(expected) :] == expected
+    validate_builtin(pod, version)
+
+
+# Entries the schema rejects; the webhook rejects each of them too (it must never accept
+# less than the chart, nor produce an env the API server would refuse).
+BAD_EXTRA_ENV = {
+    "missing-name": {"value": "1"},
+    "bad-name": {"name": "1OTEL", "value": "1"},
+    "number-value": {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": 2000},
+    "neither": {"name": "OTEL_SERVICE_NAME"},
+    "both": {"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    "empty-valueFrom": {"name": "A", "valueFrom": {}},
+    "two-sources": {"name": "A", "valueFrom": {"fieldRef": {}, "secretKeyRef": {}}},
+    "unknown-field": {"name": "A", "value": "1", "valu": "2"},
+    "reserved-prefix": {"name": "MESHPROXY_LOG_LEVEL", "value": "debug"},
+}
+
+
+@pytest.mark.parametrize("entry", BAD_EXTRA_ENV.values(), ids=BAD_EXTRA_ENV.keys())
+def test_invalid_sidecar_extra_env_fails_the_install(entry: dict[str, Any]) -> None:
+    import json
+
+    from controlplane import inject
+
+    entries = [{"name": "OTEL_SERVICE_NAME", "value": "ok"}, entry]
+    proc = helm(
+        "template", "x", str(CHART), "--set-json", f"sidecar.extraEnv={json.dumps(entries)}", check=False
+    )
+    assert proc.returncode != 0
+    assert "/sidecar/extraEnv/1" in proc.stderr
+    if entry is BAD_EXTRA_ENV["missing-name"]:
+        assert "missing property 'name'" in proc.stderr
+    with pytest.raises(inject.TemplateError) as err:
+        inject.InjectionTemplate.from_json({"image": "x", "extraEnv": entries})
+    assert err.value.path.startswith("extraEnv[1]")
+
+
+def test_chart_reserves_the_names_the_injector_reserves() -> None:
+    from controlplane import inject
+
+    for name in [*sorted(inject.RESERVED_ENV_NAMES), inject.RESERVED_ENV_PREFIX + "ANYTHING"]:
+        entry = f'sidecar.extraEnv=[{{"name":"{name}","value":"1"}}]'
+        proc = helm("template", "x", str(CHART), "--set-json", entry, check=False)
+        assert proc.returncode != 0 and "/sidecar/extraEnv/0/name" in proc.stderr, name
+    # Close misses are ordinary variables.
+    render(
+        ["--set-json", 'sidecar.extraEnv=[{"name":"POD_IPS","value":"1"},{"name":"MESHPROXY","value":"1"}]']
+    )
 
 
 def test_control_plane_deployment_shape() -> None:

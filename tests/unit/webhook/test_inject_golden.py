@@ -253,6 +253,42 @@ def test_malformed_reviews_raise_typed_errors(review: Any, message: str) -> None
         ({"image": "x", "ports": {"admin": 70000}}, "ports.admin"),
         ({"image": "x", "resources": {"requets": {}}}, "resources.requets"),
         ({"image": "x", "excludeOutboundCIDRs": ["not-a-cidr"]}, "excludeOutboundCIDRs"),
+        ({"image": "x", "extraEnv": {"OTEL_SERVICE_NAME": "x"}}, "extraEnv"),
+        ({"image": "x", "extraEnv": ["OTEL_SERVICE_NAME=x"]}, "extraEnv[0]"),
+        ({"image": "x", "extraEnv": [{"value": "x"}]}, "extraEnv[0].name"),
+        ({"image": "x", "extraEnv": [{"name": "", "value": "x"}]}, "extraEnv[0].name"),
+        ({"image": "x", "extraEnv": [{"name": 7, "value": "x"}]}, "extraEnv[0].name"),
+        ({"image": "x", "extraEnv": [{"name": "1OTEL", "value": "x"}]}, "extraEnv[0].name"),
+        ({"image": "x", "extraEnv": [{"name": "A B", "value": "x"}]}, "extraEnv[0].name"),
+        ({"image": "x", "extraEnv": [{"name": "A", "value": "1"}, {"name": "B"}]}, "extraEnv[1]"),
+        (
+            {"image": "x", "extraEnv": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {}}}]},
+            "extraEnv[0]",
+        ),
+        ({"image": "x", "extraEnv": [{"name": "A", "value": 2000}]}, "extraEnv[0].value"),
+        ({"image": "x", "extraEnv": [{"name": "A", "value": None}]}, "extraEnv[0].value"),
+        ({"image": "x", "extraEnv": [{"name": "A", "valueFrom": "metadata.name"}]}, "extraEnv[0].valueFrom"),
+        ({"image": "x", "extraEnv": [{"name": "A", "valueFrom": {}}]}, "extraEnv[0].valueFrom"),
+        (
+            {"image": "x", "extraEnv": [{"name": "A", "valueFrom": {"fieldRef": {}, "secretKeyRef": {}}}]},
+            "extraEnv[0].valueFrom",
+        ),
+        (
+            {"image": "x", "extraEnv": [{"name": "A", "valueFrom": {"fieldRef": "x"}}]},
+            "extraEnv[0].valueFrom",
+        ),
+        ({"image": "x", "extraEnv": [{"name": "A", "valeu": "x"}]}, "extraEnv[0].valeu"),
+        (
+            {
+                "image": "x",
+                "extraEnv": [
+                    {"name": "OTEL_SERVICE_NAME", "value": "a"},
+                    {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "2000"},
+                    {"name": "MESHPROXY_LOG_LEVEL", "value": "debug"},
+                ],
+            },
+            "extraEnv[2].name",
+        ),
     ],
 )
 def test_template_errors_name_the_field(template: dict[str, Any], path: str) -> None:
@@ -314,3 +350,72 @@ def test_probe_rewriting_can_be_turned_off() -> None:
     pod = jsonpatch.apply_patch(case["review"]["request"]["object"], decoded(run_case(case))["patch"])
     assert pod["spec"]["containers"][0] == original
     assert "MESHPROXY_APP_PROBES" not in {e["name"] for e in pod["spec"]["initContainers"][1]["env"]}
+
+
+# ---- sidecar.extraEnv ----------------------------------------------------------------------------------
+
+EXTRA_ENV = [
+    {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "2000"},
+    {"name": "OTEL_SERVICE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+    {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otlp", "key": "headers"}}},
+    {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": ""},
+]
+
+
+def sidecar_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return next(
+        c
+        for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]
+        if c["name"] == "meshproxy"
+    )
+
+
+def injected_with(name: str, template: dict[str, Any]) -> dict[str, Any]:
+    case = load_case(name)
+    case["template"] = template
+    patch = decoded(run_case(case))["patch"]
+    assert patch is not None
+    pod: dict[str, Any] = jsonpatch.apply_patch(case["review"]["request"]["object"], patch)
+    return pod
+
+
+@pytest.mark.parametrize("name", ["native_sidecar", "legacy_container"])
+def test_extra_env_is_appended_to_the_sidecar_env_in_order(name: str) -> None:
+    base = {"image": "meshproxy:0.1.0", "tracing": {"otlpGrpcEndpoint": "http://collector:4317"}}
+    own = sidecar_of(injected_with(name, base))["env"]
+    sidecar = sidecar_of(injected_with(name, {**base, "extraEnv": EXTRA_ENV}))
+    # The injector's variables unchanged and first, then the operator's exactly as written.
+    assert sidecar["env"] == own + EXTRA_ENV
+    # Only the sidecar gets them.
+    pod = injected_with(name, {**base, "extraEnv": EXTRA_ENV})
+    for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
+        if c["name"] != "meshproxy":
+            assert not {e["name"] for e in c.get("env", [])} & {e["name"] for e in EXTRA_ENV}
+
+
+def test_extra_env_template_field_is_immutable_data() -> None:
+    template = inject.InjectionTemplate.from_json({"image": "x", "extraEnv": EXTRA_ENV})
+    assert [e.to_json() for e in template.extra_env] == EXTRA_ENV
+    assert hash(template) == hash(inject.InjectionTemplate.from_json({"image": "x", "extraEnv": EXTRA_ENV}))
+    # Absent and null (an unset chart value) both mean none.
+    assert inject.InjectionTemplate.from_json({"image": "x"}).extra_env == ()
+    assert inject.InjectionTemplate.from_json({"image": "x", "extraEnv": None}).extra_env == ()
+
+
+def test_every_variable_the_injector_sets_is_reserved() -> None:
+    """No extraEnv entry can shadow (or be shadowed by) a variable the injector sets."""
+    everything = {
+        "image": "x",
+        "tracing": {"otlpGrpcEndpoint": "a", "otlpHttpEndpoint": "b", "zipkinEndpoint": "c"},
+    }
+    own = {e["name"] for e in sidecar_of(injected_with("native_sidecar", everything))["env"]}
+    assert {"POD_NAME", "POD_IP", "MESHPROXY_APP_PROBES", "MESHPROXY_ZIPKIN_ENDPOINT"} <= own
+    for name in sorted(own | {"MESHPROXY_SOMETHING_LATER"}):
+        with pytest.raises(inject.TemplateError, match="set by the injector") as err:
+            inject.InjectionTemplate.from_json({"image": "x", "extraEnv": [{"name": name, "value": "1"}]})
+        assert err.value.path == "extraEnv[0].name"
+    # Case matters to Kubernetes: a different variable, accepted.
+    template = inject.InjectionTemplate.from_json(
+        {"image": "x", "extraEnv": [{"name": "pod_ip", "value": "1"}]}
+    )
+    assert [e.name for e in template.extra_env] == ["pod_ip"]

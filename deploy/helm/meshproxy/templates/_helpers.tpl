@@ -68,5 +68,6 @@ app.kubernetes.io/component: controlplane
   "prometheusAnnotations" .Values.sidecar.prometheusAnnotations
   "rewriteProbes" .Values.sidecar.rewriteProbes
   "excludeOutboundCIDRs" .Values.sidecar.excludeOutboundCIDRs
+  "extraEnv" (default (list) .Values.sidecar.extraEnv)
   | toPrettyJson -}}
 {{- end -}}
