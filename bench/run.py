@@ -559,6 +559,36 @@ def method(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def baselines(rows: list[dict[str, Any]]) -> str | None:
+    """The baselines round by round: no proxy's p50/p90 and nginx's CPU per 1000 requests.
+
+    On this shared machine a noisy neighbour shows there first (on a quiet run they barely
+    move between rounds); a reader can tell a quiet run from a noisy one without the medians.
+    """
+    parts = []
+    for rate in sorted({r["rate"] for r in rows}):
+        direct = sorted(
+            (r for r in rows if r["scenario"] == "direct" and r["rate"] == rate), key=lambda r: r["round"]
+        )
+        nginx = sorted(
+            (
+                r
+                for r in rows
+                if r["scenario"] == "nginx" and r["rate"] == rate and r["cpu_s_per_1000"] is not None
+            ),
+            key=lambda r: r["round"],
+        )
+        if direct:
+            runs = ", ".join(f"{r['p50_ms']:.3f}/{r['p90_ms']:.3f}" for r in direct)
+            parts.append(f"direct p50/p90 ms at {rate}/s: {runs}")
+        if nginx:
+            runs = ", ".join(f"{r['cpu_s_per_1000']:.3f}" for r in nginx)
+            parts.append(f"nginx CPU s/1000 req at {rate}/s: {runs}")
+    if not parts:
+        return None
+    return "Baselines round by round (machine noise shows here first): " + "; ".join(parts) + "."
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['machine']['date']} on {report['machine']['cpu_model']} "
@@ -582,6 +612,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f(e['rss_mb'], '{:.0f}')} | {e['errors']} | {f(e.get('added_p99_vs_nginx'), '{:.2f}x')} | "
             f"{f(e.get('cpu_vs_nginx'), '{:.2f}x')} |"
         )
+    noise = baselines(report["rows"])
+    if noise:
+        lines += ["", noise]
     tel = [e for e in report["summary"] if e["scenario"].startswith("meshproxy")]
     if any(e.get("cpu_vs_telemetry_off") for e in tel):
         lines += [
