@@ -149,13 +149,8 @@ class WireEncoder:
         data = value.encode("utf-8", "surrogateescape")
         head = self._heads.get((key, len(data)))
         if head is None:
-            # KeyValue{key: field 1, value: field 2 AnyValue{string_value: field 1}}, in
-            # Span.attributes (field 9): every length is known before the value's bytes.
-            value_field = b"\x0a" + _varint(len(data))  # followed by ``data``
-            any_value_len = len(value_field) + len(data)
-            key_field = _field(0x0A, key.encode())
-            kv_head = key_field + b"\x12" + _varint(any_value_len) + value_field
-            head = b"\x4a" + _varint(len(kv_head) + len(data)) + kv_head
+            kv = _key_value(key, value)  # the value's bytes come last: the rest is the head
+            head = kv[: len(kv) - len(data)]
             if len(self._heads) >= _MAX_CACHED:
                 self._heads.clear()
             self._heads[(key, len(data))] = head
