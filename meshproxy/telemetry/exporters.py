@@ -18,18 +18,18 @@ Selection (first that applies):
   TLS files and compression are read from the environment by the OpenTelemetry
   exporters themselves.
 
-Kinds: OTLP/gRPC to a plaintext endpoint (the in-cluster default) is an
-``otlp_grpc.OtlpGrpcClient``, sending from the event loop; with TLS (``https://``),
-compression (``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``) or
-``MESHPROXY_OTLP_GRPC_CLIENT=sdk`` it is the OpenTelemetry SDK's gRPC exporter instead.
-That one and OTLP/HTTP are ``WireExporter``s: the SDK's OTLP exporters taking a request
-already encoded by ``otlp_wire`` (``export_encoded``). Zipkin is the SDK's
-``ZipkinExporter``, a ``SpanExporter`` taking SDK spans. Headers
-(``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``) apply to every OTLP exporter.
+Kinds: OTLP/gRPC and OTLP/HTTP to a plaintext endpoint (the in-cluster case) are
+``otlp_grpc.OtlpGrpcClient`` and ``otlp_http.OtlpHttpClient``, sending from the event loop;
+with TLS (``https://``), compression (``OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION``) or
+``MESHPROXY_OTLP_GRPC_CLIENT=sdk`` / ``MESHPROXY_OTLP_HTTP_CLIENT=sdk`` they are the
+OpenTelemetry SDK's exporters instead: ``WireExporter``s, taking a request already encoded
+by ``otlp_wire`` (``export_encoded``). Zipkin is the SDK's ``ZipkinExporter``, a
+``SpanExporter`` taking SDK spans. Headers (``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``) apply
+to every OTLP exporter.
 
 Invariants:
   * The SDK exporters run on the export queues' worker threads, never on the event
-    loop; the ``OtlpGrpcClient`` runs on the loop and never blocks it.
+    loop; the loop clients run on the loop and never block it.
   * A failed or raising export never propagates: the queue counts the batch as dropped
     (``meshproxy_spans_dropped_total{reason="export_failed"}``).
 """
@@ -45,7 +45,7 @@ from opentelemetry.sdk.trace.export import SpanExporter
 from meshproxy.config.model import Tracing
 
 if TYPE_CHECKING:
-    from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
+    from meshproxy.telemetry.otlp_loop import LoopClient
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class WireExporter(Protocol):
     def shutdown(self) -> None: ...
 
 
-AnyExporter = Union[WireExporter, SpanExporter, "OtlpGrpcClient"]
+AnyExporter = Union[WireExporter, SpanExporter, "LoopClient"]
 
 
 def _timeout(env: Mapping[str, str]) -> float:
@@ -82,7 +82,8 @@ def otlp_grpc(endpoint: str, timeout: float, env: Mapping[str, str]) -> AnyExpor
     compression = _env(env, "COMPRESSION")
     if insecure and not compression and env.get("MESHPROXY_OTLP_GRPC_CLIENT", "loop") != "sdk":
         # The common case: plaintext to an in-cluster collector, sent from the event loop.
-        from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient, parse_headers
+        from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
+        from meshproxy.telemetry.otlp_loop import parse_headers
 
         return OtlpGrpcClient(endpoint, timeout=timeout, headers=parse_headers(_env(env, "HEADERS")))
     # TLS, compression, credential plug-ins: the OpenTelemetry SDK's exporter (grpcio).
@@ -97,6 +98,18 @@ def _env(env: Mapping[str, str], name: str) -> str | None:
 
 
 def otlp_http(endpoint: str, timeout: float, env: Mapping[str, str]) -> AnyExporter:
+    compression = _env(env, "COMPRESSION")
+    if (
+        endpoint.startswith("http://")
+        and not compression
+        and env.get("MESHPROXY_OTLP_HTTP_CLIENT", "loop") != "sdk"
+    ):
+        # The common case: plaintext to an in-cluster collector, sent from the event loop.
+        from meshproxy.telemetry.otlp_http import OtlpHttpClient
+        from meshproxy.telemetry.otlp_loop import parse_headers
+
+        return OtlpHttpClient(endpoint, timeout=timeout, headers=parse_headers(_env(env, "HEADERS")))
+    # TLS, compression: the OpenTelemetry SDK's exporter (requests, on a worker thread).
     from meshproxy.telemetry.otlp_export import WireOTLPHttpExporter
 
     return WireOTLPHttpExporter(endpoint=endpoint, timeout=timeout)

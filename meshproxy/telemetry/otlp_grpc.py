@@ -2,7 +2,7 @@
 
 Owns: ``OtlpGrpcClient``, a client for exactly one gRPC method on a plaintext HTTP/2
 connection (the ``h2`` library does the framing, flow control and HPACK), with the OTLP
-exporter's retry rules; and ``AsyncExportQueue``, the bounded queue a task drains through it.
+exporter's retry rules. The retry loop and the span queue are ``otlp_loop``'s.
 
 Why not grpcio here: the sidecar already runs an event loop and encodes spans on it
 (``otlp_wire``); sending one request of ~0.2 MB a few times a second is a few ``h2`` calls.
@@ -33,9 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import cast
 from urllib.parse import unquote
@@ -45,6 +43,8 @@ import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
+
+from meshproxy.telemetry.otlp_loop import ExportError, LoopClient
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +56,8 @@ UNAVAILABLE = 14
 _WINDOW = 1 << 20  # our receive window: responses are tiny, this only avoids updates
 
 
-class ExportError(Exception):
-    """One export attempt failed; ``code`` is the gRPC status (UNAVAILABLE for transport)."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(f"grpc-status {code}: {message}")
-        self.code = code
-
-
-def parse_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
-    """``OTEL_EXPORTER_OTLP_HEADERS``: ``k1=v1,k2=v2``, values URL-encoded; bad entries skipped."""
-    out: list[tuple[str, str]] = []
-    for item in (raw or "").split(","):
-        key, sep, value = item.partition("=")
-        key = key.strip().lower()
-        if sep and key and not key.startswith(":"):
-            out.append((key, unquote(value.strip())))
-        elif item.strip():
-            log.warning("ignoring malformed OTLP header entry %r", item.strip())
-    return tuple(out)
+def _grpc_error(code: int, message: str) -> ExportError:
+    return ExportError(f"grpc-status {code}: {message}", retryable=code in RETRYABLE)
 
 
 class _Protocol(asyncio.Protocol):
@@ -158,8 +141,10 @@ class _Response:
         self.done: asyncio.Future[str | None] = loop.create_future()  # an error text, or None
 
 
-class OtlpGrpcClient:
+class OtlpGrpcClient(LoopClient):
     """Sends serialized ``ExportTraceServiceRequest``s to one collector (see module doc)."""
+
+    kind = "OTLP/gRPC"
 
     def __init__(
         self,
@@ -169,6 +154,7 @@ class OtlpGrpcClient:
         headers: Sequence[tuple[str, str]] = (),
         backoff: Callable[[int], float] | None = None,
     ) -> None:
+        super().__init__(timeout=timeout, headers=tuple(headers), backoff=backoff)
         target = endpoint.split("://", 1)[1] if "://" in endpoint else endpoint
         target = target.split("/", 1)[0]
         host, _, port = target.rpartition(":")
@@ -177,9 +163,6 @@ class OtlpGrpcClient:
         self.host = host.strip("[]")
         self.port = int(port)
         self.authority = target if ":" in target else f"{target}:{port}"
-        self.timeout = timeout
-        self.headers = tuple(headers)
-        self._backoff = backoff or (lambda attempt: (2**attempt) * random.uniform(0.8, 1.2))
         self._proto: _Protocol | None = None
 
     async def _connection(self, deadline: float) -> _Protocol:
@@ -193,7 +176,7 @@ class OtlpGrpcClient:
                     lambda: _Protocol(self.authority), self.host, self.port
                 )
         except (OSError, TimeoutError) as exc:
-            raise ExportError(UNAVAILABLE, f"cannot connect to {self.authority}: {exc}") from exc
+            raise _grpc_error(UNAVAILABLE, f"cannot connect to {self.authority}: {exc}") from exc
         self._proto = proto
         return proto
 
@@ -227,7 +210,7 @@ class OtlpGrpcClient:
                     async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
                         await proto.window_opened.wait()
                     if proto.error is not None:
-                        raise ExportError(UNAVAILABLE, proto.error)
+                        raise _grpc_error(UNAVAILABLE, proto.error)
                     continue
                 last = size == len(body)  # END_STREAM on the last DATA frame: no empty frame
                 conn.send_data(stream_id, body[:size].tobytes(), end_stream=last)
@@ -242,45 +225,28 @@ class OtlpGrpcClient:
                 failure = await response.done
         except TimeoutError as exc:
             self._drop(proto)
-            raise ExportError(4, f"no answer from {self.authority} before the deadline") from exc
+            raise _grpc_error(4, f"no answer from {self.authority} before the deadline") from exc
         except h2.exceptions.H2Error as exc:  # e.g. the connection was closed under us
             self._drop(proto)
-            raise ExportError(UNAVAILABLE, f"HTTP/2 error: {exc}") from exc
+            raise _grpc_error(UNAVAILABLE, f"HTTP/2 error: {exc}") from exc
         if failure is not None:
             self._drop(proto)
-            raise ExportError(UNAVAILABLE, failure)
+            raise _grpc_error(UNAVAILABLE, failure)
         status = response.headers.get(":status")
         if status != "200":
             # gRPC maps HTTP statuses it did not expect: 503/502/504/429 to UNAVAILABLE.
             code = UNAVAILABLE if status in ("429", "502", "503", "504") else 2
-            raise ExportError(code, f"HTTP status {status} from {self.authority}")
+            raise _grpc_error(code, f"HTTP status {status} from {self.authority}")
         code_text = response.headers.get("grpc-status", "2")
         code = int(code_text) if code_text.isdigit() else 2
         if code != 0:
-            raise ExportError(code, unquote(response.headers.get("grpc-message", "")))
+            raise _grpc_error(code, unquote(response.headers.get("grpc-message", "")))
 
     def _drop(self, proto: _Protocol) -> None:
         if self._proto is proto:
             self._proto = None
         if proto.transport is not None:
             proto.transport.abort()
-
-    async def export(self, payload: bytes) -> bool:
-        """Send one request; retry transient failures until ``timeout``. True if accepted."""
-        deadline = time.monotonic() + self.timeout
-        attempt = 0
-        while True:
-            try:
-                await self._call(payload, deadline)
-                return True
-            except ExportError as exc:
-                pause = self._backoff(attempt)
-                attempt += 1
-                if exc.code not in RETRYABLE or time.monotonic() + pause >= deadline:
-                    log.warning("OTLP export to %s failed: %s", self.authority, exc)
-                    return False
-                log.debug("OTLP export to %s: %s; retrying in %.1fs", self.authority, exc, pause)
-                await asyncio.sleep(pause)
 
     async def aclose(self) -> None:
         proto, self._proto = self._proto, None
@@ -289,134 +255,3 @@ class OtlpGrpcClient:
                 proto.conn.close_connection()
                 proto.flush()
             proto.transport.close()
-
-
-class AsyncExportQueue:
-    """The event-loop twin of ``tracing.ExportQueue``: same bounds, same counting, no thread.
-
-    ``offer`` starts the draining task on first use (the queue may be built before the loop
-    runs); the task exports a batch when ``batch`` spans wait or ``delay`` seconds passed."""
-
-    def __init__(
-        self,
-        name: str,
-        client: OtlpGrpcClient,
-        request: Callable[[list[bytes]], bytes],
-        *,
-        max_queue_size: int,
-        batch: int,
-        delay: float,
-        on_full: Callable[[int], None],
-        on_failed: Callable[[int], None],
-    ) -> None:
-        self.name = name
-        self.client = client
-        self._request = request
-        self._max = max(1, max_queue_size)
-        self._batch = max(1, min(batch, self._max))
-        self._delay = delay
-        self._on_full = on_full
-        self._on_failed = on_failed
-        self._queue: deque[bytes] = deque()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._idle: asyncio.Event | None = None
-        self._closing = False
-        self._flushing = False
-        self.exported = 0
-
-    @property
-    def batch(self) -> int:
-        """Spans per export request."""
-        return self._batch
-
-    @property
-    def delay(self) -> float:
-        """Seconds a partial batch waits before it is exported anyway."""
-        return self._delay
-
-    def offer(self, item: bytes) -> None:
-        queue = self._queue
-        if len(queue) >= self._max or self._closing:
-            self._on_full(1)
-            return
-        queue.append(item)
-        if self._task is None:
-            self._start()
-        elif len(queue) >= self._batch:
-            assert self._wake is not None
-            self._wake.set()
-
-    def _start(self) -> None:
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"meshproxy-export-{self.name}")
-
-    async def _run(self) -> None:
-        assert self._wake is not None and self._idle is not None
-        while True:
-            if not self._queue:
-                self._idle.set()
-            ticked = False
-            try:
-                async with asyncio.timeout(self._delay):
-                    await self._wake.wait()
-            except TimeoutError:
-                ticked = True
-            self._wake.clear()
-            self._idle.clear()
-            # Full batches go at once; a partial one waits for the timer (or a flush/close).
-            # Draining "whatever is there" after each export made one small export per round
-            # trip under steady load (~30 spans each when the collector took ~30 ms).
-            await self._drain(everything=ticked or self._closing or self._flushing)
-            self._flushing = False
-            if self._closing and not self._queue:
-                self._idle.set()
-                return
-
-    async def _drain(self, *, everything: bool) -> None:
-        queue = self._queue
-        while len(queue) >= self._batch or (everything and queue):
-            n = min(len(queue), self._batch)
-            batch = [queue.popleft() for _ in range(n)]
-            try:
-                ok = await self.client.export(self._request(batch))
-            except Exception:
-                log.warning("OTLP export %s raised; dropping %d spans", self.name, n, exc_info=True)
-                ok = False
-            if ok:
-                self.exported += n
-            else:
-                self._on_failed(n)
-
-    async def flush(self) -> None:
-        """Export everything queued so far (awaitable; the loop keeps serving meanwhile)."""
-        if self._task is None or self._task.done():
-            return
-        assert self._wake is not None and self._idle is not None
-        self._idle.clear()
-        self._flushing = True
-        self._wake.set()
-        await self._idle.wait()
-
-    async def aclose(self, grace: float) -> None:
-        """Export what is queued (within ``grace`` seconds), then stop and close the connection."""
-        self._closing = True
-        task = self._task
-        if task is not None and not task.done():
-            assert self._wake is not None
-            self._wake.set()
-            try:
-                async with asyncio.timeout(grace):
-                    await asyncio.shield(task)
-            except TimeoutError:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                if self._queue:
-                    self._on_failed(len(self._queue))
-                    self._queue.clear()
-        await self.client.aclose()
-
-    def __repr__(self) -> str:
-        return f"AsyncExportQueue({self.name!r}, queued={len(self._queue)})"

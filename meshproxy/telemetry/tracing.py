@@ -6,8 +6,8 @@ queues) and ``ExportQueue`` (a bounded queue drained in batches by one worker th
 
 Flow: a hop's ``SpanRecord`` is finished on the event loop and ``submit``-ted. For the OTLP
 exporters (gRPC and HTTP) it is encoded to OTLP bytes right there, once, and the bytes are
-queued. OTLP/gRPC in plaintext (the in-cluster default) is drained by a task on the event
-loop (``otlp_grpc``: no thread, no grpcio); the other OTLP exporters by a worker thread that
+queued. OTLP/HTTP and OTLP/gRPC in plaintext (the in-cluster case) are drained by a task on
+the event loop (``otlp_loop``: no thread); the other OTLP exporters by a worker thread that
 joins a batch into one request and sends it with the OpenTelemetry exporter's transport. For exporters that take SDK spans
 (Zipkin, and exporters a caller adds, e.g. tests' in-memory one) the record itself is
 queued and converted to a ``ReadableSpan`` on the worker thread.
@@ -28,7 +28,7 @@ Invariants:
   * A pipeline with no exporter records no spans (``recording`` is False), but the
     sampling decision is still made and propagated, so the hops after this one agree.
 
-Concurrency: ``submit`` runs on the event-loop thread. An ``otlp_grpc.AsyncExportQueue``
+Concurrency: ``submit`` runs on the event-loop thread. An ``otlp_loop.AsyncExportQueue``
 is drained by a task on the same loop (``flush``/``aclose`` are awaited); an
 ``ExportQueue`` has one daemon worker thread. ``deque`` appends and pops are atomic, so the
 loop never takes a lock per span: it sets the worker's ``threading.Event`` only when a
@@ -52,7 +52,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from meshproxy.config.model import Propagation, Tracing, Workload
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
-from meshproxy.telemetry.otlp_grpc import AsyncExportQueue, OtlpGrpcClient
+from meshproxy.telemetry.otlp_loop import AsyncExportQueue, LoopClient
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.spans import SCOPE, AttrValue, RatioSampler, SpanRecord, to_readable
 
@@ -226,7 +226,7 @@ class TracingPipeline:
                 "on_full": metrics.spans_dropped_queue_full,
                 "on_failed": metrics.spans_dropped_export_failed,
             }
-            if isinstance(exporter, OtlpGrpcClient):
+            if isinstance(exporter, LoopClient):
                 self._async.append(AsyncExportQueue(name, exporter, self._encoded_request, **common))
             elif isinstance(exporter, exporters.WireExporter):
                 self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, **common))

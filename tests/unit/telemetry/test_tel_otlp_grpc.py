@@ -21,7 +21,8 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.config import model
 from meshproxy.telemetry import Telemetry
-from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient, parse_headers
+from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
+from meshproxy.telemetry.otlp_loop import parse_headers
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.spans import KIND_CLIENT, SpanRecord
 

@@ -1,0 +1,243 @@
+"""OTLP span export on the proxy's event loop: what the gRPC and the HTTP client share.
+
+Owns: ``ExportError`` (one failed attempt, and whether it may be retried), ``parse_headers``
+(``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``), ``LoopClient`` (the retry loop with jittered
+exponential backoff and ``Retry-After``, bounded by the export's deadline; a transport
+implements one attempt, ``_call``) and ``AsyncExportQueue`` (the bounded span queue a task
+drains through a ``LoopClient``). The transports are ``otlp_grpc.OtlpGrpcClient`` and
+``otlp_http.OtlpHttpClient``.
+
+Why on the loop: the sidecar encodes spans on its loop already (``otlp_wire``); sending a
+request of ~0.1 MB a few times a second needs no thread, and a thread would compete with
+the loop for the GIL. Nothing here blocks the loop; large bodies are written in slices with
+the loop's other work between them.
+
+Invariants: at most one export in flight per client (the queue's task awaits it); a client
+whose attempt failed at the transport drops its connection and opens a new one; an export
+never outlives ``timeout`` (connect, send, answer and backoff pauses included).
+
+Concurrency: everything runs on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from urllib.parse import unquote
+
+log = logging.getLogger(__name__)
+
+SLICE = 16 * 1024  # bytes of a large request written per loop iteration
+
+
+class ExportError(Exception):
+    """One export attempt failed. ``retryable``: the OTLP rules allow another attempt;
+    ``retry_after``: seconds the collector asked to wait (``Retry-After``), if it did."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+def parse_headers(raw: str | None) -> tuple[tuple[str, str], ...]:
+    """``OTEL_EXPORTER_OTLP_HEADERS``: ``k1=v1,k2=v2``, values URL-encoded. Entries that are
+    malformed, or whose name or value could not travel as one header line, are skipped with a
+    warning naming them."""
+    out: list[tuple[str, str]] = []
+    for item in (raw or "").split(","):
+        key, sep, value = item.partition("=")
+        key, value = key.strip().lower(), unquote(value.strip())
+        if sep and key and not key.startswith(":") and _header_safe(key, value):
+            out.append((key, value))
+        elif item.strip():
+            log.warning("ignoring malformed OTLP header entry %r", item.strip())
+    return tuple(out)
+
+
+def _header_safe(name: str, value: str) -> bool:
+    # RFC 9110 token for the name; no control characters (CR, LF, NUL...) in the value.
+    return all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name) and all(
+        c == "\t" or (c >= " " and c != "\x7f") for c in value
+    )
+
+
+def default_backoff(attempt: int) -> float:
+    """1 s, 2 s, 4 s ... with 0.8-1.2 jitter, as the OpenTelemetry exporters wait."""
+    return float(2**attempt) * random.uniform(0.8, 1.2)
+
+
+class LoopClient:
+    """Sends serialized ``ExportTraceServiceRequest``s to one collector, retrying what the OTLP
+    specification calls transient until the export's deadline. Subclasses do one attempt."""
+
+    kind = "OTLP"
+
+    def __init__(
+        self, *, timeout: float, headers: tuple[tuple[str, str], ...], backoff: Callable[[int], float] | None
+    ) -> None:
+        self.timeout = timeout
+        self.headers = headers
+        self._backoff = backoff or default_backoff
+        self.authority = ""
+
+    async def _call(self, payload: bytes, deadline: float) -> None:
+        """One attempt; raises ``ExportError`` unless the collector accepted the request."""
+        raise NotImplementedError
+
+    async def export(self, payload: bytes) -> bool:
+        """Send one request; retry transient failures until ``timeout``. True if accepted."""
+        deadline = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                await self._call(payload, deadline)
+                return True
+            except ExportError as exc:
+                pause = exc.retry_after if exc.retry_after is not None else self._backoff(attempt)
+                attempt += 1
+                if not exc.retryable or time.monotonic() + pause >= deadline:
+                    log.warning("%s export to %s failed: %s", self.kind, self.authority, exc)
+                    return False
+                log.debug("%s export to %s: %s; retrying in %.1fs", self.kind, self.authority, exc, pause)
+                await asyncio.sleep(pause)
+
+    async def aclose(self) -> None:
+        """Close the connection (an export in flight fails)."""
+        raise NotImplementedError
+
+
+class AsyncExportQueue:
+    """The event-loop twin of ``tracing.ExportQueue``: same bounds, same counting, no thread.
+
+    ``offer`` starts the draining task on first use (the queue may be built before the loop
+    runs); the task exports a batch when ``batch`` spans wait or ``delay`` seconds passed."""
+
+    def __init__(
+        self,
+        name: str,
+        client: LoopClient,
+        request: Callable[[list[bytes]], bytes],
+        *,
+        max_queue_size: int,
+        batch: int,
+        delay: float,
+        on_full: Callable[[int], None],
+        on_failed: Callable[[int], None],
+    ) -> None:
+        self.name = name
+        self.client = client
+        self._request = request
+        self._max = max(1, max_queue_size)
+        self._batch = max(1, min(batch, self._max))
+        self._delay = delay
+        self._on_full = on_full
+        self._on_failed = on_failed
+        self._queue: deque[bytes] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None
+        self._closing = False
+        self._flushing = False
+        self.exported = 0
+
+    @property
+    def batch(self) -> int:
+        """Spans per export request."""
+        return self._batch
+
+    @property
+    def delay(self) -> float:
+        """Seconds a partial batch waits before it is exported anyway."""
+        return self._delay
+
+    def offer(self, item: bytes) -> None:
+        queue = self._queue
+        if len(queue) >= self._max or self._closing:
+            self._on_full(1)
+            return
+        queue.append(item)
+        if self._task is None:
+            self._start()
+        elif len(queue) >= self._batch:
+            assert self._wake is not None
+            self._wake.set()
+
+    def _start(self) -> None:
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"meshproxy-export-{self.name}")
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._idle is not None
+        while True:
+            if not self._queue:
+                self._idle.set()
+            ticked = False
+            try:
+                async with asyncio.timeout(self._delay):
+                    await self._wake.wait()
+            except TimeoutError:
+                ticked = True
+            self._wake.clear()
+            self._idle.clear()
+            # Full batches go at once; a partial one waits for the timer (or a flush/close).
+            # Draining "whatever is there" after each export made one small export per round
+            # trip under steady load (~30 spans each when the collector took ~30 ms).
+            await self._drain(everything=ticked or self._closing or self._flushing)
+            self._flushing = False
+            if self._closing and not self._queue:
+                self._idle.set()
+                return
+
+    async def _drain(self, *, everything: bool) -> None:
+        queue = self._queue
+        while len(queue) >= self._batch or (everything and queue):
+            n = min(len(queue), self._batch)
+            batch = [queue.popleft() for _ in range(n)]
+            try:
+                ok = await self.client.export(self._request(batch))
+            except Exception:
+                log.warning("OTLP export %s raised; dropping %d spans", self.name, n, exc_info=True)
+                ok = False
+            if ok:
+                self.exported += n
+            else:
+                self._on_failed(n)
+
+    async def flush(self) -> None:
+        """Export everything queued so far (awaitable; the loop keeps serving meanwhile)."""
+        if self._task is None or self._task.done():
+            return
+        assert self._wake is not None and self._idle is not None
+        self._idle.clear()
+        self._flushing = True
+        self._wake.set()
+        await self._idle.wait()
+
+    async def aclose(self, grace: float) -> None:
+        """Export what is queued (within ``grace`` seconds), then stop and close the connection."""
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done():
+            assert self._wake is not None
+            self._wake.set()
+            try:
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                if self._queue:
+                    self._on_failed(len(self._queue))
+                    self._queue.clear()
+        await self.client.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncExportQueue({self.name!r}, queued={len(self._queue)})"
