@@ -12,10 +12,11 @@ Scenarios (each a pair of sidecars with the same iptables interception, installe
 
     direct           no interception, no proxy: the baseline
     nginx            Debian's nginx as a sidecar-style reverse proxy on 15001/15006, upstream keep-alive
-    meshproxy        two meshproxy sidecars, metrics + spans (100% sampled, exported over OTLP/gRPC)
+    meshproxy        two meshproxy sidecars, metrics + spans (100% sampled, exported over OTLP/HTTP)
     meshproxy-notel  two meshproxy sidecars, telemetry off
-    meshproxy-metrics    metrics only               (with --ablation)
-    meshproxy-spans1     metrics + spans at 1%      (with --ablation)
+    meshproxy-metrics    metrics only                       (with --ablation)
+    meshproxy-spans1     metrics + spans at 1%              (with --ablation)
+    meshproxy-grpc       metrics + spans 100% over OTLP/gRPC (with --ablation)
 
 Method (shared/GUIDE.md section 5): fixed-rate load from fortio (sub-millisecond histogram
 resolution), 16 connections, keep-alive; scenarios interleaved round by round so drift on a
@@ -62,10 +63,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PROXY_UID = 1357
 APP_PORT = 8080
 OTLP_PORT = 4317
+OTLP_HTTP_PORT = 4318
 PROXY_CPU = "1"
 LOAD_CPU = "0"
 SCENARIOS = ("direct", "nginx", "meshproxy", "meshproxy-notel")
-ABLATION = ("meshproxy-metrics", "meshproxy-spans1")
+ABLATION = ("meshproxy-metrics", "meshproxy-spans1", "meshproxy-grpc")
+TRACING_ALL = ("meshproxy", "meshproxy-grpc")  # every request gives one span per hop
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 16
 
@@ -80,13 +83,21 @@ def fortio() -> str:
 # --- proxies ---------------------------------------------------------------------------------
 
 
-def telemetry_for(scenario: str, otlp: str) -> Telemetry:
+def telemetry_for(scenario: str, collector_ip: str) -> Telemetry:
+    """A scenario's telemetry; spans go to the receiver at ``collector_ip`` over OTLP/HTTP (the
+    chart's default with its bundled Jaeger) or, for ``meshproxy-grpc``, OTLP/gRPC."""
     if scenario == "meshproxy-notel":
         return Telemetry(tracing=Tracing(sampling_ratio=0.0), access_log=AccessLogMode.OFF, metrics=False)
     if scenario == "meshproxy-metrics":
         return Telemetry(tracing=Tracing(sampling_ratio=0.0), metrics=True)
     ratio = 0.01 if scenario == "meshproxy-spans1" else 1.0
-    return Telemetry(tracing=Tracing(sampling_ratio=ratio, otlp_grpc_endpoint=otlp), metrics=True)
+    if scenario == "meshproxy-grpc":
+        tracing = Tracing(sampling_ratio=ratio, otlp_grpc_endpoint=f"http://{collector_ip}:{OTLP_PORT}")
+    else:
+        tracing = Tracing(
+            sampling_ratio=ratio, otlp_http_endpoint=f"http://{collector_ip}:{OTLP_HTTP_PORT}/v1/traces"
+        )
+    return Telemetry(tracing=tracing, metrics=True)
 
 
 def meshproxy_configs(server: Pod, telemetry: Telemetry) -> tuple[str, str]:
@@ -192,6 +203,8 @@ class Bench:
                 "0.0.0.0",
                 "--port",
                 str(OTLP_PORT),
+                "--http-port",
+                str(OTLP_HTTP_PORT),
                 "--out",
                 str(self.spans_file),
             ],
@@ -199,6 +212,7 @@ class Bench:
             cwd=ROOT,
         )
         lab.wait_listening(self.telemetry_pod, OTLP_PORT, proc=receiver)
+        lab.wait_listening(self.telemetry_pod, OTLP_HTTP_PORT, proc=receiver)
 
     def spans_received(self) -> int:
         """Spans the OTLP receiver has counted so far."""
@@ -249,8 +263,8 @@ class Bench:
                 setup.procs.append(proc)
                 self.lab.wait_listening(pod, port, proc=proc)
             return setup
-        otlp = f"http://{self.telemetry_pod.ip}:{OTLP_PORT}"
-        client_cfg, server_cfg = meshproxy_configs(self.server, telemetry_for(scenario, otlp))
+        telemetry = telemetry_for(scenario, self.telemetry_pod.ip)
+        client_cfg, server_cfg = meshproxy_configs(self.server, telemetry)
         for pod, cfg in ((self.client, client_cfg), (self.server, server_cfg)):
             path = self.workdir / f"{scenario}-{pod.name}.yaml"
             path.write_text(cfg)
@@ -381,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     bench.warm()
                     # Spans are checked where every request must give one span per hop.
-                    tracing_all = scenario == "meshproxy"
+                    tracing_all = scenario in TRACING_ALL
                     for rate in rates:
                         spans0 = bench.spans_settled() if tracing_all else 0
                         pids = [p.pid for p in setup.procs]
