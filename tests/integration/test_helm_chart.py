@@ -151,6 +151,8 @@ VALUE_SETS = {
     "demo": ["-f", str(DEMO / "values" / "meshproxy.yaml")],
     "non-default": NON_DEFAULT,
 }
+# The bundled Jaeger's OTLP/HTTP endpoint, the chart's default when jaeger.enabled.
+JAEGER_OTLP_HTTP = "http://meshproxy-jaeger.meshproxy-system.svc:4318/v1/traces"
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -296,15 +298,18 @@ def test_injection_template_is_what_the_webhook_accepts(values: list[str]) -> No
             {"name": "OTEL_BSP_SCHEDULE_DELAY", "value": "2000"},
             {"name": "OTEL_SERVICE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         ]
-        # The bundled Jaeger is the default tracing backend when enabled.
-        assert template.tracing.otlp_grpc_endpoint == "http://meshproxy-jaeger.meshproxy-system.svc:4317"
+        # The bundled Jaeger is the default tracing backend when enabled, over OTLP/HTTP.
+        assert template.tracing.otlp_http_endpoint == JAEGER_OTLP_HTTP
+        assert template.tracing.otlp_grpc_endpoint == ""
     elif values == VALUE_SETS["demo"]:
         assert template.tracing.sampling == 1.0
+        assert template.tracing.otlp_http_endpoint == JAEGER_OTLP_HTTP
     else:
         assert template.image == "localhost/meshproxy:0.1.0"
         assert template.proxy_uid == 1357
         assert template.tracing.sampling == 0.01
         assert template.tracing.otlp_grpc_endpoint == ""
+        assert template.tracing.otlp_http_endpoint == ""
         assert template.rewrite_probes is True
         assert template.extra_env == ()
 
@@ -328,6 +333,45 @@ def injection_template_json(objs: list[dict[str, Any]]) -> Any:
 
     cm = next(o for o in by_kind(objs, "ConfigMap") if o["metadata"]["name"].endswith("-injection"))
     return json.loads(cm["data"]["template.json"])
+
+
+TRACING_CASES = {
+    # name: (values, expected (otlpGrpc, otlpHttp, zipkin) of the injection template and the CLI)
+    "jaeger-nothing-set": (["--set", "jaeger.enabled=true"], ("", JAEGER_OTLP_HTTP, "")),
+    "jaeger-grpc-set": (
+        ["--set", "jaeger.enabled=true", "--set", "tracing.otlpGrpcEndpoint=http://collector:4317"],
+        ("http://collector:4317", "", ""),
+    ),
+    "jaeger-http-set": (
+        ["--set", "jaeger.enabled=true", "--set", "tracing.otlpHttpEndpoint=http://collector:4318/v1/traces"],
+        ("", "http://collector:4318/v1/traces", ""),
+    ),
+    "jaeger-zipkin-set": (
+        ["--set", "jaeger.enabled=true", "--set", "tracing.zipkinEndpoint=http://zipkin:9411/api/v2/spans"],
+        ("", "", "http://zipkin:9411/api/v2/spans"),
+    ),
+    "no-jaeger-nothing-set": ([], ("", "", "")),
+}
+
+
+@pytest.mark.parametrize(("values", "expected"), TRACING_CASES.values(), ids=TRACING_CASES.keys())
+def test_tracing_endpoints_default_to_the_bundled_jaeger_over_otlp_http(
+    values: list[str], expected: tuple[str, str, str]
+) -> None:
+    """The bundled Jaeger's OTLP/HTTP endpoint is used only when no endpoint of any kind is
+    set; an explicit one replaces it. Sidecars (injection template) and the control plane
+    (which puts the endpoints in every snapshot) are told the same."""
+    from controlplane.cli import build_parser
+    from controlplane.inject import InjectionTemplate
+
+    objs = render(values)
+    tracing = InjectionTemplate.from_json(injection_template_json(objs)).tracing
+    assert (tracing.otlp_grpc_endpoint, tracing.otlp_http_endpoint, tracing.zipkin_endpoint) == expected
+    dep = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "meshproxy-controlplane")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    got = (args.otlp_grpc_endpoint, args.otlp_http_endpoint, args.zipkin_endpoint)
+    assert got == tuple(e or None for e in expected)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -41,12 +41,19 @@ app.kubernetes.io/component: controlplane
 {{- printf "%s:%s" $repo $tag -}}
 {{- end -}}
 
-{{/* Tracing endpoint: the explicit one, else the bundled Jaeger's when it is enabled. */}}
+{{/* OTLP/gRPC endpoint: only the explicit one (the bundled Jaeger is reached over OTLP/HTTP). */}}
 {{- define "meshproxy.otlpGrpcEndpoint" -}}
-{{- if .Values.tracing.otlpGrpcEndpoint -}}
 {{- .Values.tracing.otlpGrpcEndpoint -}}
-{{- else if .Values.jaeger.enabled -}}
-{{- printf "http://%s-jaeger.%s.svc:4317" (include "meshproxy.fullname" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* OTLP/HTTP endpoint: the explicit one, else the bundled Jaeger's when it is enabled and no
+endpoint of any kind is set. HTTP, not gRPC, because a sidecar sends it for a fraction of the
+CPU (docs/telemetry.md). */}}
+{{- define "meshproxy.otlpHttpEndpoint" -}}
+{{- if .Values.tracing.otlpHttpEndpoint -}}
+{{- .Values.tracing.otlpHttpEndpoint -}}
+{{- else if and .Values.jaeger.enabled (not .Values.tracing.otlpGrpcEndpoint) (not .Values.tracing.zipkinEndpoint) -}}
+{{- printf "http://%s-jaeger.%s.svc:4318/v1/traces" (include "meshproxy.fullname" .) .Release.Namespace -}}
 {{- end -}}
 {{- end -}}
 
@@ -64,7 +71,7 @@ app.kubernetes.io/component: controlplane
   "ports" (dict "admin" (int .Values.sidecar.ports.admin) "outbound" (int .Values.sidecar.ports.outbound) "inbound" (int .Values.sidecar.ports.inbound))
   "resources" .Values.sidecar.resources
   "initResources" .Values.sidecar.initResources
-  "tracing" (dict "sampling" .Values.tracing.sampling "otlpGrpcEndpoint" (include "meshproxy.otlpGrpcEndpoint" .) "otlpHttpEndpoint" .Values.tracing.otlpHttpEndpoint "zipkinEndpoint" .Values.tracing.zipkinEndpoint)
+  "tracing" (dict "sampling" .Values.tracing.sampling "otlpGrpcEndpoint" (include "meshproxy.otlpGrpcEndpoint" .) "otlpHttpEndpoint" (include "meshproxy.otlpHttpEndpoint" .) "zipkinEndpoint" .Values.tracing.zipkinEndpoint)
   "prometheusAnnotations" .Values.sidecar.prometheusAnnotations
   "rewriteProbes" .Values.sidecar.rewriteProbes
   "excludeOutboundCIDRs" .Values.sidecar.excludeOutboundCIDRs
