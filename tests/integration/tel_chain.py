@@ -2,7 +2,8 @@
 
 A's outbound hop injects its context, B's inbound hop extracts it, B's app forwards the headers
 it got to its own outbound hop, and C's inbound hop ends the chain. Only telemetry is real here
-(spans exported over OTLP/gRPC); the data path is exercised by test_telemetry_chain.py.
+(spans exported over OTLP/gRPC or OTLP/HTTP, the caller's choice); the data path is exercised by
+test_telemetry_chain.py.
 """
 
 from __future__ import annotations
@@ -36,10 +37,8 @@ class Chain:
         return self.a_out.trace_id
 
 
-def sidecar(name: str, otlp_endpoint: str, propagation: tuple[model.Propagation, ...]) -> Telemetry:
-    settings = model.Telemetry(
-        tracing=model.Tracing(otlp_grpc_endpoint=otlp_endpoint, propagation=propagation)
-    )
+def sidecar(name: str, tracing: model.Tracing) -> Telemetry:
+    settings = model.Telemetry(tracing=tracing)
     return Telemetry.build(
         settings, model.Workload(name=name, namespace="demo"), env={}, schedule_delay_millis=50
     )
@@ -52,10 +51,23 @@ def app_forward(received: RequestHead, path: str, authority: str) -> RequestHead
 
 
 async def run_chain(
-    otlp_endpoint: str, propagation: tuple[model.Propagation, ...] = (model.Propagation.W3C,)
+    propagation: tuple[model.Propagation, ...] = (model.Propagation.W3C,),
+    *,
+    otlp_grpc_endpoint: str | None = None,
+    otlp_http_endpoint: str | None = None,
 ) -> Chain:
-    """One request a -> b -> c; returns the four hops once every span was flushed to the endpoint."""
-    a, b, c = (sidecar(n, otlp_endpoint, propagation) for n in ("a", "b", "c"))
+    """One request a -> b -> c; returns the four hops once every span was flushed to the endpoint.
+
+    ``otlp_grpc_endpoint`` is a collector's address (``http://host:4317``),
+    ``otlp_http_endpoint`` its full traces URL (``http://host:4318/v1/traces``)."""
+    if not (otlp_grpc_endpoint or otlp_http_endpoint):
+        raise ValueError("run_chain needs an OTLP endpoint: without one no span leaves the sidecars")
+    tracing = model.Tracing(
+        propagation=propagation,
+        otlp_grpc_endpoint=otlp_grpc_endpoint,
+        otlp_http_endpoint=otlp_http_endpoint,
+    )
+    a, b, c = (sidecar(n, tracing) for n in ("a", "b", "c"))
     try:
         req = RequestHead("GET", "/b", "b.demo:80", (("user-agent", "test"),))
         a_out = a.start_http(

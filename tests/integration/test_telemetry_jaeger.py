@@ -2,10 +2,13 @@
 user sees in the Jaeger UI.
 
   * ``test_chain_reads_back_from_jaeger``: three sidecars' telemetry (no data path) export to
-    a Jaeger on loopback, on ports picked free for the test.
+    a Jaeger on loopback, on ports picked free for the test, once over OTLP/HTTP (the chart's
+    default transport) and once over OTLP/gRPC.
   * ``test_sidecar_chain_in_jaeger``: the demo mesh (client -> frontend -> catalog ->
     inventory, real sidecars with interception) in the netns lab, every sidecar exporting to
-    a Jaeger running in its own lab pod; the trace is read from inside that pod.
+    a Jaeger running in its own lab pod; the trace is read from inside that pod. The demo's
+    snapshots export over OTLP/gRPC, so between the two tests both transports reach a real
+    Jaeger.
 
 Jaeger is built from its Go module by ``scripts/build-jaeger.sh`` (large; run it once, it is
 cached in ``$MESHPROXY_CACHE``). Without the cached binary the tests are skipped with that advice.
@@ -70,6 +73,8 @@ receivers:
     protocols:
       grpc:
         endpoint: {host}:{otlp_port}
+      http:
+        endpoint: {host}:{otlp_http_port}
 processors:
   batch:
     timeout: 100ms
@@ -97,7 +102,8 @@ def _free_ports(n: int) -> list[int]:
 
 @dataclass
 class Jaeger:
-    otlp_endpoint: str
+    otlp_grpc_endpoint: str  # http://host:port, as Tracing.otlp_grpc_endpoint takes it
+    otlp_http_endpoint: str  # http://host:port/v1/traces, as Tracing.otlp_http_endpoint takes it
     query_url: str
 
 
@@ -122,11 +128,15 @@ def parent_links(trace: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str 
 @pytest.fixture
 def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
     binary = _require_binary()
-    otlp_port, query_port, query_grpc_port = _free_ports(3)
+    otlp_port, otlp_http_port, query_port, query_grpc_port = _free_ports(4)
     config = tmp_path / "jaeger.yaml"
     config.write_text(
         CONFIG.format(
-            host="127.0.0.1", otlp_port=otlp_port, query_port=query_port, query_grpc_port=query_grpc_port
+            host="127.0.0.1",
+            otlp_port=otlp_port,
+            otlp_http_port=otlp_http_port,
+            query_port=query_port,
+            query_grpc_port=query_grpc_port,
         )
     )
     log = (tmp_path / "jaeger.log").open("w")
@@ -145,7 +155,11 @@ def jaeger(tmp_path: Path) -> Iterator[Jaeger]:
                 "Jaeger did not start:\n" + (tmp_path / "jaeger.log").read_text()[-3000:]
             )
             time.sleep(0.1)
-        yield Jaeger(f"http://127.0.0.1:{otlp_port}", query_url)
+        yield Jaeger(
+            otlp_grpc_endpoint=f"http://127.0.0.1:{otlp_port}",
+            otlp_http_endpoint=f"http://127.0.0.1:{otlp_http_port}/v1/traces",
+            query_url=query_url,
+        )
     finally:
         proc.terminate()
         try:
@@ -173,8 +187,12 @@ async def _get_trace(client: httpx.AsyncClient, trace_id: str, spans: int) -> di
         raise AssertionError(f"trace {trace_id} incomplete in Jaeger: {last}") from None
 
 
-async def test_chain_reads_back_from_jaeger(jaeger: Jaeger) -> None:
-    chain = await run_chain(jaeger.otlp_endpoint)
+@pytest.mark.parametrize("transport", ["otlp-http", "otlp-grpc"])
+async def test_chain_reads_back_from_jaeger(jaeger: Jaeger, transport: str) -> None:
+    if transport == "otlp-http":
+        chain = await run_chain(otlp_http_endpoint=jaeger.otlp_http_endpoint)
+    else:
+        chain = await run_chain(otlp_grpc_endpoint=jaeger.otlp_grpc_endpoint)
     async with httpx.AsyncClient(base_url=jaeger.query_url, timeout=5) as client:
         links = parent_links(await _get_trace(client, chain.trace_id, 4))
         assert links["a", "client"][1] is None
@@ -203,7 +221,9 @@ def lab_with_jaeger() -> Iterator[tuple[Lab, Pod]]:
         pod = lab.add_pod("jaeger")
         config = lab.logdir / "jaeger.yaml"
         config.write_text(
-            CONFIG.format(host="0.0.0.0", otlp_port=4317, query_port=16686, query_grpc_port=16685)
+            CONFIG.format(
+                host="0.0.0.0", otlp_port=4317, otlp_http_port=4318, query_port=16686, query_grpc_port=16685
+            )
         )
         proc = lab.spawn(pod, [str(binary), "--config", str(config)], name="jaeger")
         lab.wait_listening(pod, 4317, timeout=30, proc=proc)

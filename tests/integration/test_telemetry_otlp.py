@@ -25,7 +25,7 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
 async def test_a_b_c_chain_is_one_trace(
     receiver: OtlpReceiver, propagation: tuple[model.Propagation, ...]
 ) -> None:
-    chain = await run_chain(receiver.endpoint, propagation)
+    chain = await run_chain(propagation, otlp_grpc_endpoint=receiver.endpoint)
     trace_id = chain.trace_id
     assert {h.trace_id for h in (chain.b_in, chain.b_out, chain.c_in)} == {trace_id}
     assert chain.b_in.request_id == chain.a_out.request_id == chain.c_in.request_id
