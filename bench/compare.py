@@ -14,7 +14,8 @@ Topology (a ``meshproxy.lab`` lab: network namespaces on a bridge, 198.18.0.0/24
 Every scenario but ``direct`` gets the same interception, installed by
 ``meshproxy iptables install`` in both pods, exactly as the init container does.
 
-Scenarios: direct, meshproxy (metrics + spans at 100% to an OTLP receiver), meshproxy-notel,
+Scenarios: direct, meshproxy (metrics + spans at 100%, exported over OTLP/HTTP to the span
+sink ``bench.spancount`` in a third pod), meshproxy-notel,
 haproxy (HTTP mode, ``http-reuse always``; TCP mode for opaque), nginx (proxy_pass/grpc_pass
 with upstream keep-alive; stream module for opaque), traefik (file provider, entrypoints
 15001/15006; built from its Go module by scripts/go-tool.sh).
@@ -56,7 +57,7 @@ from bench.run import ROOT, cpu_seconds, fortio, fortio_load, host_facts, percen
 from meshproxy.lab.netns import Lab, LabError, LabProcess, wait_until
 
 PROXY_UID = 1357
-OTLP_PORT = 4317
+OTLP_PORT = 4317  # the span sink's OTLP/gRPC port: it always listens there; the sidecars use OTLP/HTTP
 PROXY_CPU = "1"
 LOAD_CPU = "0"
 CONNECTIONS = 16
@@ -116,7 +117,7 @@ class RssSampler:
 
 
 class Compare:
-    """The lab and its long-lived processes (backends, OTLP receiver) for one benchmark run."""
+    """The lab and its long-lived processes (backends, OTLP span sink) for one benchmark run."""
 
     def __init__(self, lab: Lab, fortio_bin: str, traefik_bin: str | None, args: argparse.Namespace) -> None:
         self.lab = lab
@@ -128,6 +129,7 @@ class Compare:
         self.telemetry_pod = lab.add_pod("telemetry")
         self.meshproxy = str(ROOT / ".venv" / "bin" / "meshproxy")
         self.workdir = lab.logdir
+        self.spans_file = self.workdir / "spans.count"  # the sink's running span total
         on_load_cpu = ["taskset", "-c", LOAD_CPU]
         backend = lab.spawn(
             self.server,
@@ -161,19 +163,25 @@ class Compare:
                 # With the load generator, not on the proxies' core: the receiver's work is not
                 # the sidecar's cost, and must not steal the core the sidecars are measured on.
                 *on_load_cpu,
+                # Counting, not the demo's spanlog: writing every span as JSON on this core
+                # showed up as latency of the traced scenario (docs/performance.md).
                 sys.executable,
                 "-m",
-                "meshproxy.lab.spanlog",
+                "bench.spancount",
                 "--host",
                 "0.0.0.0",
                 "--port",
                 str(OTLP_PORT),
+                "--http-port",
+                str(peers.OTLP_HTTP_PORT),
                 "--out",
-                str(self.workdir / "spans.jsonl"),
+                str(self.spans_file),
             ],
             name="otlp",
+            cwd=ROOT,
         )
         lab.wait_listening(self.telemetry_pod, OTLP_PORT, proc=receiver)
+        lab.wait_listening(self.telemetry_pod, peers.OTLP_HTTP_PORT, proc=receiver)
 
     # --- sidecars ------------------------------------------------------------------------------
 
@@ -215,9 +223,8 @@ class Compare:
         for pod in (self.client, self.server):
             d = self._dir(f"{scenario}-{workload.kind.value}-{pod.name}")
             if scenario.startswith("meshproxy"):
-                otlp = f"http://{self.telemetry_pod.ip}:{OTLP_PORT}"
                 configs = peers.meshproxy_configs(
-                    ip, peers.meshproxy_telemetry(scenario == "meshproxy", otlp)
+                    ip, peers.meshproxy_telemetry(scenario == "meshproxy", self.telemetry_pod.ip)
                 )
                 conf = d / "sidecar.yaml"
                 conf.write_text(configs[0] if pod is self.client else configs[1])
@@ -484,6 +491,8 @@ def method(args: argparse.Namespace, elapsed: float) -> dict[str, Any]:
         "hops": 2,
         "proxy_cpu": PROXY_CPU,
         "load_cpu": LOAD_CPU,
+        # Runs before this key was recorded exported over OTLP/gRPC to meshproxy.lab.spanlog.
+        "span_export": f"OTLP/HTTP to bench.spancount :{peers.OTLP_HTTP_PORT}/v1/traces",
         "mode": "quick" if args.quick else "full",
         "elapsed_s": round(elapsed),
     }

@@ -40,6 +40,7 @@ from meshproxy.lab.mesh import config_yaml
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
+OTLP_HTTP_PORT = 4318  # the span sink's OTLP/HTTP port (bench.spancount --http-port)
 
 
 class Kind(enum.Enum):
@@ -69,11 +70,13 @@ _MESH_PROTOCOL = {Kind.HTTP: Protocol.HTTP1, Kind.GRPC: Protocol.HTTP2, Kind.TCP
 # --- meshproxy ---------------------------------------------------------------------------------
 
 
-def meshproxy_telemetry(enabled: bool, otlp_endpoint: str | None) -> Telemetry:
-    """Telemetry on: metrics + spans for every request (100%) exported over OTLP/gRPC. Off: nothing."""
+def meshproxy_telemetry(enabled: bool, collector_ip: str) -> Telemetry:
+    """Telemetry on: metrics + spans for every request (100%) exported over OTLP/HTTP to the
+    sink at ``collector_ip`` (the chart's default transport, as in ``make bench``). Off: nothing."""
     if not enabled:
         return Telemetry(tracing=Tracing(sampling_ratio=0.0), access_log=AccessLogMode.OFF, metrics=False)
-    return Telemetry(tracing=Tracing(sampling_ratio=1.0, otlp_grpc_endpoint=otlp_endpoint), metrics=True)
+    endpoint = f"http://{collector_ip}:{OTLP_HTTP_PORT}/v1/traces"
+    return Telemetry(tracing=Tracing(sampling_ratio=1.0, otlp_http_endpoint=endpoint), metrics=True)
 
 
 def meshproxy_configs(

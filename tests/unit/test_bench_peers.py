@@ -22,9 +22,7 @@ SERVER = "198.18.0.3"
 
 
 def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:
-    client_yaml, server_yaml = peers.meshproxy_configs(
-        SERVER, peers.meshproxy_telemetry(True, "http://x:4317")
-    )
+    client_yaml, server_yaml = peers.meshproxy_configs(SERVER, peers.meshproxy_telemetry(True, "198.18.0.4"))
     client = load_dict(yaml.safe_load(client_yaml))
     server = load_dict(yaml.safe_load(server_yaml))
     by_port = {s.port: s for s in client.services}
@@ -44,14 +42,20 @@ def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:
 
 
 def test_meshproxy_telemetry_on_and_off() -> None:
-    on = peers.meshproxy_telemetry(True, "http://198.18.0.4:4317")
-    off = peers.meshproxy_telemetry(False, "http://198.18.0.4:4317")
+    on = peers.meshproxy_telemetry(True, "198.18.0.4")
+    off = peers.meshproxy_telemetry(False, "198.18.0.4")
     assert on.metrics and on.tracing.sampling_ratio == 1.0
-    assert on.tracing.otlp_grpc_endpoint == "http://198.18.0.4:4317"
+    # Spans go over OTLP/HTTP (the chart's default transport) to the sink's traces path, and
+    # nowhere else: bench.spancount answers only POST /v1/traces on its --http-port.
+    assert on.tracing.otlp_http_endpoint == f"http://198.18.0.4:{peers.OTLP_HTTP_PORT}/v1/traces"
+    assert on.tracing.otlp_grpc_endpoint is None and on.tracing.zipkin_endpoint is None
     assert not off.metrics and off.tracing.sampling_ratio == 0.0
-    # Telemetry must survive the YAML round trip, or "telemetry off" would silently be on.
-    _, server_yaml = peers.meshproxy_configs(SERVER, off)
-    assert load_dict(yaml.safe_load(server_yaml)).telemetry == off
+    assert off.tracing.otlp_http_endpoint is None and off.tracing.otlp_grpc_endpoint is None
+    # Telemetry must survive the YAML round trip, or "telemetry off" would silently be on,
+    # or "on" would export nowhere.
+    for telemetry in (on, off):
+        _, server_yaml = peers.meshproxy_configs(SERVER, telemetry)
+        assert load_dict(yaml.safe_load(server_yaml)).telemetry == telemetry
 
 
 @pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
