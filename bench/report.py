@@ -184,8 +184,8 @@ TARGETS = (
         None,
         40.0,
         limited_by=(
-            "the telemetry stack: OpenTelemetry SDK, its OTLP/gRPC exporter and the gRPC "
-            "runtime (~9 MB) with protobuf (~5 MB)"
+            "the imported libraries: grpcio for the config stream (~9 MB), the "
+            "OpenTelemetry SDK and protobuf (~5 MB)"
         ),
     ),
 )

@@ -5,9 +5,9 @@ to the traces endpoint, on a plaintext keep-alive HTTP/1.1 connection (``httptoo
 same llhttp parser the proxy uses, reads the answers).
 
 Why: this is the cheapest way to get spans out of a Python sidecar. One export is a request
-head, the body and a small answer: in-process ~40 us of CPU on the loop against ~370 us for
-the same request over OTLP/gRPC, where the ``h2`` state machine and HPACK run in Python
-(docs/performance.md, round 5). The sidecar's loop serves requests between the slices of a
+head, the body and a small answer: in-process 55-85 us of user CPU on the loop against
+350-410 us for the same request over OTLP/gRPC, where the ``h2`` state machine and HPACK run
+in Python (docs/performance.md, round 5). The sidecar's loop serves requests between the slices of a
 large body. TLS (``https://``) and compression are the OpenTelemetry SDK exporter's job:
 ``exporters.build`` chooses that one for them.
 
