@@ -3,8 +3,9 @@
 Owns: ``ExportError`` (one failed attempt, and whether it may be retried), ``parse_headers``
 (``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``), ``LoopClient`` (the retry loop with jittered
 exponential backoff and ``Retry-After``, bounded by the export's deadline; a transport
-implements one attempt, ``_call``) and ``AsyncExportQueue`` (the bounded span queue a task
-drains through a ``LoopClient``). The transports are ``otlp_grpc.OtlpGrpcClient`` and
+implements one attempt, ``_call``), ``SpanBatches`` (the bounds, batching and counting every
+export queue shares) and ``AsyncExportQueue`` (the bounded span queue a task drains through a
+``LoopClient``). The transports are ``otlp_grpc.OtlpGrpcClient`` and
 ``otlp_http.OtlpHttpClient``.
 
 Why on the loop: the sidecar encodes spans on its loop already (``otlp_wire``); sending a
@@ -28,11 +29,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Generic, TypeVar
 from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
 
 SLICE = 16 * 1024  # bytes of a large request written per loop iteration
+T = TypeVar("T")
 
 
 class ExportError(Exception):
@@ -112,7 +115,55 @@ class LoopClient:
         raise NotImplementedError
 
 
-class AsyncExportQueue:
+class SpanBatches(Generic[T]):
+    """What every export queue shares: at most ``max_queue_size`` items, taken ``batch`` at a
+    time, a partial batch after ``delay`` seconds; each loss counted once, by its cause."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_queue_size: int,
+        batch: int,
+        delay: float,
+        on_full: Callable[[int], None],
+        on_failed: Callable[[int], None],
+    ) -> None:
+        self.name = name
+        self._max = max(1, max_queue_size)
+        self._batch = max(1, min(batch, self._max))
+        self._delay = delay
+        self._on_full = on_full
+        self._on_failed = on_failed
+        self._queue: deque[T] = deque()
+        self.exported = 0  # items the exporter accepted (read by tests and the admin page)
+
+    @property
+    def batch(self) -> int:
+        """Spans per export request."""
+        return self._batch
+
+    @property
+    def delay(self) -> float:
+        """Seconds a partial batch waits before it is exported anyway."""
+        return self._delay
+
+    def _has_batch(self, everything: bool) -> bool:
+        """A full batch waits, or (``everything``) anything at all."""
+        return len(self._queue) >= self._batch or (everything and bool(self._queue))
+
+    def _take(self) -> list[T]:
+        queue = self._queue
+        return [queue.popleft() for _ in range(min(len(queue), self._batch))]
+
+    def _settle(self, n: int, ok: bool) -> None:
+        if ok:
+            self.exported += n
+        else:
+            self._on_failed(n)
+
+
+class AsyncExportQueue(SpanBatches[bytes]):
     """The event-loop twin of ``tracing.ExportQueue``: same bounds, same counting, no thread.
 
     ``offer`` starts the draining task on first use (the queue may be built before the loop
@@ -130,31 +181,21 @@ class AsyncExportQueue:
         on_full: Callable[[int], None],
         on_failed: Callable[[int], None],
     ) -> None:
-        self.name = name
+        super().__init__(
+            name,
+            max_queue_size=max_queue_size,
+            batch=batch,
+            delay=delay,
+            on_full=on_full,
+            on_failed=on_failed,
+        )
         self.client = client
         self._request = request
-        self._max = max(1, max_queue_size)
-        self._batch = max(1, min(batch, self._max))
-        self._delay = delay
-        self._on_full = on_full
-        self._on_failed = on_failed
-        self._queue: deque[bytes] = deque()
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle: asyncio.Event | None = None
         self._closing = False
         self._flushing = False
-        self.exported = 0
-
-    @property
-    def batch(self) -> int:
-        """Spans per export request."""
-        return self._batch
-
-    @property
-    def delay(self) -> float:
-        """Seconds a partial batch waits before it is exported anyway."""
-        return self._delay
 
     def offer(self, item: bytes) -> None:
         queue = self._queue
@@ -196,19 +237,14 @@ class AsyncExportQueue:
                 return
 
     async def _drain(self, *, everything: bool) -> None:
-        queue = self._queue
-        while len(queue) >= self._batch or (everything and queue):
-            n = min(len(queue), self._batch)
-            batch = [queue.popleft() for _ in range(n)]
+        while self._has_batch(everything):
+            batch = self._take()
             try:
                 ok = await self.client.export(self._request(batch))
             except Exception:
-                log.warning("OTLP export %s raised; dropping %d spans", self.name, n, exc_info=True)
+                log.warning("OTLP export %s raised; dropping %d spans", self.name, len(batch), exc_info=True)
                 ok = False
-            if ok:
-                self.exported += n
-            else:
-                self._on_failed(n)
+            self._settle(len(batch), ok)
 
     async def flush(self) -> None:
         """Export everything queued so far (awaitable; the loop keeps serving meanwhile)."""

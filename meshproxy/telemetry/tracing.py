@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -52,7 +51,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from meshproxy.config.model import Propagation, Tracing, Workload
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
-from meshproxy.telemetry.otlp_loop import AsyncExportQueue, LoopClient
+from meshproxy.telemetry.otlp_loop import AsyncExportQueue, LoopClient, SpanBatches
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.spans import SCOPE, AttrValue, RatioSampler, SpanRecord, to_readable
 
@@ -86,7 +85,7 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     return default
 
 
-class ExportQueue:
+class ExportQueue(SpanBatches[Any]):
     """A bounded queue of spans for one exporter, drained in batches by a worker thread."""
 
     def __init__(
@@ -101,21 +100,21 @@ class ExportQueue:
         on_full: Callable[[int], None],
         on_failed: Callable[[int], None],
     ) -> None:
-        self.name = name
+        super().__init__(
+            name,
+            max_queue_size=max_queue_size,
+            batch=batch,
+            delay=delay,
+            on_full=on_full,
+            on_failed=on_failed,
+        )
         self._send = send
         self._close = close
-        self._max = max(1, max_queue_size)
-        self._batch = max(1, min(batch, self._max))
-        self._delay = delay
-        self._on_full = on_full
-        self._on_failed = on_failed
-        self._queue: deque[Any] = deque()
         self._wake = threading.Event()
         self._done = threading.Condition()
         self._flush_asked = 0  # tickets: a flush is done when the worker finished a drain
         self._flush_done = 0  # that started after the ticket was taken
         self._stopping = False
-        self.exported = 0  # spans the exporter accepted (read by tests and the admin page)
         self._worker = threading.Thread(target=self._run, name=f"meshproxy-export-{name}", daemon=True)
         self._worker.start()
 
@@ -145,19 +144,16 @@ class ExportQueue:
                 return
 
     def _drain(self, *, everything: bool) -> None:
-        queue = self._queue
-        while len(queue) >= self._batch or (everything and queue):
-            n = min(len(queue), self._batch)
-            batch = [queue.popleft() for _ in range(n)]
+        while self._has_batch(everything):
+            batch = self._take()
             try:
                 ok = self._send(batch)
             except Exception:
-                log.warning("span exporter %s raised; dropping %d spans", self.name, n, exc_info=True)
+                log.warning(
+                    "span exporter %s raised; dropping %d spans", self.name, len(batch), exc_info=True
+                )
                 ok = False
-            if ok:
-                self.exported += n
-            else:
-                self._on_failed(n)
+            self._settle(len(batch), ok)
 
     def flush(self, timeout: float) -> bool:
         """Export everything queued so far; False if that took longer than ``timeout``."""

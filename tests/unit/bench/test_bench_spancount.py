@@ -10,13 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
 from meshproxy.telemetry.otlp_http import OtlpHttpClient
-from meshproxy.telemetry.otlp_wire import WireEncoder
-from meshproxy.telemetry.spans import KIND_SERVER, SpanRecord
+from tests.support.otlp import export_request as request
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -43,24 +40,6 @@ def sink(tmp_path: Path) -> Iterator[tuple[int, int, Path]]:
     yield grpc_port, http_port, out
     proc.terminate()
     proc.wait(10)
-
-
-def request(n: int) -> bytes:
-    encoder = WireEncoder(Resource.create({"service.name": "b"}), InstrumentationScope("meshproxy"))
-    spans = []
-    for i in range(n):
-        r = SpanRecord(
-            trace_id=i + 1,
-            span_id=i + 1,
-            parent_id=0,
-            trace_state="",
-            name="GET",
-            kind=KIND_SERVER,
-            start_ns=1,
-        )
-        r.end_ns = 2
-        spans.append(encoder.span(r))
-    return encoder.request(spans)
 
 
 async def test_both_transports_add_to_one_total(sink: tuple[int, int, Path]) -> None:

@@ -5,7 +5,6 @@ collector costs a bounded wait."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,15 +15,12 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.config import model
 from meshproxy.telemetry import Telemetry
 from meshproxy.telemetry.otlp_grpc import OtlpGrpcClient
 from meshproxy.telemetry.otlp_loop import parse_headers
-from meshproxy.telemetry.otlp_wire import WireEncoder
-from meshproxy.telemetry.spans import KIND_CLIENT, SpanRecord
+from tests.support.otlp import closed_port, export_request
 
 
 @dataclass
@@ -87,25 +83,7 @@ async def collector() -> AsyncIterator[Collector]:
     await server.stop(None)
 
 
-ENCODER = WireEncoder(Resource.create({"service.name": "frontend"}), InstrumentationScope("meshproxy"))
-
-
-def payload(n: int) -> bytes:
-    spans = []
-    for i in range(n):
-        r = SpanRecord(
-            trace_id=i + 1,
-            span_id=i + 1,
-            parent_id=0,
-            trace_state="",
-            name="GET",
-            kind=KIND_CLIENT,
-            start_ns=1,
-        )
-        r.end_ns = 2
-        r.attributes = [("url.path", f"/items/{i}" + "x" * 200)]
-        spans.append(ENCODER.span(r))
-    return ENCODER.request(spans)
+payload = export_request
 
 
 def no_backoff(attempt: int) -> float:
@@ -149,14 +127,8 @@ async def test_configured_headers_are_sent_as_metadata(collector: Collector) -> 
     await client.aclose()
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_dead_collector_fails_within_the_timeout() -> None:
-    client = OtlpGrpcClient(f"127.0.0.1:{_closed_port()}", timeout=0.5, backoff=no_backoff)
+    client = OtlpGrpcClient(f"127.0.0.1:{closed_port()}", timeout=0.5, backoff=no_backoff)
     started = time.monotonic()
     assert not await client.export(payload(1))
     assert time.monotonic() - started < 5  # bounded by the timeout, not a hang

@@ -22,12 +22,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from test_tel_otlp_grpc import finish_hops, no_backoff, payload
+from test_tel_otlp_grpc import finish_hops, no_backoff
 
 from meshproxy.config import model
 from meshproxy.telemetry import Telemetry
 from meshproxy.telemetry.otlp_http import OtlpHttpClient
 from meshproxy.telemetry.otlp_loop import SLICE, parse_headers
+from tests.support.otlp import closed_port
+from tests.support.otlp import export_request as payload
 
 
 @dataclass
@@ -258,14 +260,8 @@ async def test_a_closed_connection_is_replaced_and_a_garbled_answer_retried(coll
     assert [r.connection for r in collector.received] == [1, 2, 3]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def test_a_dead_collector_fails_within_the_timeout() -> None:
-    client = OtlpHttpClient(f"http://127.0.0.1:{_closed_port()}/v1/traces", timeout=0.5, backoff=no_backoff)
+    client = OtlpHttpClient(f"http://127.0.0.1:{closed_port()}/v1/traces", timeout=0.5, backoff=no_backoff)
     started = time.monotonic()
     assert not await client.export(payload(1))
     assert time.monotonic() - started < 5  # bounded by the timeout, not a hang
