@@ -3,7 +3,7 @@
 Owns: ``ExportError`` (one failed attempt, and whether it may be retried), ``parse_headers``
 (``OTEL_EXPORTER_OTLP_[TRACES_]HEADERS``), ``LoopClient`` (the retry loop with jittered
 exponential backoff and ``Retry-After``, bounded by the export's deadline; a transport
-implements one attempt, ``_call``), ``SpanBatches`` (the bounds, batching and counting every
+implements one attempt, ``_call``), ``QueueBounds`` and ``SpanBatches`` (the bounds, batching and counting every
 export queue shares) and ``AsyncExportQueue`` (the bounded span queue a task drains through a
 ``LoopClient``). The transports are ``otlp_grpc.OtlpGrpcClient`` and
 ``otlp_http.OtlpHttpClient``.
@@ -29,6 +29,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 from urllib.parse import unquote
 
@@ -115,26 +116,28 @@ class LoopClient:
         raise NotImplementedError
 
 
+@dataclass(frozen=True, slots=True)
+class QueueBounds:
+    """How one export queue batches and where its losses are counted."""
+
+    max_queue_size: int
+    batch: int  # spans per export request
+    delay: float  # seconds a partial batch waits
+    on_full: Callable[[int], None]  # spans refused because the queue was full
+    on_failed: Callable[[int], None]  # spans whose export failed
+
+
 class SpanBatches(Generic[T]):
     """What every export queue shares: at most ``max_queue_size`` items, taken ``batch`` at a
     time, a partial batch after ``delay`` seconds; each loss counted once, by its cause."""
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        max_queue_size: int,
-        batch: int,
-        delay: float,
-        on_full: Callable[[int], None],
-        on_failed: Callable[[int], None],
-    ) -> None:
+    def __init__(self, name: str, bounds: QueueBounds) -> None:
         self.name = name
-        self._max = max(1, max_queue_size)
-        self._batch = max(1, min(batch, self._max))
-        self._delay = delay
-        self._on_full = on_full
-        self._on_failed = on_failed
+        self._max = max(1, bounds.max_queue_size)
+        self._batch = max(1, min(bounds.batch, self._max))
+        self._delay = bounds.delay
+        self._on_full = bounds.on_full
+        self._on_failed = bounds.on_failed
         self._queue: deque[T] = deque()
         self.exported = 0  # items the exporter accepted (read by tests and the admin page)
 
@@ -170,25 +173,9 @@ class AsyncExportQueue(SpanBatches[bytes]):
     runs); the task exports a batch when ``batch`` spans wait or ``delay`` seconds passed."""
 
     def __init__(
-        self,
-        name: str,
-        client: LoopClient,
-        request: Callable[[list[bytes]], bytes],
-        *,
-        max_queue_size: int,
-        batch: int,
-        delay: float,
-        on_full: Callable[[int], None],
-        on_failed: Callable[[int], None],
+        self, name: str, client: LoopClient, request: Callable[[list[bytes]], bytes], bounds: QueueBounds
     ) -> None:
-        super().__init__(
-            name,
-            max_queue_size=max_queue_size,
-            batch=batch,
-            delay=delay,
-            on_full=on_full,
-            on_failed=on_failed,
-        )
+        super().__init__(name, bounds)
         self.client = client
         self._request = request
         self._wake: asyncio.Event | None = None

@@ -51,7 +51,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from meshproxy.config.model import Propagation, Tracing, Workload
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.metrics import ProxyMetrics
-from meshproxy.telemetry.otlp_loop import AsyncExportQueue, LoopClient, SpanBatches
+from meshproxy.telemetry.otlp_loop import AsyncExportQueue, LoopClient, QueueBounds, SpanBatches
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.spans import SCOPE, AttrValue, RatioSampler, SpanRecord, to_readable
 
@@ -89,25 +89,9 @@ class ExportQueue(SpanBatches[Any]):
     """A bounded queue of spans for one exporter, drained in batches by a worker thread."""
 
     def __init__(
-        self,
-        name: str,
-        send: Callable[[list[Any]], bool],
-        close: Callable[[], None],
-        *,
-        max_queue_size: int,
-        batch: int,
-        delay: float,
-        on_full: Callable[[int], None],
-        on_failed: Callable[[int], None],
+        self, name: str, send: Callable[[list[Any]], bool], close: Callable[[], None], bounds: QueueBounds
     ) -> None:
-        super().__init__(
-            name,
-            max_queue_size=max_queue_size,
-            batch=batch,
-            delay=delay,
-            on_full=on_full,
-            on_failed=on_failed,
-        )
+        super().__init__(name, bounds)
         self._send = send
         self._close = close
         self._wake = threading.Event()
@@ -214,20 +198,20 @@ class TracingPipeline:
         self._async: list[AsyncExportQueue] = []
         env_delay, batch = batch_settings(env, settings.max_queue_size)
         delay = max(0.001, (env_delay if schedule_delay_millis is None else schedule_delay_millis) / 1000.0)
+        bounds = QueueBounds(
+            max_queue_size=settings.max_queue_size,
+            batch=batch,
+            delay=delay,
+            on_full=metrics.spans_dropped_queue_full,
+            on_failed=metrics.spans_dropped_export_failed,
+        )
         for name, exporter in named:
-            common: dict[str, Any] = {
-                "max_queue_size": settings.max_queue_size,
-                "batch": batch,
-                "delay": delay,
-                "on_full": metrics.spans_dropped_queue_full,
-                "on_failed": metrics.spans_dropped_export_failed,
-            }
             if isinstance(exporter, LoopClient):
-                self._async.append(AsyncExportQueue(name, exporter, self._encoded_request, **common))
+                self._async.append(AsyncExportQueue(name, exporter, self._encoded_request, bounds))
             elif isinstance(exporter, exporters.WireExporter):
-                self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, **common))
+                self._wire.append(ExportQueue(name, self._wire_sender(exporter), exporter.shutdown, bounds))
             else:
-                self._sdk.append(ExportQueue(name, self._sdk_sender(exporter), exporter.shutdown, **common))
+                self._sdk.append(ExportQueue(name, self._sdk_sender(exporter), exporter.shutdown, bounds))
         self.queues: tuple[ExportQueue, ...] = (*self._wire, *self._sdk)
         self.async_queues: tuple[AsyncExportQueue, ...] = tuple(self._async)
         self._encoded: tuple[AsyncExportQueue | ExportQueue, ...] = (*self._async, *self._wire)
