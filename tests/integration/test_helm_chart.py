@@ -445,6 +445,26 @@ def test_chart_reserves_the_names_the_injector_reserves() -> None:
     )
 
 
+def test_control_plane_extra_env_is_checked_like_the_sidecars() -> None:
+    import json
+
+    good = [
+        {"name": "OTEL_EXPORTER_OTLP_HEADERS", "valueFrom": {"secretKeyRef": {"name": "otlp", "key": "h"}}},
+        {"name": "LOG_FORMAT", "value": "json"},
+    ]
+    dep = one(render(["--set-json", f"controlPlane.extraEnv={json.dumps(good)}"]), "Deployment")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["env"][-2:] == good
+    bad = {k: v for k, v in BAD_EXTRA_ENV.items() if k != "reserved-prefix"}
+    bad["reserved-name"] = {"name": "POD_NAMESPACE", "value": "elsewhere"}  # the chart sets it
+    for name, entry in bad.items():
+        entries = json.dumps([good[1], entry])
+        proc = helm(
+            "template", "x", str(CHART), "--set-json", f"controlPlane.extraEnv={entries}", check=False
+        )
+        assert proc.returncode != 0 and "/controlPlane/extraEnv/1" in proc.stderr, name
+
+
 def test_control_plane_deployment_shape() -> None:
     objs = render()
     dep = one(objs, "Deployment")
