@@ -46,7 +46,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-from meshproxy.telemetry.otlp_loop import ExportError, LoopClient
+from meshproxy.telemetry.otlp_loop import ExportError, LoopClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +171,9 @@ class OtlpGrpcClient(LoopClient):
         proto = self._proto
         if proto is not None and proto.error is None:
             return proto
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                _, proto = await loop.create_connection(
-                    lambda: _Protocol(self.authority), self.host, self.port
-                )
-        except (OSError, TimeoutError) as exc:
-            raise _grpc_error(UNAVAILABLE, f"cannot connect to {self.authority}: {exc}") from exc
+        proto = await connect(
+            lambda: _Protocol(self.authority), self.host, self.port, self.authority, deadline
+        )
         self._proto = proto
         return proto
 

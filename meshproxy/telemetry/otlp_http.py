@@ -46,7 +46,7 @@ from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from meshproxy import __version__
-from meshproxy.telemetry.otlp_loop import SLICE, ExportError, LoopClient
+from meshproxy.telemetry.otlp_loop import SLICE, ExportError, LoopClient, connect
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,7 @@ class OtlpHttpClient(LoopClient):
         conn = self._conn
         if conn is not None and conn.error is None:
             return conn
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
-        except (OSError, TimeoutError) as exc:
-            raise ExportError(f"cannot connect to {self.authority}: {exc}", retryable=True) from exc
+        conn = await connect(_Connection, self.host, self.port, self.authority, deadline)
         self._conn = conn
         return conn
 

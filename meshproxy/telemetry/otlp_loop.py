@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SLICE = 16 * 1024  # bytes of a large request written per loop iteration
 T = TypeVar("T")
+P = TypeVar("P", bound=asyncio.Protocol)
 
 
 class ExportError(Exception):
@@ -69,6 +70,18 @@ def _header_safe(name: str, value: str) -> bool:
     return all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name) and all(
         c == "\t" or (c >= " " and c != "\x7f") for c in value
     )
+
+
+async def connect(factory: Callable[[], P], host: str, port: int, authority: str, deadline: float) -> P:
+    """A new connection to the collector before ``deadline``; a refusal or a timeout is a
+    retryable ``ExportError`` (the OTLP specifications treat both as UNAVAILABLE)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
+            _, proto = await loop.create_connection(factory, host, port)
+    except (OSError, TimeoutError) as exc:
+        raise ExportError(f"cannot connect to {authority}: {exc}", retryable=True) from exc
+    return proto
 
 
 def default_backoff(attempt: int) -> float:
