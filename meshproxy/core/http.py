@@ -17,6 +17,7 @@ Concurrency: none; plain data.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 Headers = tuple[tuple[str, str], ...]
@@ -72,7 +73,7 @@ class ResponseHead:
         return get_header(self.headers, name)
 
 
-def get_header(headers: Headers, name: str) -> str | None:
+def get_header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
     """First value of ``name`` (lower-case), or None."""
     for k, v in headers:
         if k == name:

@@ -80,7 +80,7 @@ from meshproxy.core.http import Headers, RequestHead, get_header
 from meshproxy.telemetry import propagation
 from meshproxy.telemetry.accesslog import AccessLog
 from meshproxy.telemetry.metrics import ProxyMetrics
-from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanRecord, new_ids
+from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanEnd, SpanRecord, new_ids
 from meshproxy.telemetry.tracing import TracingPipeline
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _split_authority(authority: str) -> tuple[str, int | None]:
     return host, int(port) if port.isdigit() else None
 
 
-def _grpc_method(head: RequestHead, read: Headers) -> tuple[str, str] | None:
+def _grpc_method(head: RequestHead, read: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
     """``(service, method)`` when the request is gRPC (``/pkg.Service/Method``), else None."""
     ct = get_header(read, "content-type")
     if ct is None or not ct.startswith("application/grpc"):
@@ -161,10 +161,9 @@ class HttpHop:
         "source_workload",
     )
 
-    def __init__(
+    def __init__(  # positional: built once per request, and a keyword call costs more
         self,
         tel: Telemetry,
-        *,
         direction: str,
         head: RequestHead,
         peer: tuple[str, int],
@@ -292,16 +291,14 @@ class HttpHop:
                 self._backend or "",
                 flag or NO_FLAG,
             )
-            c = tel.metrics.http_children(labels)
-            c.requests.inc()
-            if self.sampled:
-                c.observe(duration, self._start + duration, self._tid, self._sid)
-            else:
-                c.duration.observe(duration)
-            if request_bytes:
-                c.request_bytes.inc(request_bytes)
-            if response_bytes:
-                c.response_bytes.inc(response_bytes)
+            tel.metrics.http_children(labels).record(
+                duration,
+                request_bytes,
+                response_bytes,
+                self._start + duration if self.sampled else None,
+                self._tid,
+                self._sid,
+            )
 
         outbound = self.direction == "outbound"
         grpc_error = grpc_status is not None and (
@@ -314,28 +311,20 @@ class HttpHop:
         record = self._span
         if record is not None:
             record.end_ns = time.time_ns()
-            add = record.attributes.append
-            add(("http.response.status_code", status))
-            if self._route is not None:
-                add(("mesh.route", self._route))
-                add(("http.route", self._route))
-                if self._grpc is None:
-                    record.name = f"{self.head.method} {self._route}"
-            if self._backend is not None:
-                add(("mesh.backend", self._backend))
-            if self._retries:
-                add(("mesh.retries", self._retries))
-            if self._decision is not None:
-                add(("mesh.decision", self._decision))
-            if self._dest_workload is not None:
-                add(("mesh.destination.workload", self._dest_workload))
-            if flag:
-                add(("mesh.response_flag", flag))
-            if grpc_status is not None and grpc_status.isdigit():
-                add(("rpc.grpc.status_code", int(grpc_status)))
-            if error_type is not None:
-                add(("error.type", error_type))
-                record.error = error_type
+            if self._route is not None and self._grpc is None:
+                record.name = f"{self.head.method} {self._route}"
+            record.end = SpanEnd(
+                status,
+                self._route,
+                self._backend,
+                self._retries,
+                self._decision,
+                self._dest_workload,
+                flag or None,
+                int(grpc_status) if grpc_status is not None and grpc_status.isdigit() else None,
+                error_type,
+            )
+            record.error = error_type
             self._pipeline.submit(record)
 
         mode = tel.access_log_mode
@@ -427,7 +416,7 @@ class TcpHop:
             labels = ("destination", UNKNOWN, UNKNOWN, self.destination_service)
         self._children = tel.metrics.tcp_children(labels)
         if tel.metrics_enabled:
-            self._children.opened.inc()
+            self._children.record_open()
         self._start = tel.clock()
         self._start_wall = tel.wall_clock()
         self._finished = False
@@ -439,12 +428,7 @@ class TcpHop:
         self._finished = True
         tel = self._tel
         if tel.metrics_enabled:
-            c = self._children
-            c.closed.inc()
-            if bytes_sent:
-                c.sent.inc(bytes_sent)
-            if bytes_received:
-                c.received.inc(bytes_received)
+            self._children.record_close(bytes_sent, bytes_received)
         if tel.access_log_mode is model.AccessLogMode.ON:
             tel.access_log().log(
                 {
@@ -524,7 +508,7 @@ class Telemetry:
         return cls(
             settings,
             workload,
-            metrics=ProxyMetrics(registry),
+            metrics=ProxyMetrics(registry, wall_clock=wall_clock),
             clock=clock,
             wall_clock=wall_clock,
             env=dict(os.environ) if env is None else env,
@@ -597,7 +581,7 @@ class Telemetry:
         destination_service: str | None,
     ) -> HttpHop:
         """A request head arrived: start its span (child of any incoming trace context)."""
-        read = tuple(kv for kv in head.headers if kv[0] in _READ)
+        read = [kv for kv in head.headers if kv[0] in _READ]
         parent = propagation.extract(read) if read else None
         pipeline = self.tracing
         w = self.workload
@@ -616,13 +600,13 @@ class Telemetry:
         record = None
         if sampled and pipeline.recording:
             record = SpanRecord(
-                trace_id=ids[0],
-                span_id=ids[1],
-                parent_id=parent.span_id if parent is not None else 0,
-                trace_state=trace_state,
-                name=f"{grpc[0]}/{grpc[1]}" if grpc else head.method,
-                kind=kind,
-                start_ns=time.time_ns(),
+                ids[0],
+                ids[1],
+                parent.span_id if parent is not None else 0,
+                trace_state,
+                f"{grpc[0]}/{grpc[1]}" if grpc else head.method,
+                kind,
+                time.time_ns(),
             )
             ua = get_header(read, "user-agent")
             dest = destination_service or UNKNOWN
@@ -661,23 +645,23 @@ class Telemetry:
             ]
         return HttpHop(
             self,
-            direction=direction,
-            head=head,
-            peer=peer,
-            destination_service=destination_service,
-            source_workload=src_workload,
-            source_namespace=src_namespace,
-            pipeline=pipeline,
-            ids=ids,
-            sampled=sampled,
-            trace_state=trace_state,
-            record=record,
-            request_id=request_id,
-            keep_request_id=incoming_id is not None,
-            grpc=grpc,
+            direction,
+            head,
+            peer,
+            destination_service,
+            src_workload,
+            src_namespace,
+            pipeline,
+            ids,
+            sampled,
+            trace_state,
+            record,
+            request_id,
+            incoming_id is not None,
+            grpc,
         )
 
-    def _caller(self, headers: Headers) -> tuple[str, str]:
+    def _caller(self, headers: Sequence[tuple[str, str]]) -> tuple[str, str]:
         """Who called, from the client sidecar's identity headers; capped, validated."""
         wl = ns = None
         for k, v in headers:
@@ -685,13 +669,14 @@ class Telemetry:
                 wl = v
             elif k == SOURCE_NAMESPACE_HEADER:
                 ns = v
-        if wl is None or ns is None or not _NAME_RE.fullmatch(wl) or not _NAME_RE.fullmatch(ns):
+        if wl is None or ns is None:
             return UNKNOWN, UNKNOWN
         key = (wl, ns)
-        if key not in self._sources:
-            if len(self._sources) >= MAX_SOURCES:
-                return UNKNOWN, UNKNOWN
-            self._sources.add(key)
+        if key in self._sources:  # validated when first seen
+            return key
+        if not _NAME_RE.fullmatch(wl) or not _NAME_RE.fullmatch(ns) or len(self._sources) >= MAX_SOURCES:
+            return UNKNOWN, UNKNOWN
+        self._sources.add(key)
         return key
 
     def tcp_opened(self, *, direction: str, destination_service: str) -> TcpHop:

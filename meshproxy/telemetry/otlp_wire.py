@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from meshproxy.telemetry.spans import AttrValue, SpanRecord, to_readable
+from meshproxy.telemetry.spans import AttrValue, SpanEnd, SpanRecord, to_readable
 
 _PACK_Q = struct.Struct("<Q").pack
 _PACK_D = struct.Struct("<d").pack
@@ -94,27 +94,32 @@ class WireEncoder:
         # A volatile string attribute's bytes up to its value, by (key, value length): a
         # request id (36 bytes, every request) is then one lookup and one concatenation.
         self._heads: dict[tuple[str, int], bytes] = {}
+        # The attributes a hop learns by its end (status, route, backend, flag...), encoded
+        # together: requests of one kind end alike.
+        self._ends: dict[SpanEnd, bytes] = {}
         self._frame = _Frame(resource, scope)
 
     def span(self, record: SpanRecord) -> bytes:
         """``record`` as a ``ScopeSpans.spans`` entry (field 2, length-prefixed)."""
-        parts = [
-            b"\x0a\x10" + record.trace_id.to_bytes(16, "big"),
-            b"\x12\x08" + record.span_id.to_bytes(8, "big"),
-        ]
-        if record.trace_state:
-            parts.append(_field(0x1A, record.trace_state.encode()))
-        if record.parent_id:
-            parts.append(b"\x22\x08" + record.parent_id.to_bytes(8, "big"))
         name = self._names.get(record.name)
         if name is None:
             if len(self._names) >= _MAX_CACHED:
                 self._names.clear()
             name = self._names[record.name] = _field(0x2A, record.name.encode())
+        parts = [
+            b"\x0a\x10",
+            record.trace_id.to_bytes(16, "big"),
+            b"\x12\x08",
+            record.span_id.to_bytes(8, "big"),
+        ]
+        if record.trace_state:
+            parts.append(_field(0x1A, record.trace_state.encode()))
+        if record.parent_id:
+            parts.append(b"\x22\x08")
+            parts.append(record.parent_id.to_bytes(8, "big"))
         parts.append(name)
         parts.append(_KIND[record.kind])
-        parts.append(b"\x39" + _PACK_Q(record.start_ns))
-        parts.append(b"\x41" + _PACK_Q(record.end_ns))
+        parts.append(b"\x39" + _PACK_Q(record.start_ns) + b"\x41" + _PACK_Q(record.end_ns))
         if record.static_wire:
             parts.append(record.static_wire)
         elif record.static:
@@ -132,6 +137,14 @@ class WireEncoder:
                         cache.clear()
                     cache[item] = kv
             parts.append(kv)
+        end = record.end
+        if end is not None:
+            tail = self._ends.get(end)
+            if tail is None:
+                if len(self._ends) >= _MAX_CACHED:
+                    self._ends.clear()
+                tail = self._ends[end] = self.attributes(end.attributes())
+            parts.append(tail)
         if record.error is None:
             parts.append(_STATUS_UNSET)
         else:
@@ -139,7 +152,12 @@ class WireEncoder:
             parts.append(_field(0x7A, status))
         parts.append(_FLAGS_REMOTE_PARENT if record.parent_id else _FLAGS_ROOT)
         body = b"".join(parts)
-        return b"\x12" + _varint(len(body)) + body
+        n = len(body)
+        if n < 0x80:
+            return bytes((0x12, n)) + body
+        if n < 0x4000:
+            return bytes((0x12, (n & 0x7F) | 0x80, n >> 7)) + body
+        return b"\x12" + _varint(n) + body
 
     def _volatile(self, key: str, value: AttrValue) -> bytes:
         """``_key_value(key, value)`` for a value never cached: strings reuse the bytes before

@@ -33,7 +33,6 @@ import re
 from collections.abc import Iterable, Sequence
 
 from meshproxy.config.model import Propagation
-from meshproxy.core.http import Headers
 from meshproxy.telemetry.spans import Parent
 
 REQUEST_ID = "x-request-id"
@@ -115,7 +114,7 @@ def _b3(carrier: dict[str, str]) -> Parent | None:
     )
 
 
-def extract(headers: Headers) -> Parent | None:
+def extract(headers: Sequence[tuple[str, str]]) -> Parent | None:
     """The remote parent carried by ``headers``, or None when there is none (or it is invalid).
 
     One pass over the headers; only trace headers are looked at after that."""
