@@ -14,7 +14,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from meshproxy.telemetry.otlp_wire import WireEncoder
 from meshproxy.telemetry.propagation import new_request_id
-from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanRecord, to_readable
+from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanEnd, SpanRecord, to_readable
 
 RESOURCE = Resource.create({"service.name": "meshproxy", "k8s.pod.name": "client-1"})
 SCOPE = InstrumentationScope("meshproxy")
@@ -80,7 +80,18 @@ def _records() -> list[SpanRecord]:
     non_ascii_id.attributes = [("mesh.request_id", "ünï-1")]
     unencoded = _record(span_id=12)
     unencoded.static = shared.static
-    return [root, failed, empty_error, server, bare, shared, unencoded, ids, long_id, non_ascii_id]
+    # What a hop learns by its end, encoded as one cached group after the other attributes:
+    # every field set, and only the status.
+    ended = _record(span_id=16, name="GET default")
+    ended.static = shared.static
+    ended.attributes = [("url.path", "/c"), ("mesh.request_id", "r-2")]
+    ended.end = SpanEnd(503, "default", "web.prod:80", 2, "circuit_open", "web-v2", "UO", 14, "UO")
+    ended.error = "UO"
+    plain_end = _record(span_id=17)
+    plain_end.end = SpanEnd(200)
+    return [
+        root, failed, empty_error, server, bare, shared, unencoded, ids, long_id, non_ascii_id, ended, plain_end,
+    ]  # fmt: skip
 
 
 def _stock(records: list[SpanRecord]) -> ExportTraceServiceRequest:
