@@ -1,7 +1,10 @@
 """One HTTP message model for HTTP/1.1 and HTTP/2 (gRPC is HTTP/2 plus trailers).
 
-Owns: the frozen request/response head types every layer above the codecs
-uses (routing, retries, telemetry), and hop-by-hop header handling.
+Owns: the request/response head types every layer above the codecs uses
+(routing, retries, telemetry), and hop-by-hop header handling. The heads are
+immutable values: frozen to the type checker (``mypy --strict`` refuses any
+assignment to a field), plain slotted classes at run time, because they are
+built on every hop (see ``_head``).
 
 Invariants:
   * Header names are lower-case ``str``; values are ``str`` (latin-1 decoded
@@ -19,6 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar, dataclass_transform
+
+_T = TypeVar("_T")
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -38,7 +44,16 @@ HOP_BY_HOP = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass_transform(frozen_default=True)
+def _head(cls: type[_T]) -> type[_T]:
+    """A message head: a frozen dataclass to the type checker (no code may assign to a
+    field), a plain slotted one at run time. A frozen dataclass sets each field through
+    ``object.__setattr__``: 0.88 us per construction against 0.19 us, and every hop builds
+    a request head and a response head, and usually a second request head for upstream."""
+    return dataclass(slots=True)(cls)
+
+
+@_head
 class RequestHead:
     method: str
     path: str  # origin-form, with query string
@@ -51,18 +66,15 @@ class RequestHead:
         return get_header(self.headers, name)
 
     def with_headers(self, headers: Headers) -> RequestHead:
-        """This head with ``headers``: ``self`` when they are the very same tuple.
-
-        Constructing a frozen dataclass sets each field through ``object.__setattr__``:
-        about 2 us for this one on the bench VM, and the pipeline asks several times per
-        request, usually with headers it left unchanged."""
+        """This head with ``headers``: ``self`` when they are the very same tuple (the
+        pipeline asks several times per request, usually with headers it left unchanged)."""
         if headers is self.headers:
             return self
         # Direct construction: ``dataclasses.replace`` walks the fields on every call.
         return RequestHead(self.method, self.path, self.authority, headers, self.scheme, self.version)
 
 
-@dataclass(frozen=True, slots=True)
+@_head
 class ResponseHead:
     status: int
     headers: Headers
