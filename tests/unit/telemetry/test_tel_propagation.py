@@ -261,3 +261,22 @@ def test_invalid_tracestate_is_dropped_but_the_parent_kept() -> None:
         (("traceparent", f"00-{TRACE}-{PARENT}-01"), ("tracestate", "no-equals-sign"))
     )
     assert parent == Parent(int(TRACE, 16), int(PARENT, 16), True, "")
+
+
+@pytest.mark.parametrize("flags", ["00", "01", "02", "03", "05", "07", "08", "09", "0a", "0b", "0d", "fe", "ff"])
+@pytest.mark.parametrize("state", ["", "vendor=v1"])
+def test_the_sampled_bit_is_read_as_opentelemetry_reads_it(flags: str, state: str) -> None:
+    """Any flags byte, with and without a tracestate (the short and the general parse)."""
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {"traceparent": f"00-{TRACE}-{PARENT}-{flags}", **({"tracestate": state} if state else {})}
+    theirs = get_current_span(TraceContextTextMapPropagator().extract(carrier)).get_span_context()
+    parent = propagation.extract(tuple(carrier.items()))
+    assert parent is not None
+    assert (parent.trace_id, parent.span_id, parent.sampled, parent.trace_state) == (
+        theirs.trace_id,
+        theirs.span_id,
+        theirs.trace_flags.sampled,
+        state,
+    )
