@@ -263,7 +263,9 @@ def test_invalid_tracestate_is_dropped_but_the_parent_kept() -> None:
     assert parent == Parent(int(TRACE, 16), int(PARENT, 16), True, "")
 
 
-@pytest.mark.parametrize("flags", ["00", "01", "02", "03", "05", "07", "08", "09", "0a", "0b", "0d", "fe", "ff"])
+@pytest.mark.parametrize(
+    "flags", ["00", "01", "02", "03", "05", "07", "08", "09", "0a", "0b", "0d", "fe", "ff"]
+)
 @pytest.mark.parametrize("state", ["", "vendor=v1"])
 def test_the_sampled_bit_is_read_as_opentelemetry_reads_it(flags: str, state: str) -> None:
     """Any flags byte, with and without a tracestate (the short and the general parse)."""
