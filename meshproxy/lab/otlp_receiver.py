@@ -1,41 +1,76 @@
-"""An in-process OTLP/gRPC trace receiver for tests and the demo.
+"""An in-process OTLP trace receiver (OTLP/gRPC and OTLP/HTTP) for tests and the demo.
 
-Owns: a ``grpc.aio`` server implementing OpenTelemetry's ``TraceService`` (the
-generated servicer from opentelemetry-proto) that keeps received spans in
-memory, an awaitable ``wait_for`` to synchronise tests on what arrived, and
-``trace_tree`` to print one trace as an indented tree of hops.
+Owns: one store of received spans fed by two listeners, a ``grpc.aio`` server implementing
+OpenTelemetry's ``TraceService`` (the generated servicer from opentelemetry-proto) and a
+small asyncio HTTP/1.1 server for OTLP/HTTP (``POST /v1/traces``); an awaitable ``wait_for``
+to synchronise tests on what arrived, and ``trace_tree`` to print one trace as an indented
+tree of hops. Every span records the transport its batch came in on (``GRPC`` or ``HTTP``),
+and ``batches`` counts batches per transport.
 
-    receiver = OtlpReceiver()                 # 127.0.0.1, a free port
+    receiver = OtlpReceiver()                 # 127.0.0.1, a free port for each transport
     await receiver.start()
-    tracing = Tracing(otlp_grpc_endpoint=receiver.endpoint)
+    tracing = Tracing(otlp_http_endpoint=receiver.http_endpoint)   # or otlp_grpc_endpoint=receiver.endpoint
     ...
     spans = await receiver.wait_for(lambda spans: len(spans) >= 4, timeout=10)
     print(receiver.trace_tree(spans[0].trace_id))
     await receiver.stop()
 
-``python -m meshproxy.lab.otlp_receiver --port 4317`` runs it stand-alone and
-prints each trace's tree as it completes (the demo uses that).
+``python -m meshproxy.lab.otlp_receiver --port 4317 --http-port 4318`` runs it stand-alone
+and prints each trace's tree as it completes.
+
+OTLP/HTTP, as the OTLP specification defines it (the parts a receiver needs):
+  * ``POST /v1/traces`` with ``Content-Type: application/x-protobuf`` or ``application/json``
+    (OTLP/JSON: trace and span ids in hex, enums as integers, unknown fields ignored), the
+    body optionally ``Content-Encoding: gzip``; ``Content-Length`` or chunked.
+  * 200 with an empty ``ExportTraceServiceResponse`` in the request's content type once the
+    spans are in the store (so an exporter that saw 200 can be checked right away).
+  * Errors carry a ``google.rpc.Status`` (JSON for a JSON request, protobuf otherwise):
+    400 for a body that does not decode (or bad gzip), 404 for another path, 405 (with
+    ``Allow: POST``) for another method, 413 above ``MAX_BODY`` (20 MiB, also after
+    decompression), 415 for another content type or encoding.
+  Connections are kept alive (HTTP/1.1) unless the client asks otherwise; a request that
+  cannot be framed (bad head, bad chunk, too large) is answered and the connection closed.
 
 Invariants:
-  * At most ``max_spans`` spans are kept (oldest dropped first): memory is bounded.
+  * At most ``max_spans`` spans are kept (oldest dropped first): memory is bounded, and so
+    is every request (``MAX_BODY``) and request head (``MAX_HEAD``).
   * It listens where it is told (loopback by default), nothing else.
 
-Concurrency: one asyncio loop; the servicer's ``Export`` runs on it, appends
-spans and wakes waiters through an ``asyncio.Condition``.
+Concurrency: one asyncio loop; the servicer's ``Export`` and the HTTP connections run on
+it, append spans and wake waiters through an ``asyncio.Condition``. The HTTP answer is pure
+(``answer``); only ``_http_connection`` touches sockets.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import contextlib
+import json
+import logging
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from http import HTTPStatus
+from typing import Any, Final
 
 import grpc
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+from google.rpc.status_pb2 import Status
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC: Final = "OTLP/gRPC"
+HTTP: Final = "OTLP/HTTP"
+TRACES_PATH: Final = "/v1/traces"
+PROTOBUF: Final = "application/x-protobuf"
+JSON: Final = "application/json"
+MAX_BODY: Final = 20 * 1024 * 1024  # the OTLP specification's recommended limit
+MAX_HEAD: Final = 64 * 1024
 
 _KINDS = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
 _STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
@@ -54,6 +89,7 @@ class ReceivedSpan:
     status: str  # "UNSET", "OK", "ERROR"
     attributes: Mapping[str, Any] = field(default_factory=dict)
     resource: Mapping[str, Any] = field(default_factory=dict)
+    transport: str = ""  # GRPC or HTTP: how its batch arrived ("" when made elsewhere)
 
 
 def _value(v: Any) -> Any:
@@ -71,70 +107,354 @@ def _attrs(kvs: Sequence[Any]) -> dict[str, Any]:
     return {kv.key: _value(kv.value) for kv in kvs}
 
 
+def spans_of(request: Any, transport: str) -> list[ReceivedSpan]:
+    """The spans of one ``ExportTraceServiceRequest``, tagged with the transport it came over."""
+    spans: list[ReceivedSpan] = []
+    for rs in request.resource_spans:
+        resource = _attrs(rs.resource.attributes)
+        service = str(resource.get("service.name", ""))
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                spans.append(
+                    ReceivedSpan(
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        name=s.name,
+                        kind=_KINDS.get(s.kind, str(s.kind)),
+                        service=service,
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        status=_STATUS.get(s.status.code, str(s.status.code)),
+                        attributes=_attrs(s.attributes),
+                        resource=resource,
+                        transport=transport,
+                    )
+                )
+    return spans
+
+
 class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self, receiver: OtlpReceiver) -> None:
         self._receiver = receiver
 
     async def Export(self, request: Any, context: Any) -> Any:
-        spans: list[ReceivedSpan] = []
-        for rs in request.resource_spans:
-            resource = _attrs(rs.resource.attributes)
-            service = str(resource.get("service.name", ""))
-            for ss in rs.scope_spans:
-                for s in ss.spans:
-                    spans.append(
-                        ReceivedSpan(
-                            trace_id=s.trace_id.hex(),
-                            span_id=s.span_id.hex(),
-                            parent_span_id=s.parent_span_id.hex(),
-                            name=s.name,
-                            kind=_KINDS.get(s.kind, str(s.kind)),
-                            service=service,
-                            start_ns=s.start_time_unix_nano,
-                            end_ns=s.end_time_unix_nano,
-                            status=_STATUS.get(s.status.code, str(s.status.code)),
-                            attributes=_attrs(s.attributes),
-                            resource=resource,
-                        )
-                    )
-        await self._receiver._add(spans)
+        await self._receiver._add(spans_of(request, GRPC), GRPC)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-class OtlpReceiver:
-    """Collects spans sent by OTLP/gRPC exporters. Start it inside a running loop."""
+# --- OTLP/HTTP: the answer to one request (pure) -------------------------------------------
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, max_spans: int = 100_000) -> None:
+
+class HttpError(Exception):
+    """A request the receiver refuses, with the HTTP status to answer and the Status message."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    method: str
+    target: str
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    keep_alive: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HttpAnswer:
+    status: int
+    content_type: str
+    body: bytes
+    keep_alive: bool = True
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        lines = [
+            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}",
+            f"content-type: {self.content_type}",
+            f"content-length: {len(self.body)}",
+            *(f"{k}: {v}" for k, v in self.headers),
+            *([] if self.keep_alive else ["connection: close"]),
+        ]
+        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + self.body
+
+
+def _media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _encode(message: Message, media: str) -> bytes:
+    if media == JSON:
+        return json_format.MessageToJson(message, indent=None).encode()
+    return message.SerializeToString()
+
+
+def error_answer(exc: HttpError, media: str = PROTOBUF, *, keep_alive: bool = True) -> HttpAnswer:
+    """``exc`` as the OTLP/HTTP failure answer: its status and a ``google.rpc.Status`` body."""
+    media = JSON if media == JSON else PROTOBUF
+    allow = (("allow", "POST"),) if exc.status == HTTPStatus.METHOD_NOT_ALLOWED else ()
+    return HttpAnswer(exc.status, media, _encode(Status(message=exc.message), media), keep_alive, allow)
+
+
+def answer(request: HttpRequest) -> tuple[HttpAnswer, Any]:
+    """The answer to one OTLP/HTTP request and the ``ExportTraceServiceRequest`` it carried
+    (``None`` when it is refused). Pure: the caller stores the spans, then sends the answer."""
+    media = _media_type(request.headers)
+    try:
+        export = decode_export(request)
+    except HttpError as exc:
+        return error_answer(exc, media, keep_alive=request.keep_alive), None
+    response = _encode(trace_service_pb2.ExportTraceServiceResponse(), media)
+    return HttpAnswer(200, media, response, request.keep_alive), export
+
+
+def decode_export(request: HttpRequest) -> Any:
+    """The ``ExportTraceServiceRequest`` of an OTLP/HTTP request; ``HttpError`` if refused."""
+    path = request.target.split("?", 1)[0]
+    if path != TRACES_PATH:
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no OTLP endpoint at {path!r}: spans go to POST {TRACES_PATH}")
+    if request.method != "POST":
+        raise HttpError(
+            HTTPStatus.METHOD_NOT_ALLOWED, f"{request.method} {TRACES_PATH}: only POST is allowed"
+        )
+    media = _media_type(request.headers)
+    if media not in (PROTOBUF, JSON):
+        raise HttpError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {media or '(none)'!r}: OTLP/HTTP takes {PROTOBUF} or {JSON}",
+        )
+    body = _decompressed(request.headers.get("content-encoding", ""), request.body)
+    try:
+        if media == PROTOBUF:
+            return trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        tree = _hex_ids_to_base64(json.loads(body))
+        return json_format.ParseDict(
+            tree, trace_service_pb2.ExportTraceServiceRequest(), ignore_unknown_fields=True
+        )
+    except (DecodeError, json_format.ParseError, ValueError, RecursionError) as exc:  # JSON, hex: ValueError
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST, f"undecodable ExportTraceServiceRequest ({media}): {exc}"
+        ) from None
+
+
+def _decompressed(encoding: str, body: bytes) -> bytes:
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "gzip":
+        raise HttpError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"Content-Encoding {encoding!r}: only gzip is supported"
+        )
+    out = bytearray()
+    data = body
+    try:
+        while True:  # gzip members may be concatenated
+            member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            out += member.decompress(data, MAX_BODY + 1 - len(out))
+            if len(out) > MAX_BODY:
+                raise HttpError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"gzip body over {MAX_BODY} bytes decompressed"
+                )
+            if not member.eof:
+                raise HttpError(HTTPStatus.BAD_REQUEST, "truncated gzip body")
+            data = member.unused_data
+            if not data:
+                return bytes(out)
+    except zlib.error as exc:
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST, f"Content-Encoding gzip but the body is not gzip: {exc}"
+        ) from None
+
+
+# OTLP/JSON writes these ids in hex where the protobuf JSON mapping expects base64. The
+# snake_case spellings are not OTLP/JSON but json_format accepts them: convert them too
+# rather than decode their hex as base64 into wrong ids.
+_ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+
+
+def _hex_ids_to_base64(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            k: _hex_id(k, v) if k in _ID_KEYS and isinstance(v, str) else _hex_ids_to_base64(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_hex_ids_to_base64(x) for x in node]
+    return node
+
+
+def _hex_id(key: str, value: str) -> str:
+    try:
+        return base64.b64encode(bytes.fromhex(value)).decode()
+    except ValueError:
+        raise ValueError(f"{key} {value[:40]!r} is not hex") from None
+
+
+# --- OTLP/HTTP: the connection (I/O) --------------------------------------------------------
+
+
+async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest | None:
+    """The next request on the connection, ``None`` at a clean end; ``HttpError`` if it cannot
+    be framed (the connection must then be closed after answering)."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial.strip():
+            raise HttpError(HTTPStatus.BAD_REQUEST, "connection closed inside a request head") from None
+        return None
+    except asyncio.LimitOverrunError:
+        raise HttpError(
+            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
+        ) from None
+    lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")[:-2]
+    parts = lines[0].split(" ") if lines else []
+    if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        raise HttpError(
+            HTTPStatus.BAD_REQUEST, f"not an HTTP/1.x request line: {lines[0][:100] if lines else ''!r}"
+        )
+    method, target, version = parts
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:100]!r}")
+        key, value = name.lower(), value.strip()
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
+    body = await _read_body(reader, writer, headers)
+    return HttpRequest(method, target, headers, body, keep_alive)
+
+
+async def _read_body(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: Mapping[str, str]
+) -> bytes:
+    chunked = "transfer-encoding" in headers
+    if chunked and headers["transfer-encoding"].lower() != "chunked":
+        raise HttpError(
+            HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {headers['transfer-encoding']!r}: only chunked"
+        )
+    raw = headers.get("content-length", "0")
+    if not chunked and not raw.isdigit():
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw!r}")
+    length = 0 if chunked else int(raw)
+    if length > MAX_BODY:
+        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes, over {MAX_BODY}")
+    if (chunked or length) and headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before a large body
+    if not chunked:
+        return await reader.readexactly(length)
+    body = bytearray()
+    while True:
+        size_line = (await _line(reader)).split(b";", 1)[0].strip()
+        try:
+            size = int(size_line, 16)
+        except ValueError:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"bad chunk size {size_line[:20]!r}") from None
+        if size == 0:
+            while await _line(reader) != b"\r\n":
+                pass  # trailer fields: nothing here needs them
+            return bytes(body)
+        if len(body) + size > MAX_BODY:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"chunked body over {MAX_BODY} bytes")
+        body += await reader.readexactly(size)
+        if await reader.readexactly(2) != b"\r\n":
+            raise HttpError(HTTPStatus.BAD_REQUEST, "chunk not followed by CRLF")
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readuntil(b"\r\n")
+    except asyncio.LimitOverrunError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"chunk line over {MAX_HEAD} bytes") from None
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class OtlpReceiver:
+    """Collects spans sent by OTLP/gRPC and OTLP/HTTP exporters. Start it inside a running loop.
+
+    ``port`` is the OTLP/gRPC port, ``http_port`` the OTLP/HTTP one (0: a free port; ``None``:
+    do not listen for that transport).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = 0,
+        *,
+        http_port: int | None = 0,
+        max_spans: int = 100_000,
+    ) -> None:
         self.host = host
         self._requested_port = port
+        self._requested_http_port = http_port
         self._port: int | None = None
+        self._http_port: int | None = None
         self._spans: collections.deque[ReceivedSpan] = collections.deque(maxlen=max_spans)
+        self.batches: collections.Counter[str] = collections.Counter()  # transport -> batches received
         self._cond: asyncio.Condition | None = None
         self._server: grpc.aio.Server | None = None
+        self._http_server: asyncio.Server | None = None
+        self._http_writers: set[asyncio.StreamWriter] = set()
         self.on_spans: Callable[[list[ReceivedSpan]], None] | None = None
 
     @property
     def port(self) -> int:
+        """The OTLP/gRPC port."""
         if self._port is None:
-            raise RuntimeError("receiver not started")
+            raise RuntimeError("receiver not started, or without OTLP/gRPC")
         return self._port
+
+    @property
+    def http_port(self) -> int:
+        if self._http_port is None:
+            raise RuntimeError("receiver not started, or without OTLP/HTTP")
+        return self._http_port
 
     @property
     def endpoint(self) -> str:
         """What to put in ``Tracing.otlp_grpc_endpoint``."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{_bracket(self.host)}:{self.port}"
+
+    @property
+    def http_endpoint(self) -> str:
+        """What to put in ``Tracing.otlp_http_endpoint``: the full traces URL."""
+        return f"http://{_bracket(self.host)}:{self.http_port}{TRACES_PATH}"
 
     async def start(self) -> None:
         self._cond = asyncio.Condition()
-        server = grpc.aio.server()
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        self._port = server.add_insecure_port(f"{host}:{self._requested_port}")
-        await server.start()
-        self._server = server
+        try:
+            if self._requested_http_port is not None:
+                self._http_server = await asyncio.start_server(
+                    self._http_connection, self.host, self._requested_http_port, limit=MAX_HEAD
+                )
+                self._http_port = self._http_server.sockets[0].getsockname()[1]
+            if self._requested_port is not None:
+                server = grpc.aio.server()
+                trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), server)  # type: ignore[no-untyped-call]
+                self._port = server.add_insecure_port(f"{_bracket(self.host)}:{self._requested_port}")
+                await server.start()
+                self._server = server
+        except BaseException:
+            await self.stop(0)
+            raise
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._http_server is not None:
+            self._http_server.close()
+            for writer in list(self._http_writers):
+                writer.close()  # idle keep-alive connections would otherwise outlive the server
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._http_server.wait_closed()
+            self._http_server = None
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
@@ -146,13 +466,44 @@ class OtlpReceiver:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _add(self, spans: list[ReceivedSpan]) -> None:
+    async def _add(self, spans: list[ReceivedSpan], transport: str) -> None:
         assert self._cond is not None
         async with self._cond:
             self._spans.extend(spans)
+            self.batches[transport] += 1
             self._cond.notify_all()
         if self.on_spans is not None:
             self.on_spans(spans)
+
+    async def _http_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._http_writers.add(writer)
+        peer = writer.get_extra_info("peername")
+        try:
+            while True:
+                try:
+                    request = await _read_request(reader, writer)
+                except HttpError as exc:  # the stream cannot be framed any more: answer, close
+                    writer.write(error_answer(exc, keep_alive=False).encode())
+                    await writer.drain()
+                    return
+                if request is None:
+                    return
+                reply, export = answer(request)
+                if export is not None:
+                    await self._add(spans_of(export, HTTP), HTTP)
+                writer.write(reply.encode())
+                await writer.drain()
+                if not reply.keep_alive:
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away, possibly mid-request: nothing to answer
+        except Exception:
+            log.exception("OTLP/HTTP connection from %s failed", peer)
+        finally:
+            self._http_writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
 
     @property
     def spans(self) -> list[ReceivedSpan]:
@@ -218,8 +569,8 @@ class OtlpReceiver:
         return "\n".join(lines)
 
 
-async def _serve(host: str, port: int) -> None:
-    receiver = OtlpReceiver(host, port)
+async def _serve(host: str, port: int, http_port: int) -> None:
+    receiver = OtlpReceiver(host, port, http_port=http_port)
     printed: set[str] = set()
 
     def show(spans: list[ReceivedSpan]) -> None:
@@ -231,7 +582,7 @@ async def _serve(host: str, port: int) -> None:
 
     receiver.on_spans = show
     await receiver.start()
-    print(f"OTLP/gRPC receiver on {receiver.endpoint}", flush=True)
+    print(f"OTLP/gRPC receiver on {receiver.endpoint}, OTLP/HTTP on {receiver.http_endpoint}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
@@ -239,12 +590,15 @@ async def _serve(host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="In-memory OTLP/gRPC trace receiver that prints trace trees.")
+    p = argparse.ArgumentParser(
+        description="In-memory OTLP trace receiver (OTLP/gRPC and OTLP/HTTP) that prints trace trees."
+    )
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=4317)
+    p.add_argument("--port", type=int, default=4317, help="OTLP/gRPC port (default 4317)")
+    p.add_argument("--http-port", type=int, default=4318, help="OTLP/HTTP port (default 4318)")
     args = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port))
+        asyncio.run(_serve(args.host, args.port, args.http_port))
     return 0
 
 

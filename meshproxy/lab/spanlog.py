@@ -1,9 +1,11 @@
-"""Run the OTLP/gRPC test receiver in a lab pod and append every span to a JSON-lines file.
+"""Run the OTLP test receiver in a lab pod and append every span to a JSON-lines file.
 
-Owns: ``python -m meshproxy.lab.spanlog --port 4317 --out FILE``, the demo's "tracing
-backend" (it plays Jaeger's part in a lab pod, so the sidecars export over the lab network
-like they would in a cluster), and ``read_spans``/``render_trace`` used by the demo on the
-other side of the file to show one request's hops.
+Owns: ``python -m meshproxy.lab.spanlog --port 4317 --http-port 4318 --out FILE``, the
+demo's "tracing backend" (it plays Jaeger's part in a lab pod, so the sidecars export over
+the lab network like they would in a cluster): OTLP/gRPC on ``--port`` and OTLP/HTTP
+(``POST /v1/traces``) on ``--http-port``, both into the same file, each span with the
+transport it came in on (``ReceivedSpan.transport``). Also ``read_spans``/``render_trace``,
+used by the demo on the other side of the file to show one request's hops.
 
 Invariants: one JSON object per line, written whole and flushed per export batch, so a
 reader never sees half a span once a line ends with a newline; spans of one trace may arrive
@@ -24,11 +26,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from meshproxy.lab.otlp_receiver import OtlpReceiver, ReceivedSpan
+from meshproxy.lab.otlp_receiver import TRACES_PATH, OtlpReceiver, ReceivedSpan
 
 
-async def _serve(host: str, port: int, out: Path) -> None:
-    receiver = OtlpReceiver(host, port, max_spans=10_000)
+async def _serve(host: str, port: int, http_port: int, out: Path) -> None:
+    receiver = OtlpReceiver(host, port, http_port=http_port, max_spans=10_000)
     with out.open("a") as sink:
 
         def write(spans: list[ReceivedSpan]) -> None:
@@ -37,7 +39,11 @@ async def _serve(host: str, port: int, out: Path) -> None:
 
         receiver.on_spans = write
         await receiver.start()
-        print(f"OTLP/gRPC receiver on {host}:{receiver.port}, spans to {out}", flush=True)
+        print(
+            f"OTLP/gRPC receiver on {host}:{receiver.port}, OTLP/HTTP on {host}:{receiver.http_port}"
+            f"{TRACES_PATH}, spans to {out}",
+            flush=True,
+        )
         try:
             await asyncio.Event().wait()
         finally:
@@ -84,11 +90,12 @@ def render_trace(spans: Sequence[ReceivedSpan]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m meshproxy.lab.spanlog")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=4317)
+    p.add_argument("--port", type=int, default=4317, help="OTLP/gRPC port (default 4317)")
+    p.add_argument("--http-port", type=int, default=4318, help="OTLP/HTTP port (default 4318)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args.host, args.port, args.out))
+        asyncio.run(_serve(args.host, args.port, args.http_port, args.out))
     return 0
 
 
