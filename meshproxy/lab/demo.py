@@ -7,7 +7,9 @@ proxy UID, send load, print what happened, tear down.
 
     client ─▶ frontend ─▶ catalog ─▶ inventory  (HTTPRoute-like split: 90% v1, 10% v2)
     every pod: app + `meshproxy iptables install` + `meshproxy run --config <generated yaml>`
-    telemetry pod: OTLP/gRPC receiver (meshproxy.lab.spanlog) that every sidecar exports to
+    telemetry pod: OTLP receiver (meshproxy.lab.spanlog) that every sidecar exports spans to,
+                   over OTLP/HTTP on :4318 (the project's default transport), or over
+                   OTLP/gRPC on :4317 with ``--otlp grpc``
 
 Names resolve through each pod's /etc/hosts (``/etc/netns/<ns>/hosts``) to service VIPs in
 198.19.0.0/24 that no interface owns: only the sidecars know where they lead.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import json
 import os
 import shutil
@@ -53,14 +56,37 @@ from meshproxy.config.model import (
 )
 from meshproxy.lab.mesh import ADMIN_PORT, PROXY_UID, admin_get, intercept, start_sidecar, wait_sidecar
 from meshproxy.lab.netns import Lab, LabError, Pod, cleanup_stale, unavailable_reason, wait_until
+from meshproxy.lab.otlp_receiver import GRPC, HTTP, TRACES_PATH
 from meshproxy.lab.spanlog import read_spans, render_trace
 
 NAMESPACE = "demo"
 APP_PORT = 8080
 APP_UID = 65534  # the apps run unprivileged, as "nobody"
-OTLP_PORT = 4317
+OTLP_GRPC_PORT = 4317
+OTLP_HTTP_PORT = 4318
 TELEMETRY_POD = "telemetry"
 CLIENT_POD = "client"
+
+
+class SpanTransport(enum.StrEnum):
+    """How the sidecars send spans to the telemetry pod (``--otlp``). The receiver there
+    listens for both; only the sidecars' ``Tracing`` differs."""
+
+    HTTP = "http"  # the default, as wherever the project picks one (chart, bench)
+    GRPC = "grpc"
+
+    @property
+    def label(self) -> str:
+        return HTTP if self is SpanTransport.HTTP else GRPC
+
+    @property
+    def port(self) -> int:
+        return OTLP_HTTP_PORT if self is SpanTransport.HTTP else OTLP_GRPC_PORT
+
+    def tracing(self, collector_ip: str) -> Tracing:
+        if self is SpanTransport.HTTP:
+            return Tracing(otlp_http_endpoint=f"http://{collector_ip}:{OTLP_HTTP_PORT}{TRACES_PATH}")
+        return Tracing(otlp_grpc_endpoint=f"http://{collector_ip}:{OTLP_GRPC_PORT}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,8 +151,14 @@ def _key(name: str) -> ServiceKey:
     return ServiceKey(f"{name}.{NAMESPACE}:{APP_PORT}")
 
 
-def build_snapshots(pod_ips: Mapping[str, str], otlp_endpoint: str) -> dict[str, Snapshot]:
-    """One static config per pod, all from ``SERVICES``/``PODS``. Pure: no I/O."""
+def build_snapshots(pod_ips: Mapping[str, str], tracing: Tracing | str) -> dict[str, Snapshot]:
+    """One static config per pod, all from ``SERVICES``/``PODS``. Pure: no I/O.
+
+    ``tracing``: the sidecars' span export (``SpanTransport.tracing``), or a bare OTLP/gRPC
+    endpoint (what callers passed before the demo moved to OTLP/HTTP).
+    """
+    if isinstance(tracing, str):
+        tracing = Tracing(otlp_grpc_endpoint=tracing)
     services = tuple(
         Service(
             name=s.name,
@@ -150,9 +182,7 @@ def build_snapshots(pod_ips: Mapping[str, str], otlp_endpoint: str) -> dict[str,
             workload=Workload(name=pod.name, namespace=NAMESPACE, pod=f"{pod.name}-0", labels=pod.labels),
             services=services,
             inbound=Inbound(ports=inbound),
-            telemetry=Telemetry(
-                tracing=Tracing(otlp_grpc_endpoint=otlp_endpoint), access_log=AccessLogMode.ON
-            ),
+            telemetry=Telemetry(tracing=tracing, access_log=AccessLogMode.ON),
         ).with_version()
     return snapshots
 
@@ -168,6 +198,7 @@ def _python(*args: str) -> list[str]:
 class Demo:
     lab: Lab
     pods: dict[str, Pod] = field(default_factory=dict)
+    transport: SpanTransport = SpanTransport.HTTP
 
     def say(self, text: str) -> None:
         print(text, flush=True)
@@ -176,18 +207,23 @@ class Demo:
         lab = self.lab
         self.say(f"lab {lab.prefix}*  (logs in {lab.logdir})")
         telemetry = lab.add_pod(TELEMETRY_POD)
+        ports = ("--port", str(OTLP_GRPC_PORT), "--http-port", str(OTLP_HTTP_PORT))
         spans = lab.spawn(
             telemetry,
-            _python("-m", "meshproxy.lab.spanlog", "--port", str(OTLP_PORT), "--out", str(self.spans_file)),
+            _python("-m", "meshproxy.lab.spanlog", *ports, "--out", str(self.spans_file)),
             name="otlp",
         )
         for spec in PODS:
             self.pods[spec.name] = lab.add_pod(spec.name, hosts=hosts_file())
-        lab.wait_listening(telemetry, OTLP_PORT, proc=spans)
-        self.say(f"  {TELEMETRY_POD:<14}{telemetry.ip:<13}OTLP/gRPC receiver on :{OTLP_PORT}")
+        for port in (OTLP_GRPC_PORT, OTLP_HTTP_PORT):
+            lab.wait_listening(telemetry, port, proc=spans)
+        label, port = self.transport.label, self.transport.port
+        self.say(
+            f"  {TELEMETRY_POD:<14}{telemetry.ip:<13}OTLP receiver, sidecars export over {label} to :{port}"
+        )
 
         ips = {name: pod.ip for name, pod in self.pods.items()}
-        snapshots = build_snapshots(ips, f"http://{telemetry.ip}:{OTLP_PORT}")
+        snapshots = build_snapshots(ips, self.transport.tracing(telemetry.ip))
         # Start everything first and wait afterwards: the processes boot in parallel.
         started = []
         for spec in PODS:
@@ -251,7 +287,11 @@ def show_trace(demo: Demo, trace_id: str, expected_spans: int, timeout: float) -
     with contextlib.suppress(TimeoutError):  # show whatever arrived
         wait_until(complete, timeout, f"{expected_spans} spans of trace {trace_id}", 0.2)
     spans = read_spans(demo.spans_file, trace_id)
-    demo.say(f"\none request's hops (trace {trace_id}, {len(spans)} spans):")
+    # Where the receiver says the spans came from, not what the sidecars were told.
+    over = ", ".join(sorted({s.transport for s in spans}))
+    demo.say(
+        f"\none request's hops (trace {trace_id}, {len(spans)} spans{', over ' + over if over else ''}):"
+    )
     demo.say(render_trace(spans) if spans else "  no spans arrived (see the sidecar logs)")
 
 
@@ -278,6 +318,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trace-timeout", type=float, default=15.0, help="seconds to wait for a trace's spans"
     )
+    parser.add_argument(
+        "--otlp",
+        type=SpanTransport,
+        choices=list(SpanTransport),
+        default=SpanTransport.HTTP,
+        help="how the sidecars export spans: http (OTLP/HTTP to :4318, the default) or grpc (OTLP/gRPC to :4317)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -303,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     lab = Lab()
-    demo = Demo(lab)
+    demo = Demo(lab, transport=SpanTransport(args.otlp))
     ok = False
     try:
         demo.start()
