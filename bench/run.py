@@ -530,9 +530,21 @@ def tool_version(argv: list[str]) -> str:
         return "unknown"
 
 
+def interpreter() -> str:
+    """The Python the proxies run on (the benchmark's own, whose venv they are started
+    from): its real path, and whether it runs from a shared ``libpython`` or has the
+    interpreter linked in (as Debian's, built with PGO and LTO; scripts/python.sh)."""
+    try:
+        shared = "libpython" in Path("/proc/self/maps").read_text()
+    except OSError:
+        shared = False
+    return f"{os.path.realpath(sys.executable)}, {'shared libpython' if shared else 'static'}"
+
+
 def host_facts() -> dict[str, Any]:
     """When and on what a result was measured (recorded with every benchmark report)."""
     return {
+        "interpreter": interpreter(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -607,7 +619,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['machine']['date']} on {report['machine']['cpu_model']} "
         f"({report['machine']['cpus']} cores), kernel {report['machine']['kernel']}, "
-        f"Python {report['machine']['python']}, {report['machine']['nginx']}, fortio {report['machine']['fortio']}. "
+        f"Python {report['machine']['python']} ({report['machine'].get('interpreter', '?')}), "
+        f"{report['machine']['nginx']}, fortio {report['machine']['fortio']}. "
         f"Two hops, 1 KB responses, 16 connections, {report['method']['duration_s']} s per run, "
         f"median of {report['method']['rounds']} interleaved rounds.",
         "",
