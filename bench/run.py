@@ -615,6 +615,35 @@ def baselines(rows: list[dict[str, Any]]) -> str | None:
     return "Baselines round by round (machine noise shows here first): " + "; ".join(parts) + "."
 
 
+# How far a baseline may move between the rounds of one run before the run is called noisy.
+# On a quiet machine direct's p90 and nginx's CPU move by 10-20% between rounds and nginx's
+# p99 by well under 2x; a neighbour's burst moves them more, and the ratios with them.
+NOISE_LIMITS = {
+    "direct p90": ("direct", "p90_ms", 1.5),
+    "nginx CPU": ("nginx", "cpu_s_per_1000", 1.3),
+    "nginx p99": ("nginx", "p99_ms", 2.0),
+}
+
+
+def noise(rows: list[dict[str, Any]]) -> list[str]:
+    """Why this run's ratios should not be trusted (empty: the baselines held still).
+
+    A baseline that moves between rounds (max / min over ``NOISE_LIMITS``) means the machine
+    was not quiet, and the medians mix quiet and disturbed rounds."""
+    reasons = []
+    for rate in sorted({r["rate"] for r in rows}):
+        for label, (scenario, key, limit) in NOISE_LIMITS.items():
+            values = [
+                r[key] for r in rows if r["scenario"] == scenario and r["rate"] == rate and r[key] is not None
+            ]
+            if len(values) >= 2 and min(values) > 0 and max(values) / min(values) > limit:
+                reasons.append(
+                    f"{label} at {rate}/s moved from {min(values):.3f} to {max(values):.3f} between rounds "
+                    f"({max(values) / min(values):.1f}x, limit {limit}x)"
+                )
+    return reasons
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Measured {report['machine']['date']} on {report['machine']['cpu_model']} "
@@ -639,9 +668,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{f(e['rss_mb'], '{:.0f}')} | {e['errors']} | {f(e.get('added_p99_vs_nginx'), '{:.2f}x')} | "
             f"{f(e.get('cpu_vs_nginx'), '{:.2f}x')} |"
         )
-    noise = baselines(report["rows"])
-    if noise:
-        lines += ["", noise]
+    line = baselines(report["rows"])
+    if line:
+        lines += ["", line]
+    reasons = noise(report["rows"])
+    if reasons:
+        lines += [
+            "",
+            f"**Noisy run**: {'; '.join(reasons)}. The ratios above are not reliable: run again on a "
+            "quiet machine.",
+        ]
     tel = [e for e in report["summary"] if e["scenario"].startswith("meshproxy")]
     if any(e.get("cpu_vs_telemetry_off") for e in tel):
         lines += [
@@ -673,6 +709,7 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="write py-spy collapsed stacks of each sidecar here")
     args = parser.parse_args()
     report = run(args)
+    report["noise"] = noise(report["rows"])
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H%M%S")
     (args.out / f"{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
