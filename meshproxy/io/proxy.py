@@ -22,6 +22,11 @@ the composed variant, so a default request awaits no coroutine for a no-op layer
                Inbound, the app at ``inbound.app_address`` and the original port.
   * fault / rate limit: ``core.fault.decide`` (FI) / a ``TokenBucket`` (RL, 429).
   * timeout:   the route's or service's whole-request timeout, until the response head (UT).
+  * stream idle (around the stack, not a layer): a request body still arriving, then the
+               response body, that moves no byte for ``stream_idle_timeout`` ends the
+               request (SI): a 408 local reply before the response head, a reset after.
+               Only requests whose body is still arriving (or whose response streams) get
+               a timer, one per request.
   * retry:     ``core.retry.should_retry`` with the service's budget and backoff; the
                body is replayable while it stays under ``RetryPolicy.max_body_bytes``.
   * breaker:   ``Breaker`` limits (UO) and failure accrual (CO); a 5xx or a failed
@@ -103,11 +108,20 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_POLICY = TrafficPolicy()
 _PASSTHROUGH_CONNECT_TIMEOUT = 5.0
-# A response body that moves no byte (upstream silent, or client not reading) for this long is
-# reset with flag SI. Envoy's default stream_idle_timeout: long enough for slow streams and
-# long polls, short enough that a stalled upstream cannot pin a request (and its breaker slot,
-# pooled connection, memory) for ever. ``TrafficPolicy.timeout`` stops at the response head.
+# A stream that moves no byte for this long ends with flag SI: a request body still arriving
+# (client silent mid-upload, or upstream not reading it), or a response body being forwarded
+# (upstream silent, or client not reading). Envoy's default stream_idle_timeout: long enough
+# for slow streams and long polls, short enough that a stalled peer cannot pin a request (and
+# its breaker slot, upstream connection, memory) for ever. ``TrafficPolicy.timeout`` stops at
+# the response head, and inbound requests have none at all.
 STREAM_IDLE_TIMEOUT = 300.0
+# The local reply when a request body stalls before the response head was sent. 408 Request
+# Timeout, as Envoy answers a downstream stream idle timeout before response headers (its
+# HTTP connection manager, since per-stream idle timeouts were added, envoyproxy/envoy#3841):
+# the request did not arrive in time, the client's side stalled, not the upstream's, so not
+# the 504 of an upstream timeout (``core.flags`` lists 504 for SI, which no HTTP reply used
+# before: SI was only ever a reset). A gRPC client still gets DEADLINE_EXCEEDED from the table.
+_SI_REQUEST_STATUS = 408
 
 
 class LocalReplyError(ProxyError):
@@ -157,6 +171,8 @@ def reply_for(exc: BaseException, *, grpc: bool = False) -> tuple[ResponseHead, 
     rstatus = reply.status
     if flag is Flag.DPE and isinstance(exc, ProtocolError) and not grpc:
         rstatus = exc.status  # 400, 413, 414 or 431: the codec knows which
+    elif flag is Flag.SI and not grpc:
+        rstatus = _SI_REQUEST_STATUS  # the request body stalled (see the constant)
     return ResponseHead(status=rstatus, headers=reply.headers), reply.body
 
 
@@ -325,6 +341,9 @@ class Proxy:
     ) -> None:
         self.runtime = runtime
         self.stream_idle_timeout = stream_idle_timeout
+        # Requests whose body was still arriving when they reached the pipeline, each watched
+        # by a stream idle timer from the start (for tests and debugging; see ``handle``).
+        self.request_watchdogs = 0
         self.clients = clients
         # Connections to the app: their own pools, bound to the passthrough source when the
         # app is not on loopback (``core.passthrough``). The same address:port can be an
@@ -387,7 +406,23 @@ class Proxy:
                 peer=(ctx.peer_address, ctx.peer_port),
                 destination_service=dest_name,
             )
-        counted = _Counting(body)
+        idle = self.stream_idle_timeout
+        watched: _WatchedCounting | None = None
+        counted: _Counting
+        if (
+            idle is not None
+            and not getattr(body, "complete", False)
+            and upgrade is None
+            and head.method != "CONNECT"
+        ):
+            # A request body still arriving can stall (a client that sends a head and part of
+            # a body, then nothing), pinning the upstream connection and breaker slot with no
+            # route timeout inbound, nor outbound with it disabled. A bodyless request (``EMPTY``
+            # is complete) or one whose body arrived whole cannot: no watchdog, no timer, the
+            # plain counter. Upgrades and CONNECT become tunnels, which have no idle timeout.
+            counted = watched = _WatchedCounting(body)
+        else:
+            counted = _Counting(body)
         headers = end_to_end(head.headers, keep_te_trailers=head.version == "2")
         up_head = head.with_headers(headers)
         if hop is not None:
@@ -414,7 +449,12 @@ class Proxy:
         # The codecs' sinks know their loop: asking asyncio costs a getpid() system call on
         # Python 3.11, measurable at one per request.
         call.loop = loop = getattr(sink, "loop", None) or asyncio.get_running_loop()
-        call.task = asyncio.current_task(loop)
+        call.task = task = asyncio.current_task(loop)
+        watchdog: _StallWatchdog | None = None
+        if watched is not None:
+            assert idle is not None
+            self.request_watchdogs += 1
+            watchdog = watched.watchdog = _StallWatchdog(idle, loop, task, request=body)
         try:
             if ctx.direction == "inbound":
                 self._route_inbound(call)
@@ -423,13 +463,36 @@ class Proxy:
             else:
                 resp = await self._route_outbound(call)(call)
         except asyncio.CancelledError:
+            if watchdog is not None:
+                watchdog.stop()
+                if watchdog.fired and task is not None and task.uncancel() == 0:
+                    # Our stream idle timeout, before any response head: the layers below let
+                    # go of the breaker slot and endpoint, and the upstream exchange aborted its
+                    # connection (half a body was written: it can never be reused). The client
+                    # gets a local reply; its connection is not reused (its body is unread).
+                    log.info(
+                        "request body stalled, local reply",
+                        extra={
+                            "service": str(call.service.key) if call.service else "",
+                            "request_bytes": counted.count,
+                        },
+                    )
+                    stalled = LocalReplyError(Flag.SI, f"no request body byte for {idle}s")
+                    await self._local(sink, hop, stalled, grpc, counted)
+                    return
             if hop is not None:
                 hop.finish(status=499, flag=Flag.DC.value, request_bytes=counted.count, response_bytes=0)
             raise
         except ProxyError as exc:
+            if watchdog is not None:
+                watchdog.stop()
             await self._local(sink, hop, exc, grpc, counted)
             return
-        await self._respond(call, resp, sink, counted, upgrade)
+        except BaseException:
+            if watchdog is not None:
+                watchdog.stop()
+            raise
+        await self._respond(call, resp, sink, counted, upgrade, watchdog)
 
     async def _local(
         self, sink: ResponseSink, hop: HttpHop | None, exc: ProxyError, grpc: bool, counted: _Counting
@@ -456,8 +519,16 @@ class Proxy:
                 )
 
     async def _respond(
-        self, call: Call, resp: UpstreamResponse, sink: ResponseSink, counted: _Counting, upgrade: str | None
+        self,
+        call: Call,
+        resp: UpstreamResponse,
+        sink: ResponseSink,
+        counted: _Counting,
+        upgrade: str | None,
+        watchdog: _StallWatchdog | None = None,
     ) -> None:
+        """Forward the upstream response. ``watchdog`` is the request's if its body was still
+        arriving (it then also watches the response body: one timer per request)."""
         hop = call.hop
         rhead = resp.head
         status = rhead.status
@@ -481,7 +552,6 @@ class Proxy:
         )
         sent = 0
         flag: str | None = None
-        watchdog: _StallWatchdog | None = None
         try:
             if tunnel:
                 await sink.send_head(head)
@@ -505,10 +575,13 @@ class Proxy:
             if not empty:
                 # A body that already arrived whole (the common small response) cannot stall.
                 if self.stream_idle_timeout is not None and not getattr(body, "complete", False):
-                    loop = call.loop or asyncio.get_running_loop()
-                    watchdog = _StallWatchdog(
-                        self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
-                    )
+                    if watchdog is not None:
+                        watchdog.respond()  # the request's: a byte either way is progress
+                    else:
+                        loop = call.loop or asyncio.get_running_loop()
+                        watchdog = _StallWatchdog(
+                            self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
+                        )
                 while data := await body.read():
                     sent += len(data)
                     await sink.send_data(data)
@@ -532,9 +605,11 @@ class Proxy:
             _abort_body(resp.body)
             task = call.task or asyncio.current_task()
             if watchdog is not None and watchdog.fired and task is not None and task.uncancel() == 0:
-                flag = Flag.SI.value  # our own stall timeout: reset the client's stream, carry on
+                # Our own stall timeout, the response head already sent (or being sent): reset
+                # the client's stream, carry on.
+                flag = Flag.SI.value
                 log.info(
-                    "response body stalled, stream reset",
+                    "stream stalled mid-response, stream reset",
                     extra={"service": str(call.service.key) if call.service else "", "sent": sent},
                 )
                 with contextlib.suppress(Exception):
@@ -1105,39 +1180,62 @@ class _Deadlines:
 
 
 class _StallWatchdog:
-    """Cancels the current task when a response body made no progress for ``idle`` seconds.
+    """Cancels the request's task when its stream moved no byte for ``idle`` seconds.
 
-    One timer per response, re-armed lazily when it fires before the deadline (progress only
+    Two sides report progress: a request body still arriving (``request``; each chunk the
+    upstream side reads, through ``_WatchedCounting``) and, after ``respond``, the response
+    body being forwarded. Before ``respond`` it watches only while the request body is still
+    arriving: once all of it is here the client has nothing left to stall, and the wait for
+    the response head is the route timeout's; the timer then lapses (``respond`` re-arms it).
+
+    One timer per request, re-armed lazily when it fires before the deadline (progress only
     moves a timestamp), so a fast body costs one timer, not one per chunk. ``fired`` tells
     the task that the cancellation is ours (``Task.uncancel`` then undoes it).
     """
 
-    __slots__ = ("_handle", "_idle", "_last", "_loop", "_task", "fired")
+    __slots__ = ("_handle", "_idle", "_last", "_loop", "_request", "_task", "fired", "responding")
 
     def __init__(
-        self, idle: float, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None
+        self,
+        idle: float,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[object] | None,
+        *,
+        request: BodyStream | None = None,
     ) -> None:
         self._loop = loop
         self._task = task
         self._idle = idle
-        self._last = self._loop.time()
+        self._request = request  # the downstream request body, while it may still arrive
+        self.responding = request is None
+        self._last = loop.time()
         self.fired = False
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._last + idle, self._check)
+        self._handle: asyncio.TimerHandle | None = loop.call_at(self._last + idle, self._check)
 
     def progress(self) -> None:
         self._last = self._loop.time()
 
+    def respond(self) -> None:
+        """The response body is being forwarded: watch it too (re-arming a lapsed timer)."""
+        self.responding = True
+        self._last = self._loop.time()
+        if self._handle is None and self._task is not None and not self.fired:
+            self._handle = self._loop.call_at(self._last + self._idle, self._check)
+
     def _check(self) -> None:
+        self._handle = None
+        if not self.responding and getattr(self._request, "complete", False):
+            return  # the whole request body is here: nothing of the client's left to stall
         deadline = self._last + self._idle
         if self._loop.time() < deadline:
             self._handle = self._loop.call_at(deadline, self._check)
             return
-        self._handle = None
         if self._task is not None and not self._task.done():
             self.fired = True
             self._task.cancel()
 
     def stop(self) -> None:
+        self._task = None  # a late progress or respond arms nothing
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
@@ -1193,4 +1291,23 @@ class _Counting:
     async def read(self) -> bytes:
         data = await self._inner.read()
         self.count += len(data)
+        return data
+
+
+class _WatchedCounting(_Counting):
+    """A request body that was still arriving when the request reached the pipeline: each
+    chunk the upstream side reads is progress for the stream's watchdog. Only such bodies
+    pay for it; the others get the plain ``_Counting``."""
+
+    __slots__ = ("watchdog",)
+
+    def __init__(self, inner: BodyStream) -> None:
+        super().__init__(inner)
+        self.watchdog: _StallWatchdog | None = None  # set once the request's task is known
+
+    async def read(self) -> bytes:
+        data = await self._inner.read()
+        self.count += len(data)
+        if self.watchdog is not None:
+            self.watchdog.progress()
         return data
