@@ -52,7 +52,7 @@ class Flag(enum.Enum):
     DI = "DI"  # fault-injected delay (informational, added to the log; no reply of its own)
     DPE = "DPE"  # downstream protocol error
     DC = "DC"  # downstream connection termination (log only: nobody left to answer)
-    SI = "SI"  # stream idle timeout: a response body stalled mid-way (the stream is reset)
+    SI = "SI"  # stream idle timeout: a request or response body moved no byte for too long
     NC = "NC"  # no config yet
 
 
@@ -96,7 +96,10 @@ FLAGS: Mapping[Flag, FlagInfo] = MappingProxyType(
         Flag.DI: FlagInfo(200, GRPC_OK, "fault injected delay"),
         Flag.DPE: FlagInfo(400, GRPC_INTERNAL, "downstream protocol error"),
         Flag.DC: FlagInfo(499, GRPC_CANCELLED, "downstream connection terminated"),
-        Flag.SI: FlagInfo(504, GRPC_DEADLINE_EXCEEDED, "stream idle timeout"),
+        # 408: the request did not arrive in time (a request body stalled before the response
+        # head, as Envoy answers a stream idle timeout then, envoyproxy/envoy#3841); the
+        # client's side stalled, not the upstream. Once the response streams, SI is a reset.
+        Flag.SI: FlagInfo(408, GRPC_DEADLINE_EXCEEDED, "stream idle timeout"),
         Flag.NC: FlagInfo(503, GRPC_UNAVAILABLE, "no configuration received yet"),
     }
 )

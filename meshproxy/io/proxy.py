@@ -115,13 +115,6 @@ _PASSTHROUGH_CONNECT_TIMEOUT = 5.0
 # its breaker slot, upstream connection, memory) for ever. ``TrafficPolicy.timeout`` stops at
 # the response head, and inbound requests have none at all.
 STREAM_IDLE_TIMEOUT = 300.0
-# The local reply when a request body stalls before the response head was sent. 408 Request
-# Timeout, as Envoy answers a downstream stream idle timeout before response headers (its
-# HTTP connection manager, since per-stream idle timeouts were added, envoyproxy/envoy#3841):
-# the request did not arrive in time, the client's side stalled, not the upstream's, so not
-# the 504 of an upstream timeout (``core.flags`` lists 504 for SI, which no HTTP reply used
-# before: SI was only ever a reset). A gRPC client still gets DEADLINE_EXCEEDED from the table.
-_SI_REQUEST_STATUS = 408
 
 
 class LocalReplyError(ProxyError):
@@ -171,8 +164,6 @@ def reply_for(exc: BaseException, *, grpc: bool = False) -> tuple[ResponseHead, 
     rstatus = reply.status
     if flag is Flag.DPE and isinstance(exc, ProtocolError) and not grpc:
         rstatus = exc.status  # 400, 413, 414 or 431: the codec knows which
-    elif flag is Flag.SI and not grpc:
-        rstatus = _SI_REQUEST_STATUS  # the request body stalled (see the constant)
     return ResponseHead(status=rstatus, headers=reply.headers), reply.body
 
 
