@@ -2,14 +2,16 @@
 # Every tool a target needs is installed by the target itself (into .venv or a
 # cache outside the repo, $(CACHE)), never by hand.
 
-PYTHON ?= python3
+# The interpreter .venv is built from: the distribution's python3 (>= 3.11), as in the
+# images, else python3 from the PATH (scripts/python.sh says why). PYTHON=... overrides.
+PYTHON ?= $(shell ./scripts/python.sh)
 VENV   := .venv
 BIN    := $(VENV)/bin
 CACHE  ?= $(HOME)/.cache/meshproxy
 export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 
-.PHONY: bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
+.PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
 
 help:
 	@echo "make demo         install and run the local demo mesh (no cluster needed; root for network namespaces)"
@@ -20,8 +22,16 @@ help:
 
 install: $(VENV)/.installed proto
 
-$(VENV)/.installed: pyproject.toml setup.py
-	$(PYTHON) -m venv $(VENV)
+# The interpreter .venv was built from; rewritten only when the choice changes, which
+# rebuilds .venv from scratch on the new one.
+PYTHON_REAL = $$(readlink -f "$$(command -v $(PYTHON))")
+$(VENV)/.base: FORCE
+	@mkdir -p $(VENV)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(PYTHON_REAL)" ] || echo "$(PYTHON_REAL)" > $@
+
+$(VENV)/.installed: pyproject.toml setup.py $(VENV)/.base
+	$(PYTHON) -m venv --clear $(VENV)
+	echo "$(PYTHON_REAL)" > $(VENV)/.base
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
