@@ -42,10 +42,10 @@ def test_no_baseline_scenario_means_no_line() -> None:
     assert baselines([_row("meshproxy", 0, 0.6, 0.9, 0.5)]) is None
 
 
-def test_the_markdown_report_carries_the_line() -> None:
+def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from bench.run import summarize
 
-    report = {
+    return {
         "machine": {
             "date": "d",
             "cpu_model": "c",
@@ -56,10 +56,13 @@ def test_the_markdown_report_carries_the_line() -> None:
             "fortio": "f",
         },
         "method": {"duration_s": 10.0, "rounds": 2},
-        "rows": ROWS,
-        "summary": summarize(ROWS),
+        "rows": rows,
+        "summary": summarize(rows),
     }
-    assert "direct p50/p90 ms at 1000/s: 0.051/0.092, 0.081/0.190" in markdown(report)
+
+
+def test_the_markdown_report_carries_the_line() -> None:
+    assert "direct p50/p90 ms at 1000/s: 0.051/0.092, 0.081/0.190" in markdown(_report(ROWS))
 
 
 def test_a_run_whose_baselines_held_still_is_not_called_noisy() -> None:
@@ -75,26 +78,12 @@ def test_a_run_whose_baselines_held_still_is_not_called_noisy() -> None:
 
 
 def test_a_moving_baseline_makes_the_run_noisy_and_the_report_says_why() -> None:
-    from bench.run import noise, summarize
+    from bench.run import noise
 
     reasons = noise(ROWS)  # direct p90 0.092 -> 0.190, nginx CPU 0.101 -> 0.171
     assert [r.split(" at ")[0] for r in reasons] == ["direct p90", "nginx CPU"]
     assert "from 0.092 to 0.190" in reasons[0]
-    report = {
-        "machine": {
-            "date": "d",
-            "cpu_model": "c",
-            "cpus": 2,
-            "kernel": "k",
-            "python": "p",
-            "nginx": "n",
-            "fortio": "f",
-        },
-        "method": {"duration_s": 10.0, "rounds": 2},
-        "rows": ROWS,
-        "summary": summarize(ROWS),
-    }
-    assert "**Noisy run**: direct p90 at 1000/s moved from 0.092 to 0.190" in markdown(report)
+    assert "**Noisy run**: direct p90 at 1000/s moved from 0.092 to 0.190" in markdown(_report(ROWS))
 
 
 def test_an_nginx_tail_burst_alone_makes_the_run_noisy() -> None:

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import uvloop
+from prometheus_client import CollectorRegistry
 
 from meshproxy.config.model import Endpoint, Service, Snapshot
 from meshproxy.core.clock import Clock, MonotonicClock
@@ -307,3 +308,16 @@ def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLo
         policy: asyncio.AbstractEventLoopPolicy = uvloop.EventLoopPolicy()
         return policy
     return asyncio.DefaultEventLoopPolicy()
+
+
+def requests_by_flag(registry: CollectorRegistry) -> dict[str, float]:
+    """``meshproxy_requests_total`` summed by response flag."""
+    out: dict[str, float] = {}
+    for metric in registry.collect():
+        if metric.name != "meshproxy_requests":
+            continue
+        for s in metric.samples:
+            if s.name.endswith("_total"):
+                flag = s.labels["response_flag"]
+                out[flag] = out.get(flag, 0.0) + s.value
+    return out

@@ -12,7 +12,17 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
+from dp_rig import (
+    VIP,
+    RawServer,
+    Sidecar,
+    Upstream,
+    event_loop_policy,
+    requests_by_flag,
+    service,
+    snapshot,
+    wait_for,
+)
 from prometheus_client import CollectorRegistry
 
 from meshproxy.config.model import (
@@ -77,18 +87,6 @@ async def test_a_single_endpoint_service_stays_reachable_after_its_endpoint_is_e
             assert registry.get_sample_value("meshproxy_lb_panic_requests_total", dest) == 1.0
     finally:
         await tel.shutdown(grace=1.0)
-
-
-def _requests_by_flag(registry: CollectorRegistry) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for metric in registry.collect():
-        if metric.name != "meshproxy_requests":
-            continue
-        for s in metric.samples:
-            if s.name.endswith("_total"):
-                flag = s.labels["response_flag"]
-                out[flag] = out.get(flag, 0.0) + s.value
-    return out
 
 
 async def test_http2_client_reaches_an_http1_only_service_declared_http1(upstream: Upstream) -> None:
@@ -158,8 +156,8 @@ async def test_a_client_gone_mid_response_is_counted_dc() -> None:
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
-            await wait_for(lambda: _requests_by_flag(registry).get("DC", 0.0) == 1.0)
-            assert "UC" not in _requests_by_flag(registry)
+            await wait_for(lambda: requests_by_flag(registry).get("DC", 0.0) == 1.0)
+            assert "UC" not in requests_by_flag(registry)
     finally:
         await tel.shutdown(grace=1.0)
 
@@ -188,7 +186,7 @@ async def test_a_stalled_response_body_is_reset_after_the_stream_idle_timeout() 
             # clean end: 90 announced bytes are missing) instead of hanging for ever.
             with contextlib.suppress(ConnectionResetError):
                 await asyncio.wait_for(reader.read(), 10)  # TimeoutError here: the bug
-            await wait_for(lambda: _requests_by_flag(registry).get("SI", 0.0) == 1.0)
+            await wait_for(lambda: requests_by_flag(registry).get("SI", 0.0) == 1.0)
             writer.close()
     finally:
         await tel.shutdown(grace=1.0)
@@ -238,8 +236,8 @@ async def test_a_client_gone_while_waiting_for_the_head_is_dc_not_a_timeout(upst
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()  # gone (RST) inside the request timeout
-            await wait_for(lambda: _requests_by_flag(registry).get("DC", 0.0) == 1.0)
-            assert "UT" not in _requests_by_flag(registry)
+            await wait_for(lambda: requests_by_flag(registry).get("DC", 0.0) == 1.0)
+            assert "UT" not in requests_by_flag(registry)
             upstream.server.release.set()
     finally:
         await tel.shutdown(grace=1.0)

@@ -16,7 +16,17 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
+from dp_rig import (
+    VIP,
+    RawServer,
+    Sidecar,
+    Upstream,
+    event_loop_policy,
+    requests_by_flag,
+    service,
+    snapshot,
+    wait_for,
+)
 from prometheus_client import CollectorRegistry
 
 from meshproxy.config.model import Inbound, Snapshot, Tracing, TrafficPolicy, Workload
@@ -46,18 +56,6 @@ def _telemetry() -> tuple[Telemetry, CollectorRegistry]:
         TelemetrySettings(tracing=Tracing(sampling_ratio=0.0)), Workload(name="c"), registry=registry
     )
     return tel, registry
-
-
-def _requests_by_flag(registry: CollectorRegistry) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for metric in registry.collect():
-        if metric.name != "meshproxy_requests":
-            continue
-        for s in metric.samples:
-            if s.name.endswith("_total"):
-                flag = s.labels["response_flag"]
-                out[flag] = out.get(flag, 0.0) + s.value
-    return out
 
 
 class StalledApp:
@@ -121,7 +119,7 @@ async def test_an_inbound_request_whose_body_stalls_gets_408_si_and_the_app_conn
             assert seen.endswith(b"\r\n\r\npartial")
             assert sc.client.idle_count(("127.0.0.1", srv.port)) == 0
             # One end of the request, with flag SI (no DC as well).
-            await wait_for(lambda: _requests_by_flag(registry) == {"SI": 1.0})
+            await wait_for(lambda: requests_by_flag(registry) == {"SI": 1.0})
             assert sc.proxy.request_watchdogs == 1
     finally:
         await tel.shutdown(grace=1.0)
@@ -147,7 +145,7 @@ async def test_an_outbound_request_whose_body_stalls_with_the_route_timeout_disa
             await wait_for(lambda: breaker.count(Limit.CONNECTIONS) == 0)
             assert breaker.count(Limit.REQUESTS) == 0
             assert sc.client.idle_count(("127.0.0.1", srv.port)) == 0
-            await wait_for(lambda: _requests_by_flag(registry) == {"SI": 1.0})
+            await wait_for(lambda: requests_by_flag(registry) == {"SI": 1.0})
     finally:
         await tel.shutdown(grace=1.0)
 
@@ -228,7 +226,7 @@ async def test_a_request_body_that_stalls_once_the_response_streams_resets_the_s
             assert status == 200 and "x-meshproxy-flag" not in headers
             assert b"first" in body and not body.endswith(b"0\r\n\r\n")
             assert answered.is_set()
-            await wait_for(lambda: _requests_by_flag(registry) == {"SI": 1.0})
+            await wait_for(lambda: requests_by_flag(registry) == {"SI": 1.0})
             assert sc.proxy.request_watchdogs == 1  # one watchdog for both directions
     finally:
         await tel.shutdown(grace=1.0)
