@@ -7,8 +7,8 @@ and recording paths of the per-request ones. The HTTP and TCP traffic series
 Python numbers in ``HttpSeries``/``TcpSeries`` objects, turned into metric
 families only when scraped, by ``TrafficCollector`` (prometheus-client's
 custom-collector API). Recording an HTTP hop is then a dict lookup plus a few
-additions: ~0.5 us with ``HttpSeries.record`` (~0.6 us through the old child
-API), against ~2.5 us for the four lock-taking prometheus-client calls it replaces
+additions: ~0.5 us with ``HttpSeries.record``, against ~2.5 us for the four
+lock-taking prometheus-client calls it replaces
 (~4.6 us when one of them stored an exemplar), on a hop of ~50 us. Everything else
 (resilience, control-plane and exporter metrics, all rare) stays ordinary
 prometheus-client objects.
@@ -122,35 +122,6 @@ _LE: Final = tuple(
 _RawExemplar = tuple[int, int, float, float]
 
 
-class _CounterView:
-    """``inc`` onto one slot of a series' counts: the prometheus-client ``Counter`` child API
-    that callers written against it (``hop.py``, until it calls ``record``) still use."""
-
-    __slots__ = ("_counts", "_slot")
-
-    def __init__(self, counts: list[float], slot: int) -> None:
-        self._counts = counts
-        self._slot = slot
-
-    def inc(self, amount: float = 1) -> None:
-        if amount < 0:
-            raise ValueError("Counters can only be incremented by non-negative amounts.")
-        self._counts[self._slot] += amount
-
-
-class _DurationView:
-    """``observe`` (no exemplar) onto a series' histogram: the prometheus-client ``Histogram``
-    child API, kept for callers written against it."""
-
-    __slots__ = ("_series",)
-
-    def __init__(self, series: HttpSeries) -> None:
-        self._series = series
-
-    def observe(self, amount: float) -> None:
-        self._series.observe_duration(amount, None, 0, 0)
-
-
 class HttpSeries:
     """The four HTTP series of one label tuple (in ``HTTP_LABELS`` order)."""
 
@@ -159,14 +130,10 @@ class HttpSeries:
         "buckets",
         "counts",
         "created",
-        "duration",
         "duration_sum",
         "exemplar_due",
         "exemplars",
         "label_values",
-        "request_bytes",
-        "requests",
-        "response_bytes",
     )
 
     def __init__(self, label_values: tuple[str, ...], wall_clock: Callable[[], float]) -> None:
@@ -181,11 +148,6 @@ class HttpSeries:
         # Per bucket: its latest exemplar, and when that may be replaced (on the hop's clock).
         self.exemplars: list[_RawExemplar | None] = [None] * len(_LE)
         self.exemplar_due: list[float] = [0.0] * len(_LE)
-        # The prometheus-client child API, writing into the numbers above.
-        self.requests = _CounterView(self.counts, 0)
-        self.request_bytes = _CounterView(self.counts, 1)
-        self.response_bytes = _CounterView(self.counts, 2)
-        self.duration = _DurationView(self)
 
     def record(
         self,
@@ -208,26 +170,9 @@ class HttpSeries:
         counts[1] += request_bytes
         counts[2] += response_bytes
         self.duration_sum += duration
-        # The histogram part is observe_duration's, inlined to save a call on the hot path.
         # bisect_left: the first bound >= duration, so a value equal to a bound is counted in
         # that bound's bucket (``le`` is inclusive, as in prometheus-client); past the last
         # bound, the +Inf bucket.
-        i = bisect_left(DURATION_BUCKETS, duration)
-        self.buckets[i] += 1
-        if exemplar_at is not None and exemplar_at >= self.exemplar_due[i]:
-            self.exemplar_due[i] = exemplar_at + EXEMPLAR_REFRESH
-            self.exemplars[i] = (trace_id, span_id, duration, self._wall_clock())
-
-    def observe(self, duration: float, now: float, trace_id: int, span_id: int) -> None:
-        """``duration`` into the histogram, with an exemplar if its bucket is due for one
-        (the request was sampled; ``now`` on the hop's clock)."""
-        self.observe_duration(duration, now, trace_id, span_id)
-
-    def observe_duration(
-        self, duration: float, exemplar_at: float | None, trace_id: int, span_id: int
-    ) -> None:
-        """The histogram part of ``record`` alone."""
-        self.duration_sum += duration
         i = bisect_left(DURATION_BUCKETS, duration)
         self.buckets[i] += 1
         if exemplar_at is not None and exemplar_at >= self.exemplar_due[i]:
@@ -238,18 +183,13 @@ class HttpSeries:
 class TcpSeries:
     """The four TCP series of one label tuple (in ``TCP_LABELS`` order)."""
 
-    __slots__ = ("closed", "counts", "created", "label_values", "opened", "received", "sent")
+    __slots__ = ("counts", "created", "label_values")
 
     def __init__(self, label_values: tuple[str, ...], wall_clock: Callable[[], float]) -> None:
         self.label_values = label_values
         self.created = wall_clock()
         # opened, closed, bytes sent, bytes received.
         self.counts: list[float] = [0, 0, 0, 0]
-        # The prometheus-client child API, writing into ``counts``.
-        self.opened = _CounterView(self.counts, 0)
-        self.closed = _CounterView(self.counts, 1)
-        self.sent = _CounterView(self.counts, 2)
-        self.received = _CounterView(self.counts, 3)
 
     def record_open(self) -> None:
         """One connection opened."""

@@ -178,36 +178,19 @@ class Reference:
             received.inc(n_received)
 
 
-def feed(m: ProxyMetrics, *, api: str) -> None:
-    """The same observations, through ``record`` or through the old child API hop.py calls."""
+def feed(m: ProxyMetrics) -> None:
+    """The same observations, through the series' recording methods (what ``hop`` calls)."""
     for h in HOPS:
-        c = m.http_children(h.labels)
-        if api == "record":
-            c.record(h.duration, h.request_bytes, h.response_bytes, h.exemplar_at, h.trace_id, h.span_id)
-        else:  # exactly what HttpHop.finish does today
-            c.requests.inc()
-            if h.exemplar_at is not None:
-                c.observe(h.duration, h.exemplar_at, h.trace_id, h.span_id)
-            else:
-                c.duration.observe(h.duration)
-            if h.request_bytes:
-                c.request_bytes.inc(h.request_bytes)
-            if h.response_bytes:
-                c.response_bytes.inc(h.response_bytes)
+        m.http_children(h.labels).record(
+            h.duration, h.request_bytes, h.response_bytes, h.exemplar_at, h.trace_id, h.span_id
+        )
     for labels, event in TCP_EVENTS:
         t = m.tcp_children(labels)
         if event == "open":
-            t.record_open() if api == "record" else t.opened.inc()
+            t.record_open()
         elif isinstance(event, tuple):
             _, n_sent, n_received = event
-            if api == "record":
-                t.record_close(n_sent, n_received)
-            else:
-                t.closed.inc()
-                if n_sent:
-                    t.sent.inc(n_sent)
-                if n_received:
-                    t.received.inc(n_received)
+            t.record_close(n_sent, n_received)
 
 
 def reference() -> Reference:
@@ -253,17 +236,16 @@ def samples(collector: CollectorRegistry | Traffic) -> list[Sample]:
     return out
 
 
-def new_metrics(api: str) -> ProxyMetrics:
+def new_metrics() -> ProxyMetrics:
     m = ProxyMetrics(wall_clock=lambda: WALL)
-    feed(m, api=api)
+    feed(m)
     return m
 
 
-@pytest.mark.parametrize("api", ["record", "child API"])
 @pytest.mark.parametrize("accept", ACCEPTS)
-def test_exposition_matches_prometheus_client(api: str, accept: str) -> None:
+def test_exposition_matches_prometheus_client(accept: str) -> None:
     ref = reference()
-    new = new_metrics(api)
+    new = new_metrics()
     expected = render(ref.registry, accept)
     got = render(Traffic(new.registry), accept)
     # The scenario reaches what it means to: exemplars (OpenMetrics only) and _created.
@@ -272,13 +254,12 @@ def test_exposition_matches_prometheus_client(api: str, accept: str) -> None:
     assert normalised(got) == normalised(expected)
 
 
-@pytest.mark.parametrize("api", ["record", "child API"])
-def test_samples_match_prometheus_client(api: str) -> None:
-    assert samples(Traffic(new_metrics(api).registry)) == samples(reference().registry)
+def test_samples_match_prometheus_client() -> None:
+    assert samples(Traffic(new_metrics().registry)) == samples(reference().registry)
 
 
 def test_created_and_exemplar_timestamps_come_from_the_wall_clock() -> None:
-    m = new_metrics("record")
+    m = new_metrics()
     ss = [s for f in m.registry.collect() if f.name in TRAFFIC_FAMILIES for s in f.samples]
     created = [s.value for s in ss if s.name.endswith("_created")]
     # One per series per family: 3 HTTP label sets x 4 families, 3 TCP label sets x 4 families.
@@ -303,7 +284,7 @@ def test_without_created_series_both_drop_them(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
     for accept in ("", "application/openmetrics-text; version=1.0.0"):
         expected = render(reference().registry, accept)
-        got = render(Traffic(new_metrics("record").registry), accept)
+        got = render(Traffic(new_metrics().registry), accept)
         assert "_created" not in got
         assert normalised(got) == normalised(expected)
 
@@ -400,13 +381,9 @@ def test_the_families_keep_their_place_and_their_names() -> None:
     assert [s.name for f in only.collect() for s in f.samples] == ["meshproxy_requests_total"]
 
 
-def test_wrong_label_counts_and_negative_increments_are_refused() -> None:
+def test_wrong_label_counts_are_refused() -> None:
     m = ProxyMetrics()
     with pytest.raises(ValueError):
         m.http_children(A[:-1])
     with pytest.raises(ValueError):
         m.tcp_children((*TA, "extra"))
-    with pytest.raises(ValueError):
-        m.http_children(A).request_bytes.inc(-1)
-    with pytest.raises(ValueError):
-        m.tcp_children(TA).sent.inc(-1)
