@@ -10,6 +10,7 @@ BIN    := $(VENV)/bin
 CACHE  ?= $(HOME)/.cache/meshproxy
 export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
+COMPILE ?= 1  # the data path compiled with mypyc (see compile:); 0 keeps it interpreted
 
 .PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
 
@@ -20,7 +21,23 @@ help:
 	@echo "make bench        sidecar vs nginx vs direct, fixed-rate load in network namespaces"
 	@echo "make bench-peers  sidecar vs HAProxy, nginx, Traefik, direct: latency, saturation, CPU, RSS, TCP, gRPC"
 
-install: $(VENV)/.installed proto
+install: $(VENV)/.installed proto $(if $(filter 1,$(COMPILE)),compile,uncompile)
+
+# The data path compiled to C with mypyc (the modules meshproxy/compiled.py lists), as the
+# images ship it; COMPILE=0 keeps everything interpreted. Rebuilt when a listed source
+# changes; tests/conftest.py refuses to run on compiled modules older than their sources.
+COMPILED_SRC := $(shell grep -o '"meshproxy\.[a-z0-9_.]*"' meshproxy/compiled.py | tr -d '"' | sed 's|\.|/|g; s|$$|.py|')
+.PHONY: compile uncompile
+compile: $(VENV)/.compiled
+$(VENV)/.compiled: $(VENV)/.installed setup.py meshproxy/compiled.py $(COMPILED_SRC)
+	@$(MAKE) --no-print-directory uncompile
+	@echo "compiling the data path with mypyc (about 2 minutes; COMPILE=0 skips)"
+	MESHPROXY_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace -j 2 >$(VENV)/compile.log 2>&1 || \
+	  { tail -30 $(VENV)/compile.log; exit 1; }
+	touch $@
+uncompile:
+	find meshproxy -name '*.so' -delete
+	rm -f *__mypyc*.so $(VENV)/.compiled
 
 # The interpreter .venv was built from; rewritten only when the choice changes, which
 # rebuilds .venv from scratch on the new one.
@@ -58,14 +75,21 @@ lint: install
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
+# The suite runs on the build `make install` made (compiled unless COMPILE=0); with the
+# data path compiled, the unit tests run a second time on its sources (tests/conftest.py).
+BUILD := $(if $(filter 1,$(COMPILE)),compiled,interpreted)
+INTERPRETED_UNIT = $(if $(filter 1,$(COMPILE)),MESHPROXY_INTERPRETED=1 MESHPROXY_EXPECT_BUILD=interpreted $(BIN)/pytest -q tests/unit $(PYTEST_ARGS))
+
 test-unit: install
-	$(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
+	$(INTERPRETED_UNIT)
 
 test-integration: install system-deps k8s-bins
-	$(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
+	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
 test: lint install system-deps k8s-bins
-	$(BIN)/pytest -q tests $(PYTEST_ARGS)
+	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests $(PYTEST_ARGS)
+	$(INTERPRETED_UNIT)
 
 # The README's kind journey on a single-node Kubernetes made of processes (root;
 # docs/e2e.md). Brings the cluster up, runs tests/e2e, always tears it down.
@@ -73,7 +97,7 @@ test: lint install system-deps k8s-bins
 e2e: install
 	./scripts/e2e/run.sh $(PYTEST_ARGS)
 
-clean:
+clean: uncompile
 	rm -rf $(VENV) build dist *.egg-info meshapi/discovery/v1/*_pb2*.py meshapi/discovery/v1/*_pb2*.pyi
 
 # Benchmarks: fixed-rate load in network namespaces, scenarios interleaved, ratios in the report.

@@ -44,6 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from mypy_extensions import mypyc_attr
+
 from meshproxy.config.model import CircuitBreaker
 from meshproxy.core.clock import Clock
 from meshproxy.core.flags import Flag
@@ -76,6 +78,7 @@ TRANSITIONS: Mapping[tuple[State, Event], State] = MappingProxyType(
 )
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class IllegalTransition(RuntimeError):
     """A bug: the breaker was asked to make a move its state machine does not have."""
 

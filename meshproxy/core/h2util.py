@@ -43,6 +43,7 @@ import h2.config
 import h2.connection
 from hpack import Encoder, NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
+from mypy_extensions import mypyc_attr
 
 from meshproxy.core.errors import ProtocolError
 from meshproxy.core.http import Headers, RequestHead, ResponseHead, end_to_end
@@ -83,6 +84,7 @@ _PSEUDO_FIELDS = frozenset({b":method", b":scheme", b":authority", b":path", b":
 _REQUEST_ONLY = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class _Malformed(Exception):
     pass
 

@@ -235,7 +235,7 @@ class RouteTable:
         if not authority:
             return None
         host, port = split_authority(authority)
-        ports = [p for p in (port, dst_port, 80) if p is not None] if port is None else [port]
+        ports = [port] if port is not None else [p for p in (dst_port, 80) if p is not None]
         by_port = self._by_host.get(host)
         if by_port is not None:
             for p in ports:

@@ -24,20 +24,22 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast
+
+from mypy_extensions import mypyc_attr
 
 from meshproxy.core.errors import ProxyError
 from meshproxy.core.http import Headers
 from meshproxy.io.exchange import BodyStream
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class DownstreamClosedError(ProxyError):
     """The downstream client went away (reset or EOF) before the exchange finished."""
 
     flag = "DC"
 
 
-@runtime_checkable
 class KnownLength(Protocol):
     """A body that knows its size before it is read: ``0`` empty, ``None`` unknown (chunked)."""
 
@@ -45,13 +47,20 @@ class KnownLength(Protocol):
     def content_length(self) -> int | None: ...
 
 
-@runtime_checkable
 class Detachable(Protocol):
     """A codec endpoint that can hand its raw transport over (after 101 / CONNECT 2xx)."""
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """Stop the codec; return its transport (paused for reading) and bytes read past the head."""
         ...
+
+
+def detachable(endpoint: object) -> Detachable | None:
+    """``endpoint`` when it can hand its transport over, else None.
+
+    A capability check by attribute, not ``isinstance`` on a runtime-checkable Protocol:
+    compiled modules (``meshproxy.compiled``) cannot define those, and it is cheaper."""
+    return cast("Detachable", endpoint) if callable(getattr(endpoint, "detach", None)) else None
 
 
 def known_length(body: object) -> int | None:
@@ -272,6 +281,7 @@ class BytesBody:
         return self._data
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class NotReplayableError(ProxyError):
     """A retry needed a request body that was too large to keep."""
 

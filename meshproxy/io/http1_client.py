@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import (
@@ -72,6 +73,7 @@ class PoolSettings:
     inbound: bool = False
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class _StaleConnectionError(Exception):
     """A reused connection died before the request could have been seen: send it again."""
 

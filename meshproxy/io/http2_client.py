@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import h2.events
 import h2.exceptions
 import h2.settings
+from mypy_extensions import mypyc_attr
 
 from meshproxy.config.model import Endpoint
 from meshproxy.core.errors import (
@@ -105,6 +106,9 @@ class Http2ClientSettings:
     inbound: bool = False
 
 
+# Not a native class when compiled: those cannot be weakly referenced (the finalizer that
+# resets an abandoned stream needs it).
+@mypyc_attr(native_class=False)
 class Http2ResponseBody:
     """The response ``BodyStream``; ``aclose()`` abandons the stream (RST_STREAM if unfinished)."""
 

@@ -32,6 +32,7 @@ from typing import cast
 import h2.connection
 import h2.events
 import h2.exceptions
+from mypy_extensions import mypyc_attr
 
 from meshproxy.core.h2util import GoAway, GoAwaySplitter
 from meshproxy.core.http import Headers
@@ -51,6 +52,7 @@ _READ_COALESCE = 64 * 1024  # one read() joins buffered chunks up to this many b
 _FLUSH_AT = 64 * 1024  # DATA beyond this is written at once rather than at the end of the iteration
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class StreamClosedError(DownstreamClosedError):
     """The HTTP/2 stream (or its connection) is gone: reset by the peer, or connection lost.
 

@@ -57,6 +57,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from meshproxy.config.model import (
     Endpoint,
     InboundPort,
@@ -87,10 +89,10 @@ from meshproxy.core.passthrough import source_for
 from meshproxy.core.retry import RetryBudgetState, backoff, should_retry
 from meshproxy.core.routing import apply_header_modifier
 from meshproxy.io.body import (
-    Detachable,
     DownstreamClosedError,
     NotReplayableError,
     ReplayBuffer,
+    detachable,
     known_length,
 )
 from meshproxy.io.exchange import (
@@ -117,6 +119,7 @@ _PASSTHROUGH_CONNECT_TIMEOUT = 5.0
 STREAM_IDLE_TIMEOUT = 300.0
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class LocalReplyError(ProxyError):
     """The pipeline decided to answer itself (NR, UH, UO, CO, RL, FI, NC...)."""
 
@@ -247,9 +250,10 @@ class _Tracked:
 
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         self._end(True)
-        if not isinstance(self._inner, Detachable):
+        inner = detachable(self._inner)
+        if inner is None:
             raise TypeError("this response body is not a tunnel")
-        return self._inner.detach()
+        return inner.detach()
 
 
 def _abort_body(body: BodyStream) -> None:
@@ -628,14 +632,14 @@ class Proxy:
                 )
 
     async def _tunnel(self, call: Call, resp: UpstreamResponse, sink: ResponseSink) -> None:
-        body = resp.body
-        if not isinstance(sink, Detachable) or not isinstance(body, Detachable):
+        down, up = detachable(sink), detachable(resp.body)
+        if down is None or up is None:
             # An HTTP/2 downstream cannot carry an HTTP/1 upgrade: end it cleanly.
-            _abort_body(body)
+            _abort_body(resp.body)
             await sink.reset()
             return
-        down_t, down_pending = sink.detach()
-        up_t, up_pending = body.detach()
+        down_t, down_pending = down.detach()
+        up_t, up_pending = up.detach()
         await splice(down_t, down_pending, up_t, up_pending)
 
     # ---- layers (in stack order) ----------------------------------------------------------

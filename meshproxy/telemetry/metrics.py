@@ -59,7 +59,7 @@ from prometheus_client.samples import Exemplar, Sample
 from prometheus_client.utils import floatToGoString
 
 # Sub-millisecond (a local hop) up to 10 s (a slow upstream or a timeout).
-DURATION_BUCKETS: Final = (
+DURATION_BUCKETS: Final[tuple[float, ...]] = (
     0.0005,
     0.001,
     0.0025,

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 from urllib.parse import unquote
 
+from mypy_extensions import mypyc_attr
+
 log = logging.getLogger(__name__)
 
 SLICE = 16 * 1024  # bytes of a large request written per loop iteration
@@ -40,6 +42,7 @@ T = TypeVar("T")
 P = TypeVar("P", bound=asyncio.Protocol)
 
 
+@mypyc_attr(native_class=False)  # an exception: see meshproxy.compiled
 class ExportError(Exception):
     """One export attempt failed. ``retryable``: the OTLP rules allow another attempt;
     ``retry_after``: seconds the collector asked to wait (``Retry-After``), if it did."""
