@@ -325,7 +325,7 @@ def markdown(report: Row) -> str:
     meth = report["method"]
     lines = [
         f"Measured {m['date']} on {m['cpu_model']} ({m['cpus']} cores, shared), kernel {m['kernel']}, "
-        f"Python {m['python']} ({m.get('interpreter', '?')}); {m['haproxy']}; {m['nginx']}; Traefik {m['traefik']}; fortio {m['fortio']}; "
+        f"Python {m['python']} ({m.get('interpreter', '?')}), data path {m.get('data_path', 'interpreted')}; {m['haproxy']}; {m['nginx']}; Traefik {m['traefik']}; fortio {m['fortio']}; "
         f"{m['iperf3']}. Two hops (client-side + server-side sidecar, `meshproxy iptables install` "
         f"interception), 1 KB responses, {meth['connections']} connections, {meth['duration_s']} s per run, "
         f"median of {meth['rounds']} interleaved rounds; proxies pinned to CPU {meth['proxy_cpu']}, "

@@ -17,6 +17,8 @@ Scenarios (each a pair of sidecars with the same iptables interception, installe
     meshproxy-metrics    metrics only                       (with --ablation)
     meshproxy-spans1     metrics + spans at 1%              (with --ablation)
     meshproxy-grpc       metrics + spans 100% over OTLP/gRPC (with --ablation)
+    meshproxy-interpreted  as meshproxy, on the sources instead of the compiled data path
+                         (MESHPROXY_INTERPRETED=1; name it in --scenarios)
 
 Method (shared/GUIDE.md section 5): fixed-rate load from fortio (sub-millisecond histogram
 resolution), 16 connections, keep-alive; scenarios interleaved round by round so drift on a
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshproxy import compiled
 from meshproxy.config.model import (
     AccessLogMode,
     Endpoint,
@@ -68,7 +71,8 @@ PROXY_CPU = "1"
 LOAD_CPU = "0"
 SCENARIOS = ("direct", "nginx", "meshproxy", "meshproxy-notel")
 ABLATION = ("meshproxy-metrics", "meshproxy-spans1", "meshproxy-grpc")
-TRACING_ALL = ("meshproxy", "meshproxy-grpc")  # every request gives one span per hop
+INTERPRETED = "meshproxy-interpreted"
+TRACING_ALL = ("meshproxy", "meshproxy-grpc", INTERPRETED)  # every request gives one span per hop
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECTIONS = 16
 
@@ -270,7 +274,11 @@ class Bench:
             path.write_text(cfg)
             path.chmod(0o644)
             proc = self.lab.spawn(
-                pod, [*pinned, self.meshproxy, "run", "--config", str(path)], name=scenario, uid=PROXY_UID
+                pod,
+                [*pinned, self.meshproxy, "run", "--config", str(path)],
+                name=scenario,
+                uid=PROXY_UID,
+                env={"MESHPROXY_INTERPRETED": "1"} if scenario == INTERPRETED else None,
             )
             setup.procs.append(proc)
             self.lab.wait_listening(pod, 15006, proc=proc)
@@ -545,6 +553,7 @@ def host_facts() -> dict[str, Any]:
     """When and on what a result was measured (recorded with every benchmark report)."""
     return {
         "interpreter": interpreter(),
+        "data_path": compiled.status(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
@@ -649,6 +658,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Measured {report['machine']['date']} on {report['machine']['cpu_model']} "
         f"({report['machine']['cpus']} cores), kernel {report['machine']['kernel']}, "
         f"Python {report['machine']['python']} ({report['machine'].get('interpreter', '?')}), "
+        f"meshproxy's data path {report['machine'].get('data_path', 'interpreted')}, "
         f"{report['machine']['nginx']}, fortio {report['machine']['fortio']}. "
         f"Two hops, 1 KB responses, 16 connections, {report['method']['duration_s']} s per run, "
         f"median of {report['method']['rounds']} interleaved rounds.",

@@ -10,4 +10,11 @@ Package layers (enforced by import-linter, see pyproject.toml):
   cli        the command line
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("MESHPROXY_INTERPRETED") == "1":  # see meshproxy.compiled
+    from meshproxy.compiled import run_interpreted as _run_interpreted
+
+    _run_interpreted()

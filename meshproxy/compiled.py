@@ -17,13 +17,24 @@ cannot compile):
   * a compiled class cannot be subclassed or have attributes added from interpreted
     code: tests reach behaviour through constructor arguments, not monkeypatching.
 
+``MESHPROXY_INTERPRETED=1`` in the environment makes a process import these modules from
+their sources even where the compiled ones exist (``import meshproxy`` installs the finder):
+for debugging (full Python frames, pdb) and for measuring one build beside the other
+(``bench.run``'s ``meshproxy-interpreted`` scenario; ``make test`` runs the unit tests so).
+
 This module is never compiled: the build and the tests read ``MODULES`` from it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.machinery
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Final
 
 MODULES: Final[tuple[str, ...]] = (
@@ -75,3 +86,21 @@ def status() -> str:
     if done == 0:
         return "interpreted"
     return f"partly compiled ({done} of {len(MODULES)})"
+
+
+class _SourcesFirst(importlib.abc.MetaPathFinder):
+    """Finds the listed modules' ``.py`` files, passing over their compiled extensions."""
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in MODULES:
+            return None
+        source = Path(__file__).parent.parent.joinpath(*fullname.split(".")).with_suffix(".py")
+        return importlib.util.spec_from_file_location(fullname, source) if source.exists() else None
+
+
+def run_interpreted() -> None:
+    """From now on, import the listed modules from their sources (those not imported yet)."""
+    if not any(isinstance(f, _SourcesFirst) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourcesFirst())
