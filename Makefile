@@ -30,6 +30,7 @@ COMPILED_SRC := $(shell grep -o '"meshproxy\.[a-z0-9_.]*"' meshproxy/compiled.py
 .PHONY: compile uncompile
 compile: $(VENV)/.compiled
 $(VENV)/.compiled: $(VENV)/.installed setup.py meshproxy/compiled.py $(COMPILED_SRC)
+	@./scripts/system-deps.sh  # a C compiler and the Python headers
 	@$(MAKE) --no-print-directory uncompile
 	@echo "compiling the data path with mypyc (about 2 minutes; COMPILE=0 skips)"
 	MESHPROXY_MYPYC=1 $(BIN)/python setup.py -q build_ext --inplace -j 2 >$(VENV)/compile.log 2>&1 || \

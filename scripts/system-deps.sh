@@ -2,7 +2,8 @@
 # Installs the Debian packages the tests, the demo and the benchmarks need.
 # Idempotent: installs only what is missing. Needs root (apt-get).
 set -euo pipefail
-want=(iptables iproute2 procps)
+# gcc, libc6-dev, python3-dev: make compile builds the data path with mypyc (meshproxy/compiled.py).
+want=(iptables iproute2 procps gcc libc6-dev python3-dev)
 case "${1:-}" in
   --bench) want+=(nginx-light libnginx-mod-stream haproxy iperf3) ;;
   --k8s) want+=(etcd-server containerd runc containernetworking-plugins buildah debootstrap conntrack socat) ;;
