@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Builds the meshproxy image with buildah (daemonless, no registry) from the working
-# tree, on the locally made base image, and saves it as an OCI archive for
+# tree, on the locally made base images, and saves it as an OCI archive for
 # `ctr -n k8s.io images import` (or any OCI tool):
 #   localhost/meshproxy:<version>   + ${MESHPROXY_CACHE:-$HOME/.cache/meshproxy}/images/meshproxy-<version>.oci.tar
 #
-#   scripts/build-images.sh                   base image (if missing) + meshproxy image
-#   BASE_IMAGE=some/python:3.11 scripts/build-images.sh   another base
+# The Dockerfile's build stage runs on the build image (scripts/base-image.sh --build:
+# the base + gcc and Python headers), which compiles the data path with mypyc; the
+# runtime stage runs on the base image, which has no compiler.
+#
+#   scripts/build-images.sh                   base + build images (if missing) + meshproxy image
+#   BASE_IMAGE=some/python:3.11 scripts/build-images.sh   another runtime base
+#   BUILD_IMAGE=some/python:3.11 scripts/build-images.sh  another build image (a C compiler
+#                                                          and the runtime base's Python 3.x)
 #
 # The build context is the git working tree's tracked and untracked-but-not-ignored
 # files (so .venv, caches and build output never enter it). Needs root and buildah.
@@ -16,6 +22,7 @@ OUT="$CACHE/images"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -1)
 IMAGE=${MESHPROXY_IMAGE:-localhost/meshproxy:$VERSION}
 BASE_IMAGE=${BASE_IMAGE:-localhost/meshproxy-base:bookworm}
+BUILD_IMAGE=${BUILD_IMAGE:-localhost/meshproxy-build:bookworm}
 CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
 
 log() { echo "build-images: $*" >&2; }
@@ -25,6 +32,9 @@ command -v buildah >/dev/null || { log "needs buildah (scripts/system-deps.sh --
 if [ "$BASE_IMAGE" = localhost/meshproxy-base:bookworm ]; then
   "$REPO/scripts/base-image.sh"
 fi
+if [ "$BUILD_IMAGE" = localhost/meshproxy-build:bookworm ]; then
+  "$REPO/scripts/base-image.sh" --build
+fi
 
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
@@ -33,12 +43,12 @@ trap 'rm -rf "$ctx"' EXIT
 # Generated protobuf modules are ignored by git; the wheel build regenerates them.
 
 mkdir -p "$OUT"
-log "building $IMAGE from $BASE_IMAGE"
+log "building $IMAGE from $BASE_IMAGE (build stage: $BUILD_IMAGE)"
 # --network host + the host's CA bundle: pip in the build stage reaches PyPI through
 # whatever this machine is allowed to reach; nothing else is downloaded.
 buildah bud --quiet --layers=false --network host \
   --volume "$CA_BUNDLE:$CA_BUNDLE:ro" \
-  --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+  --build-arg "BASE_IMAGE=$BASE_IMAGE" --build-arg "BUILD_IMAGE=$BUILD_IMAGE" \
   -f "$REPO/deploy/docker/Dockerfile" -t "$IMAGE" "$ctx" >/dev/null
 archive="$OUT/meshproxy-$VERSION.oci.tar"
 rm -f "$archive"
