@@ -37,7 +37,8 @@ up() {
   say "image $IMAGE"
   if [ "${MESHPROXY_IMAGE_BUILDER:-buildah}" = docker ]; then
     docker build -t "$IMAGE" -f "$REPO/deploy/docker/Dockerfile" "$REPO" \
-      --build-arg BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}"
+      --build-arg BASE_IMAGE="${BASE_IMAGE:-python:3.11-slim-bookworm}" \
+      --build-arg BUILD_IMAGE="${BUILD_IMAGE:-python:3.11-bookworm}"  # has gcc + headers: the compiled data path
     kind load docker-image "$IMAGE" --name "$CLUSTER"
   else
     [ -f "$ARCHIVE" ] || (cd "$REPO" && make images)
