@@ -128,3 +128,31 @@ def test_generated_request_ids_are_distinct_canonical_version4_uuids(rng: random
     for text in ids:
         u = uuid.UUID(text)
         assert (u.version, u.variant, str(u)) == (4, uuid.RFC_4122, text)
+
+
+def test_encoding_holds_no_memory_once_a_request_is_dropped() -> None:
+    # The encoder runs compiled (meshproxy.compiled); mypyc 1.20's ``a + b + c`` on bytes
+    # leaked its temporary: every export request of 128 spans (~26 KB) stayed in memory,
+    # +20 MB of RSS per sidecar within a ten-second benchmark. Allocations are traced, so
+    # anything an encoded span or request leaves behind shows as growth here.
+    import gc
+    import tracemalloc
+
+    encoder = WireEncoder(RESOURCE, SCOPE)
+    records = _records()
+
+    def export_rounds(n: int) -> None:
+        for _ in range(n):
+            encoder.request([encoder.span(r) for r in records] * 32)
+
+    export_rounds(50)  # caches filled
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        export_rounds(2000)  # a leak of one request each would be tens of MB
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 256 * 1024, f"{grown} bytes held after 2000 export requests"
