@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from meshproxy import __version__, compiled
 from meshproxy.config.model import Snapshot, Workload
 from meshproxy.core.clock import MonotonicClock
 from meshproxy.core.errors import ConfigError
@@ -271,6 +272,8 @@ class Sidecar:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stop.set)
         try:
+            # Which build runs: a sidecar on the interpreted data path costs more CPU per request.
+            log.info("starting", extra={"version": __version__, "data_path": compiled.status()})
             await self.admin.start()
             cached = self.runtime.load_cache()
             if cached is not None and self.static is None:
