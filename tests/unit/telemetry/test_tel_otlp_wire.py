@@ -131,7 +131,7 @@ def test_generated_request_ids_are_distinct_canonical_version4_uuids(rng: random
 
 
 def test_encoding_holds_no_memory_once_a_request_is_dropped() -> None:
-    # The encoder runs compiled (meshproxy.compiled); mypyc 1.20's ``a + b + c`` on bytes
+    # The encoder runs compiled (meshproxy.compiled); mypyc 1.18-1.20's ``a + b + c`` on bytes
     # leaked its temporary: every export request of 128 spans (~26 KB) stayed in memory,
     # +20 MB of RSS per sidecar within a ten-second benchmark. Allocations are traced, so
     # anything an encoded span or request leaves behind shows as growth here.
