@@ -22,7 +22,7 @@ import contextlib
 import ipaddress
 import socket
 import struct
-from typing import Protocol
+from typing import Any, Protocol
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
@@ -39,6 +39,10 @@ class SocketLike(Protocol):
     def getsockopt(self, level: int, optname: int, buflen: int, /) -> bytes: ...
 
     def setsockopt(self, level: int, optname: int, value: int, /) -> None: ...
+
+    def getsockname(self) -> Any: ...
+
+    def getpeername(self) -> Any: ...
 
 
 def normalize_address(address: str) -> str:
@@ -74,15 +78,21 @@ def original_dst(sock: SocketLike) -> tuple[str, int] | None:
         if sock.family == socket.AF_INET6:
             # A dual-stack listener sees IPv4 clients as v4-mapped; their nat entry is IPv4.
             try:
-                return decode_sockaddr_in6(
-                    sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN)
-                )
+                dst = decode_sockaddr_in6(sock.getsockopt(_SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6_LEN))
             except OSError:
-                return decode_sockaddr_in(sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN))
-        return decode_sockaddr_in(sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN))
+                dst = decode_sockaddr_in(sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN))
+        else:
+            dst = decode_sockaddr_in(sock.getsockopt(_SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN_LEN))
+        ends = (sock.getsockname(), sock.getpeername())
     except (OSError, ValueError):
         # ENOENT: no nat entry (not redirected); ENOPROTOOPT: not Linux/netfilter.
         return None
+    # Once any nat rule exists in the namespace (a container tool's, say), conntrack tracks
+    # every connection, and one that was not redirected answers with its own destination:
+    # this end's address on an accepted connection, the peer's on a connecting one.
+    if any(dst == (normalize_address(str(end[0])), int(end[1])) for end in ends):
+        return None
+    return dst
 
 
 def set_nodelay(sock: SocketLike | None) -> None:
