@@ -298,6 +298,6 @@ def test_from_dir_configures_the_real_sidecar(tmp_path: pathlib.Path, procs: lis
     wait_until(lambda: acked()[3:4] == ["SYNCED"], what="the real sidecar ACKed")
     assert acked()[2] == dumped.get("version")
     # The sidecar says which build of its data path runs (make test names the one it made).
-    started = next(line for line in sidecar.lines() if "meshproxy.io.app: starting" in line)
+    started = next(line for line in sidecar.lines() if "meshproxy.app: starting" in line)
     if expected := os.environ.get("MESHPROXY_EXPECT_BUILD"):
         assert f"data_path={expected}" in started, started
