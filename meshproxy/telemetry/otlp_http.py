@@ -41,9 +41,6 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
-from google.protobuf.message import DecodeError
-from google.rpc.status_pb2 import Status
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from meshproxy import __version__
 from meshproxy.telemetry.otlp_loop import SLICE, ExportError, LoopClient, connect
@@ -232,6 +229,10 @@ def _message(answer: _Answer) -> str:
     """What the collector said was wrong: its ``google.rpc.Status`` message, or its text."""
     body = bytes(answer.body)
     if answer.headers.get("content-type", "").startswith("application/x-protobuf"):
+        # The protobuf runtime (~3 MB of RSS) loads only when a collector answers with a body.
+        from google.protobuf.message import DecodeError
+        from google.rpc.status_pb2 import Status
+
         with contextlib.suppress(DecodeError):
             return Status.FromString(body).message or "(no message)"
     return body[:200].decode("utf-8", "replace").strip() or "(no message)"
@@ -240,6 +241,9 @@ def _message(answer: _Answer) -> str:
 def _log_partial_success(authority: str, answer: _Answer) -> None:
     if not answer.body or not answer.headers.get("content-type", "").startswith("application/x-protobuf"):
         return
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
     try:
         partial = ExportTraceServiceResponse.FromString(bytes(answer.body)).partial_success
     except DecodeError:

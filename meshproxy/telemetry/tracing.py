@@ -215,7 +215,7 @@ class TracingPipeline:
         self.queues: tuple[ExportQueue, ...] = (*self._wire, *self._sdk)
         self.async_queues: tuple[AsyncExportQueue, ...] = tuple(self._async)
         self._encoded: tuple[AsyncExportQueue | ExportQueue, ...] = (*self._async, *self._wire)
-        # Built only for OTLP: it imports the SDK's protobuf encoder (~5 MB) once, at start.
+        # Built only for OTLP exporters (it writes the wire format itself: no protobuf).
         self.encoder = WireEncoder(self.resource, self.scope) if self._encoded else None
         self.recording = bool(self.queues or self.async_queues)
         self._static: dict[tuple[object, ...], tuple[tuple[tuple[str, AttrValue], ...], bytes]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 from dp_rig import Upstream, wait_for
+
+from meshproxy.lab.otlp_receiver import OtlpReceiver
 
 
 def _free_port() -> int:
@@ -60,10 +63,11 @@ def upstream() -> Iterator[Upstream]:
         yield u
 
 
-@pytest.fixture
-async def proxy_proc(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Proc]:
+@contextlib.asynccontextmanager
+async def _running(tmp_path: Path, upstream: Upstream, config: str) -> AsyncIterator[Proc]:
+    """``meshproxy run`` on ``config``, sending outbound requests to ``upstream``; once ready."""
     cfg = tmp_path / "config.yaml"
-    cfg.write_text(CONFIG)
+    cfg.write_text(config)
     outbound, inbound, admin = _free_port(), _free_port(), _free_port()
     log = tmp_path / "proxy.log"
     argv = [
@@ -95,6 +99,12 @@ async def proxy_proc(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Proc]:
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()
+
+
+@pytest.fixture
+async def proxy_proc(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Proc]:
+    async with _running(tmp_path, upstream, CONFIG) as proc:
+        yield proc
 
 
 def test_bad_config_exits_2_naming_the_field(tmp_path: Path) -> None:
@@ -162,3 +172,21 @@ async def test_sigterm_drains_in_flight_requests_then_exits_0(proxy_proc: Proc, 
         assert r.text == "slow\n"
     rc = await asyncio.to_thread(proxy_proc.popen.wait, 10)
     assert rc == 0, proxy_proc.log.read_text()
+
+
+async def test_exporting_spans_over_otlp_http_never_loads_protobuf(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    # The span encoder writes OTLP itself and the OTLP/HTTP client reads a collector's
+    # (empty) success answers without protobuf: a sidecar on a static config keeps the ~3 MB
+    # the protobuf runtime and the generated OTLP modules would add to its RSS.
+    async with OtlpReceiver("127.0.0.1", 0) as receiver:
+        config = CONFIG + (f"telemetry:\n  tracing: {{otlp_http_endpoint: '{receiver.http_endpoint}'}}\n")
+        async with _running(tmp_path, upstream, config) as proc, httpx.AsyncClient(timeout=10) as client:
+            for _ in range(3):
+                assert (await client.get(f"{proc.url}/hello")).status_code == 200
+            spans = await receiver.wait_for(lambda s: len(s) >= 3)
+            assert {s.service for s in spans} == {"client"}
+            maps = Path(f"/proc/{proc.popen.pid}/maps").read_text()
+    assert "httptools" in maps  # extension modules the sidecar loaded are there to be seen
+    assert "protobuf" not in maps and "_upb" not in maps, "the sidecar loaded the protobuf runtime"

@@ -7,12 +7,15 @@ import random
 import uuid
 
 import pytest
+from opentelemetry.exporter.otlp.proto.common._internal import _encode_value
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource as Resource_pb
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from meshproxy.telemetry.otlp_wire import WireEncoder
+from meshproxy.telemetry.otlp_wire import WireEncoder, _any_value_of, _attribute_list
 from meshproxy.telemetry.propagation import new_request_id
 from meshproxy.telemetry.spans import KIND_CLIENT, KIND_SERVER, SpanEnd, SpanRecord, to_readable
 
@@ -119,6 +122,48 @@ def test_schema_urls_of_resource_and_scope_are_kept() -> None:
     records = _records()[:2]
     ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
     assert ours == encode_spans([to_readable(r, resource, scope) for r in records])
+
+
+def test_resource_and_scope_of_every_attribute_type_encode_as_the_stock_encoder_does() -> None:
+    # OTEL_RESOURCE_ATTRIBUTES gives strings; resource detectors and scopes may give the rest.
+    attrs = {
+        "service.name": "web",
+        "empty": "",
+        "port": 8080,
+        "negative": -1,
+        "ratio": 0.5,
+        "on": True,
+        "off": False,
+        "process.command_args": ["meshproxy", "run", "--config", "ü.yaml"],
+        "ints": [1, -2, 2**40],
+        "none": [],
+    }
+    resource = Resource(attrs)
+    scope = InstrumentationScope("meshproxy", "9.9", None, {"scope.attr": "x", "flags": [True, False]})
+    records = _records()[:3]
+    encoder = WireEncoder(resource, scope)
+    ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+    assert ours == encode_spans([to_readable(r, resource, scope) for r in records])
+    bare_resource, bare_scope = Resource({}), InstrumentationScope("")
+    encoder = WireEncoder(bare_resource, bare_scope)
+    ours = ExportTraceServiceRequest.FromString(encoder.request([encoder.span(r) for r in records]))
+    assert ours == encode_spans([to_readable(r, bare_resource, bare_scope) for r in records])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [None, b"\x00\xff", {"k": 1, "nested": {"a": [1.5, "x"]}}, ["a", None], (True, 2)],
+    ids=["none", "bytes", "map", "array-with-none", "tuple"],
+)
+def test_any_value_of_the_types_only_resources_carry_is_the_stock_encoding(value: object) -> None:
+    assert AnyValue.FromString(_any_value_of(value)) == _encode_value(value)
+
+
+def test_a_value_otlp_cannot_hold_is_left_out_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    encoded = _attribute_list(0x0A, {"ok": "yes", "bad": object(), "after": 1})
+    keys = [kv.key for kv in Resource_pb.FromString(encoded).attributes]
+    assert keys == ["ok", "after"]
+    assert "bad" in caplog.text and "not an OTLP value" in caplog.text
 
 
 @pytest.mark.parametrize("rng", [None, random.Random()], ids=["os", "rng"])
