@@ -4,6 +4,12 @@ Compiled modules older than their sources would shadow the edited code (an exten
 module wins over a ``.py`` beside it): the run stops and says how to rebuild. With
 ``MESHPROXY_INTERPRETED=1`` (``make test`` runs the unit tests so, a second time) the
 sources are imported instead and the check is moot.
+
+Also: a failure whose traceback runs through compiled frames must still be reported.
+Debian's CPython 3.11.2 can raise ``SystemError: AST constructor recursion depth
+mismatch`` (CPython gh-106905, fixed in 3.11.5) while pytest parses source around such a
+frame to format it; the error escapes as an INTERNALERROR and the run's results are lost.
+``tests.support.report_guard`` then reports the failure with a plain formatted traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from meshproxy.compiled import MODULES
+from tests.support.report_guard import pytest_runtest_makereport  # noqa: F401 (a hook)
 
 ROOT = Path(__file__).resolve().parent.parent
 
