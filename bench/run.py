@@ -474,7 +474,7 @@ def profilers(
                 "200",
                 "-f",
                 "raw",
-                "--nonblocking",
+                *(["--native"] if args.profile_native else ["--nonblocking"]),
                 "--subprocesses",
                 "-d",
                 str(int(args.duration)),
@@ -717,6 +717,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--profile", type=Path, help="write py-spy collapsed stacks of each sidecar here")
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with --profile: C frames too (the compiled data path, uvloop, system calls); pauses the sidecar per sample",
+    )
     args = parser.parse_args()
     report = run(args)
     report["noise"] = noise(report["rows"])
