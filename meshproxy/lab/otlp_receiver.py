@@ -2,7 +2,7 @@
 
 Owns: one store of received spans fed by two listeners, a ``grpc.aio`` server implementing
 OpenTelemetry's ``TraceService`` (the generated servicer from opentelemetry-proto) and a
-small asyncio HTTP/1.1 server for OTLP/HTTP (``POST /v1/traces``); an awaitable ``wait_for``
+small asyncio HTTP/1.1 server for OTLP/HTTP (``POST /v1/traces``, framed by ``h11``); an awaitable ``wait_for``
 to synchronise tests on what arrived, and ``trace_tree`` to print one trace as an indented
 tree of hops. Every span records the transport its batch came in on (``GRPC`` or ``HTTP``),
 and ``batches`` counts batches per transport.
@@ -57,6 +57,7 @@ from http import HTTPStatus
 from typing import Any, Final
 
 import grpc
+import h11
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
 from google.rpc.status_pb2 import Status
@@ -172,15 +173,19 @@ class HttpAnswer:
     keep_alive: bool = True
     headers: tuple[tuple[str, str], ...] = ()
 
-    def encode(self) -> bytes:
-        lines = [
-            f"HTTP/1.1 {self.status} {HTTPStatus(self.status).phrase}",
-            f"content-type: {self.content_type}",
-            f"content-length: {len(self.body)}",
-            *(f"{k}: {v}" for k, v in self.headers),
-            *([] if self.keep_alive else ["connection: close"]),
+    def events(self) -> list[h11.Event]:
+        """The answer as ``h11`` events: head, body, end."""
+        headers = [
+            ("content-type", self.content_type),
+            ("content-length", str(len(self.body))),
+            *self.headers,
+            *([] if self.keep_alive else [("connection", "close")]),
         ]
-        return "\r\n".join(lines).encode("latin-1") + b"\r\n\r\n" + self.body
+        return [
+            h11.Response(status_code=self.status, reason=HTTPStatus(self.status).phrase, headers=headers),
+            h11.Data(data=self.body),
+            h11.EndOfMessage(),
+        ]
 
 
 def _media_type(headers: Mapping[str, str]) -> str:
@@ -297,80 +302,67 @@ def _hex_id(key: str, value: str) -> str:
 # --- OTLP/HTTP: the connection (I/O) --------------------------------------------------------
 
 
-async def _read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest | None:
+async def _read_request(
+    conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> HttpRequest | None:
     """The next request on the connection, ``None`` at a clean end; ``HttpError`` if it cannot
-    be framed (the connection must then be closed after answering)."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial.strip():
-            raise HttpError(HTTPStatus.BAD_REQUEST, "connection closed inside a request head") from None
-        return None
-    except asyncio.LimitOverrunError:
-        raise HttpError(
-            HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
-        ) from None
-    lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")[:-2]
-    parts = lines[0].split(" ") if lines else []
-    if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HttpError(
-            HTTPStatus.BAD_REQUEST, f"not an HTTP/1.x request line: {lines[0][:100] if lines else ''!r}"
-        )
-    method, target, version = parts
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(":")
-        if not colon or not name or name != name.strip():
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"malformed header line {line[:100]!r}")
-        key, value = name.lower(), value.strip()
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    tokens = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-    keep_alive = "close" not in tokens if version == "HTTP/1.1" else "keep-alive" in tokens
-    body = await _read_body(reader, writer, headers)
-    return HttpRequest(method, target, headers, body, keep_alive)
-
-
-async def _read_body(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, headers: Mapping[str, str]
-) -> bytes:
-    chunked = "transfer-encoding" in headers
-    if chunked and headers["transfer-encoding"].lower() != "chunked":
-        raise HttpError(
-            HTTPStatus.NOT_IMPLEMENTED, f"Transfer-Encoding {headers['transfer-encoding']!r}: only chunked"
-        )
-    raw = headers.get("content-length", "0")
-    if not chunked and not raw.isdigit():
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {raw!r}")
-    length = 0 if chunked else int(raw)
-    if length > MAX_BODY:
-        raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes, over {MAX_BODY}")
-    if (chunked or length) and headers.get("expect", "").lower() == "100-continue":
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before a large body
-    if not chunked:
-        return await reader.readexactly(length)
+    be framed or is too large (the connection must then be closed after answering). ``h11``
+    frames it: request line, fields, ``Content-Length`` or chunked, HTTP/1.0 and keep-alive."""
+    request: h11.Request | None = None
     body = bytearray()
+    received = 0  # bytes read in this cycle before its request head was parsed
     while True:
-        size_line = (await _line(reader)).split(b";", 1)[0].strip()
         try:
-            size = int(size_line, 16)
-        except ValueError:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"bad chunk size {size_line[:20]!r}") from None
-        if size == 0:
-            while await _line(reader) != b"\r\n":
-                pass  # trailer fields: nothing here needs them
-            return bytes(body)
-        if len(body) + size > MAX_BODY:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"chunked body over {MAX_BODY} bytes")
-        body += await reader.readexactly(size)
-        if await reader.readexactly(2) != b"\r\n":
-            raise HttpError(HTTPStatus.BAD_REQUEST, "chunk not followed by CRLF")
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:  # 400, 431 for a head over MAX_HEAD, 501 ...
+            raise HttpError(exc.error_status_hint, f"malformed request: {exc}") from None
+        if event is h11.NEED_DATA:
+            if conn.they_are_waiting_for_100_continue:
+                writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            data = await reader.read(65536)  # b"": the peer closed
+            if request is None:
+                received += len(data)
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            request = event
+            # h11 bounds a head it is still waiting for; one that arrived whole is bounded here.
+            if received - len(conn.trailing_data[0]) > MAX_HEAD:
+                raise HttpError(
+                    HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request head over {MAX_HEAD} bytes"
+                )
+            declared = _header(event.headers, b"content-length")
+            if declared is not None and int(declared) > MAX_BODY:
+                raise HttpError(
+                    HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {int(declared)} bytes, over {MAX_BODY}"
+                )
+        elif isinstance(event, h11.Data):
+            if len(body) + len(event.data) > MAX_BODY:
+                raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY} bytes")
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert request is not None
+            headers: dict[str, str] = {}
+            for name, value in request.headers:
+                key, text = name.decode("latin-1"), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            return HttpRequest(
+                request.method.decode("latin-1"),
+                request.target.decode("latin-1"),
+                headers,
+                bytes(body),
+                _keep_alive(request),
+            )
+        elif isinstance(event, h11.ConnectionClosed):
+            return None  # between requests (inside one, h11 raises RemoteProtocolError)
 
 
-async def _line(reader: asyncio.StreamReader) -> bytes:
-    try:
-        return await reader.readuntil(b"\r\n")
-    except asyncio.LimitOverrunError:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"chunk line over {MAX_HEAD} bytes") from None
+def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    return next((v for n, v in headers if n == name), None)
+
+
+def _keep_alive(request: h11.Request) -> bool:
+    tokens = {t.strip().lower() for t in (_header(request.headers, b"connection") or b"").split(b",")}
+    return b"close" not in tokens if request.http_version == b"1.1" else b"keep-alive" in tokens
 
 
 def _bracket(host: str) -> str:
@@ -478,23 +470,28 @@ class OtlpReceiver:
     async def _http_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._http_writers.add(writer)
         peer = writer.get_extra_info("peername")
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         try:
             while True:
                 try:
-                    request = await _read_request(reader, writer)
+                    request = await _read_request(conn, reader, writer)
                 except HttpError as exc:  # the stream cannot be framed any more: answer, close
-                    writer.write(error_answer(exc, keep_alive=False).encode())
-                    await writer.drain()
+                    if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        for event in error_answer(exc, keep_alive=False).events():
+                            writer.write(conn.send(event) or b"")
+                        await writer.drain()
                     return
                 if request is None:
                     return
                 reply, export = answer(request)
                 if export is not None:
                     await self._add(spans_of(export, HTTP), HTTP)
-                writer.write(reply.encode())
+                for event in reply.events():
+                    writer.write(conn.send(event) or b"")
                 await writer.drain()
-                if not reply.keep_alive:
-                    return
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    return  # h11 saw a close on either side
+                conn.start_next_cycle()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away, possibly mid-request: nothing to answer
         except Exception:

@@ -25,7 +25,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tel_chain import run_chain
 
 from meshproxy.config import model
-from meshproxy.lab.otlp_receiver import GRPC, HTTP, MAX_BODY, TRACES_PATH, OtlpReceiver, ReceivedSpan
+from meshproxy.lab.otlp_receiver import (
+    GRPC,
+    HTTP,
+    MAX_BODY,
+    MAX_HEAD,
+    TRACES_PATH,
+    OtlpReceiver,
+    ReceivedSpan,
+)
 from meshproxy.telemetry import exporters
 from meshproxy.telemetry.otlp_export import WireOTLPHttpExporter
 from meshproxy.telemetry.otlp_http import OtlpHttpClient
@@ -343,6 +351,70 @@ async def test_declared_length_over_the_limit_is_413_and_closes(receiver: OtlpRe
     assert status_line.startswith(b"HTTP/1.1 413 ")
     assert b"connection: close" in rest
     assert Status.FromString(rest.split(b"\r\n\r\n", 1)[1]).message.startswith("body of")
+
+
+async def _raw(receiver: OtlpReceiver, data: bytes) -> bytes:
+    """Write ``data`` as it is; everything the receiver sends until it closes (or 10 s)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", receiver.http_port)
+    try:
+        writer.write(data)
+        return await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+
+
+HEAD = f"POST {TRACES_PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-protobuf\r\n"
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (f"{HEAD}x-big: {'a' * (MAX_HEAD + 10)}\r\n\r\n".encode(), 431),
+        (f"{HEAD}transfer-encoding: gzip\r\n\r\n".encode(), 501),
+        (f"{HEAD}transfer-encoding: chunked\r\n\r\nzz\r\n".encode(), 400),
+        (f"{HEAD}content-length: twelve\r\n\r\n".encode(), 400),
+    ],
+    ids=["request-line", "head-too-large", "transfer-coding", "chunk-size", "content-length"],
+)
+async def test_a_request_that_cannot_be_framed_is_answered_with_its_status_and_closed(
+    receiver: OtlpReceiver, request_bytes: bytes, status: int
+) -> None:
+    answer = await _raw(receiver, request_bytes)  # read() returns once the receiver closes
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(f"HTTP/1.1 {status} ".encode()), answer[:200]
+    assert b"connection: close" in rest.lower()
+    assert Status.FromString(rest.split(b"\r\n\r\n", 1)[1]).message.startswith(
+        ("malformed request", "request head over")
+    )
+    assert receiver.spans == []
+
+
+async def test_expect_100_continue_gets_its_interim_answer_before_the_body(receiver: OtlpReceiver) -> None:
+    body = export_request("after-100").SerializeToString()
+    reader, writer = await asyncio.open_connection("127.0.0.1", receiver.http_port)
+    try:
+        writer.write(f"{HEAD}content-length: {len(body)}\r\nexpect: 100-continue\r\n\r\n".encode())
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+        assert final.startswith(b"HTTP/1.1 200 ")
+    finally:
+        writer.close()
+    assert [s.name for s in receiver.spans] == ["after-100"]
+
+
+async def test_pipelined_requests_are_answered_in_order_and_http10_closes(receiver: OtlpReceiver) -> None:
+    one, two = (export_request(n).SerializeToString() for n in ("one", "two"))
+    head10 = HEAD.replace("HTTP/1.1", "HTTP/1.0")
+    data = (
+        f"{HEAD}content-length: {len(one)}\r\n\r\n".encode() + one
+        + f"{head10}content-length: {len(two)}\r\n\r\n".encode() + two
+    )  # fmt: skip
+    answer = await _raw(receiver, data)  # the HTTP/1.0 request without keep-alive ends it
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert [s.name for s in receiver.spans] == ["one", "two"]
 
 
 async def test_grpc_and_http_share_one_store(receiver: OtlpReceiver) -> None:
