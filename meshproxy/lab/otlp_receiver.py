@@ -162,7 +162,6 @@ class HttpRequest:
     target: str
     headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
     body: bytes
-    keep_alive: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +211,9 @@ def answer(request: HttpRequest) -> tuple[HttpAnswer, Any]:
     try:
         export = decode_export(request)
     except HttpError as exc:
-        return error_answer(exc, media, keep_alive=request.keep_alive), None
+        return error_answer(exc, media), None
     response = _encode(trace_service_pb2.ExportTraceServiceResponse(), media)
-    return HttpAnswer(200, media, response, request.keep_alive), export
+    return HttpAnswer(200, media, response), export
 
 
 def decode_export(request: HttpRequest) -> Any:
@@ -307,7 +306,8 @@ async def _read_request(
 ) -> HttpRequest | None:
     """The next request on the connection, ``None`` at a clean end; ``HttpError`` if it cannot
     be framed or is too large (the connection must then be closed after answering). ``h11``
-    frames it: request line, fields, ``Content-Length`` or chunked, HTTP/1.0 and keep-alive."""
+    frames it: request line, fields, ``Content-Length`` or chunked, HTTP/1.0; and it answers
+    with ``Connection: close`` and ends the connection when the client asked for that."""
     request: h11.Request | None = None
     body = bytearray()
     received = 0  # bytes read in this cycle before its request head was parsed
@@ -350,7 +350,6 @@ async def _read_request(
                 request.target.decode("latin-1"),
                 headers,
                 bytes(body),
-                _keep_alive(request),
             )
         elif isinstance(event, h11.ConnectionClosed):
             return None  # between requests (inside one, h11 raises RemoteProtocolError)
@@ -358,11 +357,6 @@ async def _read_request(
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
     return next((v for n, v in headers if n == name), None)
-
-
-def _keep_alive(request: h11.Request) -> bool:
-    tokens = {t.strip().lower() for t in (_header(request.headers, b"connection") or b"").split(b",")}
-    return b"close" not in tokens if request.http_version == b"1.1" else b"keep-alive" in tokens
 
 
 def _bracket(host: str) -> str:
