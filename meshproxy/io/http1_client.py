@@ -61,9 +61,12 @@ _MAX_HEAD_BYTES = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    # Enough idle connections for a burst of concurrent requests to one pod to be reused;
-    # more would hold file descriptors on both sides for little gain.
-    max_idle_per_endpoint: int = 32
+    # Every connection a burst of concurrent requests opened stays for the next burst, until
+    # the idle timeout; the service's breaker (``max_connections``, 1024 by default) bounds
+    # how many there are. A small cap (it was 32) closed and reopened connections at every
+    # burst above it: at saturation one new upstream connection per three requests, in
+    # both sidecars, with its connect, accept, nat entry and protocol sniff.
+    max_idle_per_endpoint: int = 1024
     # Used when the caller gives no TrafficPolicy.idle_timeout.
     idle_timeout: float = 60.0
     body_high_water: int = 64 * 1024

@@ -157,6 +157,7 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: bursts of concurrent connections (5 by default)
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot
+from dp_rig import VIP, RawServer, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
 
 from meshproxy.config.model import (
     Endpoint,
@@ -61,6 +61,30 @@ async def test_keepalive_reuses_one_upstream_connection(upstream: Upstream) -> N
     assert upstream.server.requests == 5
     assert len(upstream.server.connections) == 1
     assert sc.client.connects == 1
+
+
+async def test_a_burst_above_32_concurrent_requests_reuses_its_connections_for_the_next_one(
+    upstream: Upstream,
+) -> None:
+    # The pool keeps every connection a burst opened (until the idle timeout), not a fixed
+    # few: with 32 kept, each burst of 48 closed 16 and opened 16 again. At saturation that
+    # was one new upstream connection (connect, accept, nat entry, sniff) per three requests
+    # in both sidecars.
+    burst = 48
+    async with (
+        Sidecar(snapshot(service(upstream.port)), (VIP, 80)) as sc,
+        httpx.AsyncClient(base_url=sc.url, timeout=30) as client,
+    ):
+        for round_ in range(2):
+            upstream.server.release.clear()
+            before = upstream.server.requests
+            calls = [asyncio.create_task(client.get(f"/slow?r={round_}")) for _ in range(burst)]
+            await wait_for(lambda: upstream.server.requests == before + burst, within=20)
+            upstream.server.release.set()
+            assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * burst
+            await wait_for(lambda: sc.client.idle_count(("127.0.0.1", upstream.port)) == burst, within=5)
+        assert sc.client.connects == burst
+    assert len(upstream.server.connections) == burst
 
 
 async def test_chunked_upload_and_download_stream_through(passthrough: Sidecar) -> None:
