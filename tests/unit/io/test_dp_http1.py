@@ -77,9 +77,9 @@ async def test_a_burst_above_32_concurrent_requests_reuses_its_connections_for_t
     ):
         for round_ in range(2):
             upstream.server.release.clear()
-            before = upstream.server.requests
+            arrived = upstream.server.requests + burst
             calls = [asyncio.create_task(client.get(f"/slow?r={round_}")) for _ in range(burst)]
-            await wait_for(lambda: upstream.server.requests == before + burst, within=20)
+            await wait_for(lambda n=arrived: upstream.server.requests == n, within=20)
             upstream.server.release.set()
             assert [r.status_code for r in await asyncio.gather(*calls)] == [200] * burst
             await wait_for(lambda: sc.client.idle_count(("127.0.0.1", upstream.port)) == burst, within=5)
