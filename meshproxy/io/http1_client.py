@@ -62,10 +62,10 @@ _MAX_HEAD_BYTES = 64 * 1024
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
     # Every connection a burst of concurrent requests opened stays for the next burst, until
-    # the idle timeout; the service's breaker (``max_connections``, 1024 by default) bounds
-    # how many there are. A small cap (it was 32) closed and reopened connections at every
-    # burst above it: at saturation one new upstream connection per three requests, in
-    # both sidecars, with its connect, accept, nat entry and protocol sniff.
+    # the idle timeout; for a known service its breaker (``max_connections``, 1024 by
+    # default) bounds how many there are. A small cap (it was 32) closed and reopened
+    # connections at every burst above it: at saturation one new upstream connection per
+    # three requests, in both sidecars, with its connect, accept, nat entry and sniff.
     max_idle_per_endpoint: int = 1024
     # Used when the caller gives no TrafficPolicy.idle_timeout.
     idle_timeout: float = 60.0

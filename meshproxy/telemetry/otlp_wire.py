@@ -216,12 +216,15 @@ def _attribute_list(tag: int, attributes: Mapping[str, object] | None) -> bytes:
     out = []
     for key, value in (attributes or {}).items():
         try:
-            kv = _field(0x0A, key.encode("utf-8", "surrogateescape")) + _field(0x12, _any_value_of(value))
+            out.append(_field(tag, _key_value_of(key, value)))
         except TypeError:
             log.warning("resource or scope attribute %s: %r is not an OTLP value; left out", key, value)
-            continue
-        out.append(bytes((tag,)) + _varint(len(kv)) + kv)
     return b"".join(out)
+
+
+def _key_value_of(key: str, value: object) -> bytes:
+    """The body of a ``KeyValue`` holding any OTLP value."""
+    return _field(0x0A, key.encode("utf-8", "surrogateescape")) + _field(0x12, _any_value_of(value))
 
 
 def _any_value_of(v: object) -> bytes:
@@ -234,13 +237,7 @@ def _any_value_of(v: object) -> bytes:
     if isinstance(v, bytes):
         return _field(0x3A, v)
     if isinstance(v, Mapping):
-        kvs = b"".join(
-            _field(
-                0x0A, _field(0x0A, str(k).encode("utf-8", "surrogateescape")) + _field(0x12, _any_value_of(x))
-            )
-            for k, x in v.items()
-        )
-        return _field(0x32, kvs)
+        return _field(0x32, b"".join(_field(0x0A, _key_value_of(str(k), x)) for k, x in v.items()))
     if isinstance(v, Sequence):
         return _field(0x2A, b"".join(_field(0x0A, _any_value_of(x)) for x in v))
     raise TypeError(type(v).__name__)
