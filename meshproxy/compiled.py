@@ -15,7 +15,15 @@ cannot compile):
   * no function that is itself decorated by a ``typing`` marker (see
     ``meshproxy.core.frozen``, which is therefore never compiled);
   * a compiled class cannot be subclassed or have attributes added from interpreted
-    code: tests reach behaviour through constructor arguments, not monkeypatching.
+    code: tests reach behaviour through constructor arguments, not monkeypatching;
+  * no ``await`` (nor ``async with``/``async for``) inside an ``except`` handler or a
+    ``finally`` block of a coroutine: work that awaits is done after the ``try``
+    statement. CPython gives each coroutine its own "exception being handled"; a
+    mypyc-compiled coroutine keeps it in the thread's, so while a handler is suspended its
+    exception is every other task's ``sys.exc_info()``, and restoring out of order leaves
+    it there for good (mypy 2.4.1). It then becomes the ``__context__`` of exceptions
+    raised anywhere later, and keeps its traceback's frames alive. The build cannot
+    refuse this, so ``tests/unit/test_compiled.py`` does.
 
 ``MESHPROXY_INTERPRETED=1`` in the environment makes a process import these modules from
 their sources even where the compiled ones exist (``import meshproxy`` installs the finder):

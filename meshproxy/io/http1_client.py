@@ -153,6 +153,8 @@ class _Conn(asyncio.Protocol):
         self.limits: ConnectionLimits | None = None  # holds one max_connections slot while open
         self.writable = asyncio.Event()
         self.writable.set()
+        # Why a parser callback refused the response (see Http1ServerProtocol.rejected).
+        self.rejected: ProtocolError | None = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -226,10 +228,8 @@ class _Conn(asyncio.Protocol):
             else:
                 self._fail(ProtocolError("upstream sent an unexpected upgrade", status=502))
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            self._fail(
-                cause if isinstance(cause, ProtocolError) else ProtocolError(f"upstream: {exc}", status=502)
-            )
+            err, self.rejected = self.rejected, None
+            self._fail(err if err is not None else ProtocolError(f"upstream: {exc}", status=502))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed upstream response: {exc}", status=502))
 
@@ -275,7 +275,8 @@ class _Conn(asyncio.Protocol):
         # A broken upstream must not grow our memory without bound (trailers included).
         self.head_bytes += len(name) + len(value) + 4
         if self.head_bytes > _MAX_HEAD_BYTES:
-            raise ProtocolError("upstream response header fields too large", status=502)
+            self.rejected = err = ProtocolError("upstream response header fields too large", status=502)
+            raise err
         pair = (name.decode("latin-1").lower(), value.decode("latin-1"))
         (self.trailers if self.in_body else self.headers).append(pair)
 

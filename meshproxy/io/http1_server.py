@@ -133,6 +133,11 @@ class Http1ServerProtocol(asyncio.Protocol):
         self.parsing: _Parsing | None = None
         self.pending: deque[_Request | _Failure] = deque()
         self.failures = 0  # _Failure items ever queued: data_received looks for one only then
+        # The error a parser callback refused the request with. httptools wraps whatever a
+        # callback raises in HttpParserCallbackError; the original is kept here rather than
+        # read back from ``__context__``, which CPython rewrites when another exception is
+        # still being handled further up the stack.
+        self.rejected: ProtocolError | None = None
         # Woken when a request head, an error, EOF or shutdown arrives. A bare future rather
         # than an asyncio.Event: Event.wait looks the loop up on every call, and on Python 3.11
         # that is a getpid() system call, several per request across the data path.
@@ -200,9 +205,8 @@ class Http1ServerProtocol(asyncio.Protocol):
             self.upgrade_buffer = bytearray(data[offset:])
             self._pause("upgrade")
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            err = cause if isinstance(cause, ProtocolError) else ProtocolError(f"bad request: {exc}")
-            self._fail(err)
+            err, self.rejected = self.rejected, None
+            self._fail(err if err is not None else ProtocolError(f"bad request: {exc}"))
         except httptools.HttpParserError as exc:
             self._fail(ProtocolError(f"malformed HTTP/1 request: {exc}"))
 
@@ -244,6 +248,11 @@ class Http1ServerProtocol(asyncio.Protocol):
 
     # ---- httptools callbacks ------------------------------------------------------------
 
+    def _reject(self, error: ProtocolError) -> ProtocolError:
+        """Remember why a callback refuses the request; the caller raises what this returns."""
+        self.rejected = error
+        return error
+
     def on_message_begin(self) -> None:
         self.parsing = _Parsing()
 
@@ -253,7 +262,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         p.url += url
         p.header_bytes += len(url)
         if p.header_bytes > self.settings.max_header_bytes:
-            raise ProtocolError("request line too long", status=414)
+            raise self._reject(ProtocolError("request line too long", status=414))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         p = self.parsing
@@ -262,7 +271,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         # Trailers count against the same budget: they are headers that arrive late.
         p.header_bytes += len(name) + len(value) + 4
         if p.header_bytes > self.settings.max_header_bytes:
-            raise ProtocolError("request header fields too large", status=431)
+            raise self._reject(ProtocolError("request header fields too large", status=431))
         if p.request is None:
             p.headers.append(pair)
         elif p.trailers is None:
@@ -307,7 +316,7 @@ class Http1ServerProtocol(asyncio.Protocol):
             try:
                 length = int(cl)
             except ValueError as exc:
-                raise ProtocolError(f"bad content-length {cl!r}") from exc
+                raise self._reject(ProtocolError(f"bad content-length {cl!r}")) from exc
         else:
             length = 0
         head = RequestHead(method, path, authority, headers, "http", version)
@@ -431,6 +440,7 @@ class Http1ServerProtocol(asyncio.Protocol):
         """Run the pipeline for one request; True when the connection can serve another."""
         sink = Http1ResponseSink(self, req)
         self.in_flight = True
+        failed: ProxyError | None = None
         try:
             await self.handler(self.ctx, req.head, req.body, sink)
         except (asyncio.CancelledError, DownstreamClosedError):
@@ -440,17 +450,19 @@ class Http1ServerProtocol(asyncio.Protocol):
                 "request handler failed",
                 extra={"connection_id": self.ctx.connection_id, "path": req.head.path},
             )
-            if not sink.started:
-                err = exc if isinstance(exc, ProxyError) else ProxyError(f"internal error: {exc}")
-                head, body = self.local_reply(err)
-                with contextlib.suppress(DownstreamClosedError):
-                    await sink.send_head(head, end_stream=not body)
-                    if body:
-                        await sink.send_data(body)
-                        await sink.send_end()
-            return False
+            if sink.started:
+                return False
+            failed = exc if isinstance(exc, ProxyError) else ProxyError(f"internal error: {exc}")
         finally:
             self.in_flight = False
+        if failed is not None:  # answered outside the handler, which must not await (meshproxy.compiled)
+            head, body = self.local_reply(failed)
+            with contextlib.suppress(DownstreamClosedError):
+                await sink.send_head(head, end_stream=not body)
+                if body:
+                    await sink.send_data(body)
+                    await sink.send_end()
+            return False
         if self.detached:
             return False
         if not sink.finished:

@@ -284,18 +284,19 @@ class Http2ServerConnection(H2Endpoint):
         try:
             async with asyncio.timeout(grace):
                 await self.wait_closed()
+            return
         except TimeoutError:
-            log.info(
-                "%s: %d streams still open after %.1fs, cancelling", self._name, len(self._streams), grace
-            )
-            for stream in list(self._streams.values()):
-                if stream.task is not None:
-                    stream.task.cancel()
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self._h2.close_connection(error_code=NO_ERROR, last_stream_id=self._last_stream_id)
-            self._flush()
-            self.close_transport(linger=0)
-            await self.wait_closed()
+            pass
+        # Past the deadline; outside the handler, because this awaits (see meshproxy.compiled).
+        log.info("%s: %d streams still open after %.1fs, cancelling", self._name, len(self._streams), grace)
+        for stream in list(self._streams.values()):
+            if stream.task is not None:
+                stream.task.cancel()
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.close_connection(error_code=NO_ERROR, last_stream_id=self._last_stream_id)
+        self._flush()
+        self.close_transport(linger=0)
+        await self.wait_closed()
 
     def start_drain(self) -> None:
         """Send a graceful GOAWAY (no new streams); close once in-flight streams are done."""

@@ -450,6 +450,10 @@ class Proxy:
             assert idle is not None
             self.request_watchdogs += 1
             watchdog = watched.watchdog = _StallWatchdog(idle, loop, task, request=body)
+        # A failure is answered after the try statement, never inside a handler: a compiled
+        # handler that awaits makes its exception every other task's sys.exc_info() meanwhile
+        # (meshproxy.compiled).
+        local: ProxyError | None = None
         try:
             if ctx.direction == "inbound":
                 self._route_inbound(call)
@@ -472,21 +476,22 @@ class Proxy:
                             "request_bytes": counted.count,
                         },
                     )
-                    stalled = LocalReplyError(Flag.SI, f"no request body byte for {idle}s")
-                    await self._local(sink, hop, stalled, grpc, counted)
-                    return
-            if hop is not None:
-                hop.finish(status=499, flag=Flag.DC.value, request_bytes=counted.count, response_bytes=0)
-            raise
+                    local = LocalReplyError(Flag.SI, f"no request body byte for {idle}s")
+            if local is None:
+                if hop is not None:
+                    hop.finish(status=499, flag=Flag.DC.value, request_bytes=counted.count, response_bytes=0)
+                raise
         except ProxyError as exc:
             if watchdog is not None:
                 watchdog.stop()
-            await self._local(sink, hop, exc, grpc, counted)
-            return
+            local = exc
         except BaseException:
             if watchdog is not None:
                 watchdog.stop()
             raise
+        if local is not None:
+            await self._local(sink, hop, local, grpc, counted)
+            return
         await self._respond(call, resp, sink, counted, upgrade, watchdog)
 
     async def _local(
@@ -548,75 +553,80 @@ class Proxy:
         sent = 0
         flag: str | None = None
         try:
-            if tunnel:
-                await sink.send_head(head)
-                await self._tunnel(call, resp, sink)
-                return
-            body = resp.body
-            empty = known_length(body) == 0
-            send_whole = getattr(sink, "send_whole", None)
-            take = getattr(body, "take_complete", None) if send_whole is not None else None
-            whole: bytes | None = take() if take is not None else None
-            if whole is not None:
-                # The whole body is here (the common small response): head, body and end in
-                # one write, no per-chunk coroutines. The last read runs the accounting.
-                assert send_whole is not None
+            # The client's stream is reset after the inner try statement, not in its handlers:
+            # a compiled handler that awaits makes its exception every other task's
+            # sys.exc_info() meanwhile (meshproxy.compiled).
+            reset = False
+            try:
+                if tunnel:
+                    await sink.send_head(head)
+                    await self._tunnel(call, resp, sink)
+                    return
+                body = resp.body
+                empty = known_length(body) == 0
+                send_whole = getattr(sink, "send_whole", None)
+                take = getattr(body, "take_complete", None) if send_whole is not None else None
+                whole: bytes | None = take() if take is not None else None
+                if whole is not None:
+                    # The whole body is here (the common small response): head, body and end in
+                    # one write, no per-chunk coroutines. The last read runs the accounting.
+                    assert send_whole is not None
+                    if not empty:
+                        sent = len(whole)
+                    await send_whole(head, whole, body.trailers, end_stream=empty)
+                    await body.read()
+                    return
+                await sink.send_head(head, end_stream=empty)
                 if not empty:
-                    sent = len(whole)
-                await send_whole(head, whole, body.trailers, end_stream=empty)
-                await body.read()
-                return
-            await sink.send_head(head, end_stream=empty)
-            if not empty:
-                # A body that already arrived whole (the common small response) cannot stall.
-                if self.stream_idle_timeout is not None and not getattr(body, "complete", False):
-                    if watchdog is not None:
-                        watchdog.respond()  # the request's: a byte either way is progress
-                    else:
-                        loop = call.loop or asyncio.get_running_loop()
-                        watchdog = _StallWatchdog(
-                            self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
-                        )
-                while data := await body.read():
-                    sent += len(data)
-                    await sink.send_data(data)
-                    if watchdog is not None:
-                        watchdog.progress()
-                await sink.send_end(body.trailers)
-            else:
-                await body.read()  # lets the accounting wrappers see the end
-        except ProxyError as exc:
-            # The client went away (any codec's "DC" error): nobody to tell. Otherwise the
-            # upstream failed mid-body: the client must see a reset, not a clean end. The
-            # downstream is checked first: once the client is gone, whatever failed next
-            # (often the upstream read we abandoned) is a consequence, and the flag is DC.
-            downstream = exc.flag == Flag.DC.value or bool(getattr(sink, "downstream_closed", False))
-            flag = Flag.DC.value if downstream else Flag.UC.value
-            _abort_body(resp.body)
-            if not downstream:
+                    # A body that already arrived whole (the common small response) cannot stall.
+                    if self.stream_idle_timeout is not None and not getattr(body, "complete", False):
+                        if watchdog is not None:
+                            watchdog.respond()  # the request's: a byte either way is progress
+                        else:
+                            loop = call.loop or asyncio.get_running_loop()
+                            watchdog = _StallWatchdog(
+                                self.stream_idle_timeout, loop, call.task or asyncio.current_task(loop)
+                            )
+                    while data := await body.read():
+                        sent += len(data)
+                        await sink.send_data(data)
+                        if watchdog is not None:
+                            watchdog.progress()
+                    await sink.send_end(body.trailers)
+                else:
+                    await body.read()  # lets the accounting wrappers see the end
+            except ProxyError as exc:
+                # The client went away (any codec's "DC" error): nobody to tell. Otherwise the
+                # upstream failed mid-body: the client must see a reset, not a clean end. The
+                # downstream is checked first: once the client is gone, whatever failed next
+                # (often the upstream read we abandoned) is a consequence, and the flag is DC.
+                downstream = exc.flag == Flag.DC.value or bool(getattr(sink, "downstream_closed", False))
+                flag = Flag.DC.value if downstream else Flag.UC.value
+                _abort_body(resp.body)
+                reset = not downstream
+            except asyncio.CancelledError:
+                _abort_body(resp.body)
+                task = call.task or asyncio.current_task()
+                if watchdog is not None and watchdog.fired and task is not None and task.uncancel() == 0:
+                    # Our own stall timeout, the response head already sent (or being sent): reset
+                    # the client's stream, carry on.
+                    flag = Flag.SI.value
+                    log.info(
+                        "stream stalled mid-response, stream reset",
+                        extra={"service": str(call.service.key) if call.service else "", "sent": sent},
+                    )
+                    reset = True
+                else:
+                    # The codecs cancel a request's task when its client disconnects (HTTP/1 connection
+                    # lost, HTTP/2 RST_STREAM); shutdown's drain deadline does too. Either way: DC.
+                    flag = Flag.DC.value
+                    raise
+            except BaseException:
+                _abort_body(resp.body)
+                raise
+            if reset:
                 with contextlib.suppress(Exception):
                     await sink.reset()
-        except asyncio.CancelledError:
-            _abort_body(resp.body)
-            task = call.task or asyncio.current_task()
-            if watchdog is not None and watchdog.fired and task is not None and task.uncancel() == 0:
-                # Our own stall timeout, the response head already sent (or being sent): reset
-                # the client's stream, carry on.
-                flag = Flag.SI.value
-                log.info(
-                    "stream stalled mid-response, stream reset",
-                    extra={"service": str(call.service.key) if call.service else "", "sent": sent},
-                )
-                with contextlib.suppress(Exception):
-                    await sink.reset()
-                return
-            # The codecs cancel a request's task when its client disconnects (HTTP/1 connection
-            # lost, HTTP/2 RST_STREAM); shutdown's drain deadline does too. Either way: DC.
-            flag = Flag.DC.value
-            raise
-        except BaseException:
-            _abort_body(resp.body)
-            raise
         finally:
             if watchdog is not None:
                 watchdog.stop()

@@ -125,7 +125,9 @@ class LoopClient:
                     log.warning("%s export to %s failed: %s", self.kind, self.authority, exc)
                     return False
                 log.debug("%s export to %s: %s; retrying in %.1fs", self.kind, self.authority, exc, pause)
-                await asyncio.sleep(pause)
+            # Not inside the handler: compiled, its exception would be every other task's
+            # sys.exc_info() while this waits (see meshproxy.compiled).
+            await asyncio.sleep(pause)
 
     async def aclose(self) -> None:
         """Close the connection (an export in flight fails)."""
@@ -266,10 +268,13 @@ class AsyncExportQueue(SpanBatches[bytes]):
         if task is not None and not task.done():
             assert self._wake is not None
             self._wake.set()
+            timed_out = False
             try:
                 async with asyncio.timeout(grace):
                     await asyncio.shield(task)
             except TimeoutError:
+                timed_out = True
+            if timed_out:  # awaited outside the handler (see export)
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task

@@ -325,6 +325,27 @@ async def test_oversized_request_head_gets_431(passthrough: Sidecar) -> None:
     writer.close()
 
 
+def test_a_refused_request_head_keeps_its_status_while_an_exception_is_being_handled(
+    upstream: Upstream, event_loop_policy: asyncio.AbstractEventLoopPolicy
+) -> None:
+    # httptools chains a callback's exception onto whatever exception the thread is handling
+    # at the time; the status must not depend on that (it once did: 400 instead of 431).
+    async def oversized_head() -> bytes:
+        async with Sidecar(snapshot(), ("127.0.0.1", upstream.port)) as sc:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.listener.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: up\r\nX-Big: " + b"a" * (70 * 1024) + b"\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            return raw
+
+    try:
+        raise RuntimeError("being handled by the code that runs the event loop")
+    except RuntimeError:
+        with asyncio.Runner(loop_factory=event_loop_policy.new_event_loop) as runner:
+            raw = runner.run(oversized_head())
+    assert raw.startswith(b"HTTP/1.1 431 "), raw[:300]
+
+
 async def test_upstream_dying_mid_body_resets_the_client_connection() -> None:
     async def truncating(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await r.readuntil(b"\r\n\r\n")

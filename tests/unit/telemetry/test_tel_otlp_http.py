@@ -9,6 +9,7 @@ import asyncio
 import itertools
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -266,6 +267,15 @@ async def test_a_dead_collector_fails_within_the_timeout() -> None:
     assert not await client.export(payload(1))
     assert time.monotonic() - started < 5  # bounded by the timeout, not a hang
     await client.aclose()
+
+
+async def test_retrying_a_dead_collector_leaves_no_exception_behind() -> None:
+    # The retry waits between attempts; compiled, a wait inside the except handler made the
+    # connect error every task's sys.exc_info() and then left it there for good.
+    client = OtlpHttpClient(f"http://127.0.0.1:{closed_port()}/v1/traces", timeout=0.3, backoff=no_backoff)
+    assert not await client.export(payload(1))
+    await client.aclose()
+    assert sys.exc_info() == (None, None, None)
 
 
 async def test_a_silent_collector_fails_within_the_timeout() -> None:
