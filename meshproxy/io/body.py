@@ -342,6 +342,30 @@ class ReplayBuffer:
                 self._kept.append(data)
         return data, index + 1
 
+    def _take_at(self, index: int, generation: int) -> tuple[bytes, int] | None:
+        """Everything from chunk ``index`` on, in one piece, if the source has all arrived
+        (its ``take_complete``); None when it has not, or cannot say: read chunk by chunk."""
+        if generation != self._streams or self._overflowed:
+            return None
+        if not self._source_done:
+            take = getattr(self._source, "take_complete", None)
+            data: bytes | None = take() if take is not None else None
+            if data is None:
+                return None
+            self._source_done = True  # the source's read returns b"" from now on
+            if data:
+                self._kept_size += len(data)
+                if self._kept_size > self._limit:
+                    # Too large to keep for another try; this one still sends all of it.
+                    rest = b"".join([*self._kept[index:], data])
+                    self._overflowed = True
+                    self._kept.clear()
+                    return rest, index
+                self._kept.append(data)
+        kept = self._kept
+        rest = kept[index] if len(kept) == index + 1 else b"".join(kept[index:])
+        return rest, len(kept)
+
 
 class _ReplayStream:
     def __init__(self, buffer: ReplayBuffer, generation: int) -> None:
@@ -356,6 +380,14 @@ class _ReplayStream:
     @property
     def trailers(self) -> Headers | None:
         return self._buffer.trailers
+
+    def take_complete(self) -> bytes | None:
+        """The rest of this try's body in one piece once the source has all arrived, else None."""
+        taken = self._buffer._take_at(self._index, self._generation)
+        if taken is None:
+            return None
+        data, self._index = taken
+        return data
 
     async def read(self) -> bytes:
         data, self._index = await self._buffer._read_at(self._index, self._generation)

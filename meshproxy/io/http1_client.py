@@ -404,6 +404,14 @@ class _Conn(asyncio.Protocol):
         # Decided without a coroutine unless the body must be looked at first.
         framing = self._framing(head, body)
         upload, chunked, first, length = framing if framing is not None else await self._peek(body)
+        if upload and not chunked:
+            # A body that has all arrived (a small POST usually comes with its head) leaves
+            # in the head's write, with no upload task.
+            take = getattr(body, "take_complete", None)
+            whole: bytes | None = take() if take is not None else None
+            if whole is not None:
+                upload, first = False, whole
+                self.body_consumed = bool(whole)
         # An HTTP/1.0 client may send no Host; the upstream still needs one.
         host = head.authority or (
             f"[{self.key[0]}]:{self.key[1]}" if ":" in self.key[0] else f"{self.key[0]}:{self.key[1]}"

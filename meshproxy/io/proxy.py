@@ -1293,6 +1293,16 @@ class _Counting:
     def trailers(self) -> Headers | None:
         return self._inner.trailers
 
+    def take_complete(self) -> bytes | None:
+        """The rest of the body in one piece if it has all arrived (see ``BodyQueue``), else
+        None: a unary gRPC request goes upstream as HEADERS and one DATA frame carrying
+        END_STREAM, without a pump task (``Http2Client``)."""
+        take = getattr(self._inner, "take_complete", None)
+        data: bytes | None = take() if take is not None else None
+        if data is not None:
+            self.count += len(data)
+        return data
+
     async def read(self) -> bytes:
         data = await self._inner.read()
         self.count += len(data)
@@ -1309,6 +1319,12 @@ class _WatchedCounting(_Counting):
     def __init__(self, inner: BodyStream) -> None:
         super().__init__(inner)
         self.watchdog: _StallWatchdog | None = None  # set once the request's task is known
+
+    def take_complete(self) -> bytes | None:
+        data = super().take_complete()
+        if data is not None and self.watchdog is not None:
+            self.watchdog.progress()
+        return data
 
     async def read(self) -> bytes:
         data = await self._inner.read()

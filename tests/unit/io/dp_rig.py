@@ -31,8 +31,10 @@ from prometheus_client import CollectorRegistry
 
 from meshproxy.config.model import Endpoint, Service, Snapshot
 from meshproxy.core.clock import Clock, MonotonicClock
+from meshproxy.io.exchange import UpstreamClient
 from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.http1_server import Http1Settings
+from meshproxy.io.http2_client import Http2Client
 from meshproxy.io.proxy import Proxy
 from meshproxy.io.runtime import Runtime
 from meshproxy.io.server import Listener, ListenerSettings
@@ -247,8 +249,10 @@ class Sidecar:
     sniff_timeout: float = 0.1
     telemetry: Telemetry | None = None
     http1: Http1Settings = field(default_factory=Http1Settings)
+    http2_upstreams: bool = False  # an HTTP/2 client too (else HTTP/2 requests go upstream as HTTP/1.1)
     runtime: Runtime = field(init=False)
     client: Http1Client = field(init=False)
+    h2_client: Http2Client = field(init=False)
     proxy: Proxy = field(init=False)
     listener: Listener = field(init=False)
 
@@ -257,9 +261,10 @@ class Sidecar:
         if self.snapshot is not None:
             self.runtime.apply(self.snapshot)
         self.client = Http1Client()
-        self.proxy = Proxy(
-            self.runtime, {"1.1": self.client}, telemetry=self.telemetry, rng=random.Random(11)
-        )
+        clients: dict[str, UpstreamClient] = {"1.1": self.client}
+        if self.http2_upstreams:
+            clients["2"] = self.h2_client = Http2Client()
+        self.proxy = Proxy(self.runtime, clients, telemetry=self.telemetry, rng=random.Random(11))
         self.listener = Listener(
             ListenerSettings(
                 direction=self.direction,
@@ -277,6 +282,8 @@ class Sidecar:
     async def __aexit__(self, *exc: object) -> None:
         await self.listener.drain(1.0)
         await self.client.close()
+        if self.http2_upstreams:
+            await self.h2_client.close()
 
     @property
     def url(self) -> str:

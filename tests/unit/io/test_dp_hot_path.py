@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import cast
 
+import h2.config
+import h2.connection
+import h2.events
 import httpx
 import pytest
 from dp_rig import VIP, Sidecar, Upstream, event_loop_policy, service, snapshot, wait_for
 
-from meshproxy.config.model import TrafficPolicy
+from meshproxy.config.model import Endpoint, Protocol, RetryPolicy, TrafficPolicy
 from meshproxy.core.http import RequestHead, ResponseHead
+from meshproxy.io.body import EMPTY, BodyQueue
 from meshproxy.io.exchange import BodyStream, DownstreamContext, ResponseSink
+from meshproxy.io.http1_client import Http1Client
 from meshproxy.io.http1_server import Http1ServerProtocol, Http1Settings
 from meshproxy.io.proxy import local_reply_for
 
@@ -218,3 +224,106 @@ async def test_pooled_upstream_connection_is_reused_while_busy_and_closed_once_i
         key = ("127.0.0.1", upstream.port)
         assert sc.client.idle_count(key) == 1
         await wait_for(lambda: sc.client.idle_count(key) == 0, within=5.0)
+
+
+class _H2Recorder(asyncio.Protocol):
+    """An HTTP/2 upstream (the h2 library, not our codec) that keeps the events each request
+    arrived as, and answers every request 200 with its body echoed."""
+
+    def __init__(self, events: list[h2.events.Event]) -> None:
+        self.events = events
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.bodies: dict[int, bytes] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.conn.initiate_connection()
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        for event in self.conn.receive_data(data):
+            self.events.append(event)
+            if isinstance(event, h2.events.DataReceived):
+                self.bodies[event.stream_id] = self.bodies.get(event.stream_id, b"") + event.data
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if isinstance(event, h2.events.StreamEnded):
+                self.conn.send_headers(event.stream_id, [(":status", "200")])
+                self.conn.send_data(event.stream_id, self.bodies.pop(event.stream_id, b""), end_stream=True)
+        self.transport.write(self.conn.data_to_send())
+
+
+@pytest.mark.parametrize("retried", [False, True], ids=["plain", "with-a-retry-policy"])
+async def test_a_request_body_that_arrived_whole_goes_upstream_as_one_data_frame_with_end_stream(
+    retried: bool,
+) -> None:
+    # A unary gRPC call's message arrives with its HEADERS; the upstream gets HEADERS and one
+    # DATA frame carrying END_STREAM (no empty DATA frame after it, no pump task), also when
+    # a retry policy keeps the body for a second try.
+    events: list[h2.events.Event] = []
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _H2Recorder(events), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    retry = RetryPolicy(attempts=2, backoff_base=0.001, backoff_max=0.002) if retried else None
+    policy = TrafficPolicy(retry=retry, outlier_detection=None)
+    snap = snapshot(service(port, protocol=Protocol.HTTP2, policy=policy))
+    try:
+        async with (
+            Sidecar(snap, (VIP, 80), http2_upstreams=True) as sc,
+            httpx.AsyncClient(base_url=sc.url, http1=False, http2=True) as client,
+        ):
+            message = b"\0\0\0\0\x05hello"
+            r = await client.post(
+                "/pkg.Svc/Call", content=message, headers={"content-type": "application/grpc"}
+            )
+            assert r.status_code == 200
+            assert r.content == message
+    finally:
+        server.close()
+    data = [e for e in events if isinstance(e, h2.events.DataReceived)]
+    assert len(data) == 1, data
+    assert data[0].data == message
+    assert data[0].stream_ended is not None  # END_STREAM on that DATA frame
+
+
+class _WriteRecorder:
+    """Wraps a transport: keeps every ``write`` apart, forwards everything."""
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        self._inner = inner
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self._inner.write(data)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+
+async def test_a_post_body_that_arrived_whole_leaves_with_its_head_in_one_write(upstream: Upstream) -> None:
+    # A small POST usually arrives with its head; the HTTP/1.1 client writes both at once
+    # (no upload task, one segment), and the upstream gets the body.
+    client = Http1Client()
+    ep = Endpoint(address="127.0.0.1", port=upstream.port)
+    try:
+        first = await client.request(ep, RequestHead("GET", "/hello", "up", ()), EMPTY, connect_timeout=1)
+        while await first.body.read():
+            pass
+        (conn,) = client._idle[(ep.address, ep.port)]
+        assert conn.transport is not None
+        recorder = _WriteRecorder(conn.transport)
+        conn.transport = cast(asyncio.Transport, recorder)
+        body = BodyQueue(high_water=1 << 16, pause=lambda: None, resume=lambda: None, content_length=7)
+        body.feed(b"payload")
+        body.feed_end(None)
+        head = RequestHead("POST", "/echo", "up", (("content-length", "7"),))
+        resp = await client.request(ep, head, body, connect_timeout=1)
+        echoed = b""
+        while chunk := await resp.body.read():
+            echoed += chunk
+    finally:
+        await client.close()
+    assert echoed == b"payload"
+    assert len(recorder.writes) == 1
+    assert recorder.writes[0].startswith(b"POST /echo HTTP/1.1\r\n")
+    assert recorder.writes[0].endswith(b"\r\n\r\npayload")

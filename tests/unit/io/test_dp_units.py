@@ -137,6 +137,43 @@ async def test_replay_buffer_replays_small_bodies_and_refuses_large_ones() -> No
     assert await drain(part.stream()) == b"123"
 
 
+async def test_replay_buffer_hands_a_body_that_arrived_whole_to_each_try_in_one_piece() -> None:
+    def arrived(*parts: bytes) -> BodyQueue:
+        q = BodyQueue()
+        for part in parts:
+            q.feed(part)
+        q.feed_end(None)
+        return q
+
+    whole = ReplayBuffer(arrived(b"ab", b"cd"), limit=10)
+    first = whole.stream()
+    assert first.take_complete() == b"abcd"
+    assert await first.read() == b""
+    second = whole.stream()  # the retry gets the same bytes, again in one piece
+    assert second.take_complete() == b"abcd"
+    assert await second.read() == b""
+    assert whole.replayable
+
+    # Too large to keep: the first try still sends all of it; a second try is refused.
+    big = ReplayBuffer(arrived(b"x" * 8, b"y" * 8), limit=10)
+    assert big.stream().take_complete() == b"x" * 8 + b"y" * 8
+    assert not big.replayable
+    with pytest.raises(NotReplayableError):
+        big.stream()
+
+    # Still arriving: nothing taken, the try reads chunk by chunk as before.
+    arriving = BodyQueue()
+    arriving.feed(b"1")
+    partial = ReplayBuffer(arriving, limit=10)
+    stream = partial.stream()
+    assert stream.take_complete() is None
+    assert await stream.read() == b"1"
+    arriving.feed(b"2")
+    arriving.feed_end(None)
+    # What the first try read is kept; the rest is taken from the source in one piece.
+    assert partial.stream().take_complete() == b"12"
+
+
 # ---- runtime ---------------------------------------------------------------------------------------
 
 
