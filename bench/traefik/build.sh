@@ -23,14 +23,17 @@ cp "$HERE/ext/go.mod" "$HERE/ext/ext.go" "$work/ext/"
 printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" > "$work/tools.go"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-mod=mod CGO_ENABLED=0
 cd "$work"
-lego=$(go list -m -f '{{.Dir}}' github.com/go-acme/lego/v5)
+# The directory of a module of the build list, downloaded first: `go list -m` prints an empty
+# Dir for a module not yet in the cache (a fresh machine).
+module_dir() { go mod download -json "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["Dir"])'; }
+lego=$(module_dir github.com/go-acme/lego/v5)
 rm -rf "$work/lego"
 cp -r "$lego" "$work/lego"
 chmod -R u+w "$work/lego"
 factory=providers/dns/zz_gen_dns_providers.go
 python3 "$HERE/prune_lego.py" "$lego/$factory" "$work/lego/$factory" $UNSERVED
 go mod edit -replace "github.com/go-acme/lego/v5=./lego"
-goauth=$(go list -m -f '{{.Dir}}' github.com/abbot/go-http-auth)
+goauth=$(module_dir github.com/abbot/go-http-auth)
 rm -rf "$work/goauth"
 cp -r "$goauth" "$work/goauth"
 chmod -R u+w "$work/goauth"
