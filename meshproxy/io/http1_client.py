@@ -153,6 +153,7 @@ class _Conn(asyncio.Protocol):
         self.limits: ConnectionLimits | None = None  # holds one max_connections slot while open
         self.writable = asyncio.Event()
         self.writable.set()
+        self.unsolicited: bytes | None = None  # what a server sent before our first request
         # Why a parser callback refused the response (see Http1ServerProtocol.rejected).
         self.rejected: ProtocolError | None = None
         self._reset_exchange()
@@ -197,6 +198,8 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.head_future is None:
             # Bytes on an idle connection: the server is not speaking HTTP/1.1 properly.
+            if not self.reused and self.unsolicited is None:
+                self.unsolicited = data[:32]  # before any request: a server-first protocol
             self.close(abort=True)
             return
         self.got_bytes = True
@@ -396,7 +399,6 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         loop = self.loop
         assert loop is not None
-        self.head_future = loop.create_future()
         self.request_head = head
         method = head.method
         if method == "CONNECT":
@@ -404,6 +406,18 @@ class _Conn(asyncio.Protocol):
         # Decided without a coroutine unless the body must be looked at first.
         framing = self._framing(head, body)
         upload, chunked, first, length = framing if framing is not None else await self._peek(body)
+        if self.closed or self.transport.is_closing():
+            # Closed by the server while idle (or while the body's first chunk was awaited).
+            # Nothing was sent: another connection can take the request, unless a chunk of
+            # its body was already read. Checked before the body is taken, and before the
+            # response future exists, so that no failure is left on it for nobody to await.
+            if self.unsolicited is not None:
+                raise ProtocolError(
+                    f"upstream spoke first ({self.unsolicited!r}): not an HTTP/1.1 server", status=502
+                )
+            if self.body_consumed:
+                raise UpstreamResetError("upstream closed the connection before the request was sent")
+            raise _StaleConnectionError()
         if upload and not chunked:
             # A body that has all arrived (a small POST usually comes with its head) leaves
             # in the head's write, with no upload task.
@@ -425,8 +439,8 @@ class _Conn(asyncio.Protocol):
         block = f"{method} {target} HTTP/1.1\r\nhost: {host}\r\n{''.join(lines)}\r\n".encode("latin-1")
         if first:
             block += (b"%x\r\n%b\r\n" % (len(first), first)) if chunked else first
-        if self.closed or self.transport.is_closing():
-            raise _StaleConnectionError()
+        head_future: asyncio.Future[UpstreamResponse] = loop.create_future()
+        self.head_future = head_future
         self.transport.write(block)
         if upload:
             self.upload_done = False
@@ -434,7 +448,7 @@ class _Conn(asyncio.Protocol):
                 self._upload(body, chunked), name=f"http1-upload-{self.key[0]}:{self.key[1]}"
             )
         try:
-            return await self.head_future
+            return await head_future
         except asyncio.CancelledError:
             self.close(abort=True)
             raise

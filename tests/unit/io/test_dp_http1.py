@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from typing import cast
 
 import httpx
 import pytest
@@ -344,6 +346,35 @@ def test_a_refused_request_head_keeps_its_status_while_an_exception_is_being_han
         with asyncio.Runner(loop_factory=event_loop_policy.new_event_loop) as runner:
             raw = runner.run(oversized_head())
     assert raw.startswith(b"HTTP/1.1 431 "), raw[:300]
+
+
+async def test_an_upstream_that_speaks_first_fails_the_request_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A server-first protocol (SSH, MySQL) behind a port declared HTTP: its banner arrives
+    # before the request is written. The client gets an error; nothing is left failed for
+    # nobody to await (asyncio logs those as "Future exception was never retrieved").
+    class Banner(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            cast(asyncio.Transport, transport).write(b"SSH-2.0-OpenSSH_9.2p1\r\n")  # at once, unasked
+
+    server = await asyncio.get_running_loop().create_server(Banner, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with (
+            Sidecar(snapshot(), ("127.0.0.1", port)) as sc,
+            httpx.AsyncClient(base_url=sc.url) as client,
+        ):
+            for _ in range(3):
+                r = await client.get("/")
+                assert r.status_code == 502, r.text
+                # Said as what it is where the banner came first (the loop decides the order).
+                assert "spoke first (b'SSH-2.0" in r.text or "malformed upstream response" in r.text, r.text
+    finally:
+        server.close()
+    gc.collect()  # an unretrieved future reports itself when it is collected
+    orphans = [rec.getMessage() for rec in caplog.records if "never retrieved" in rec.getMessage()]
+    assert orphans == []
 
 
 async def test_upstream_dying_mid_body_resets_the_client_connection() -> None:
