@@ -444,13 +444,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     finally:
                         cmp.stop(sidecars)
     summary = report.summarize(rows)
+    by_round = report.targets_by_round(rows)
     return {
         "machine": machine(cmp.fortio, traefik_bin),
         "method": method(args, time.monotonic() - started),
         "rows": rows,
         "summary": summary,
         "ratios": report.ratios(summary),
-        "targets": report.check_targets(summary),
+        "targets": [{**t, "by_round": by_round[t["target"]]} for t in report.check_targets(summary)],
         "target_misses": report.explain_misses(summary),
         "skipped": skipped,
     }

@@ -177,6 +177,7 @@ def _report(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "iperf3": "iperf 3.12",
         },
         "method": {"connections": 16, "duration_s": 10, "rounds": 1, "proxy_cpu": "1", "load_cpu": "0"},
+        "rows": rows,
         "summary": summary,
         "ratios": report.ratios(summary),
         "targets": report.check_targets(summary),
@@ -207,7 +208,7 @@ def test_markdown_has_one_line_per_measurement() -> None:
     assert "| meshproxy | 2500 | 100% |" in text
     assert "| haproxy | 12.50 | 0.400 | 3 |" in text
     assert "| http-1000 | added_p99_ms | meshproxy |  | 2.00x |  |" in text
-    assert "| added p99 <= nginx's (1000/s) | 2.00x | **no** |" in text
+    assert "| added p99 <= nginx's (1000/s) | 2.00x | 2.00x | **no** |" in text  # one round
     assert "Not measured: traefik/grpc: no h2c" in text
 
 

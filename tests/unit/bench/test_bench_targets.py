@@ -161,18 +161,58 @@ def _target_rows(text: str) -> dict[str, list[str]]:
 def test_the_table_shows_misses_with_their_gap_and_cause() -> None:
     summary = full_run()
     rows = _target_rows(_markdown(summary, target_misses=report.explain_misses(summary)))
-    assert rows[CPU][:3] == [
+    assert rows[CPU][:4] == [
         "6.00x",  # measured: meshproxy / nginx
+        "",  # a summary alone has no rounds
         "**no**",
         "0.600 CPU s/1000 req, allowed 0.300 CPU s/1000 req (3x nginx's 0.100): 2.00x over",
     ]
-    assert rows[CPU][3].startswith("per-request Python work")
-    assert rows[CPU][3].endswith("; this run: with telemetry off 4.00x nginx's")
-    assert all(cells[1] == "**no**" and cells[2] and cells[3] for cells in rows.values())
+    assert rows[CPU][4].startswith("per-request Python work")
+    assert rows[CPU][4].endswith("; this run: with telemetry off 4.00x nginx's")
+    assert all(cells[2] == "**no**" and cells[3] and cells[4] for cells in rows.values())
 
 
 def test_the_table_of_an_older_result_file_derives_the_misses() -> None:
     # Result files written before "target_misses" existed still get the two columns.
     rows = _target_rows(_markdown(without(full_run(), "traefik")))
-    assert rows[SAT] == ["", "not measured", "", ""]
-    assert rows[RSS][1:3] == ["**no**", "50.0 MB, allowed 40.0 MB: 1.25x over"]
+    assert rows[SAT] == ["", "", "not measured", "", ""]
+    assert rows[RSS][2:4] == ["**no**", "50.0 MB, allowed 40.0 MB: 1.25x over"]
+
+
+def _raw(rnd: int, scenario: str, test: str, **metrics: float) -> Entry:
+    return {"round": rnd, "scenario": scenario, "test": test, **metrics}
+
+
+def two_rounds() -> list[Entry]:
+    """Raw rows of two rounds; in round 1 a neighbour took the machine while meshproxy ran."""
+    rows = []
+    for rnd, mesh_cpu, mesh_qps in ((0, 0.25, 8000.0), (1, 0.50, 4000.0)):
+        rows += [
+            _raw(rnd, "direct", "http-1000", p99_ms=0.3),
+            _raw(
+                rnd, "meshproxy", "http-1000", p99_ms=1.3, cpu_s_per_1000=mesh_cpu, rss_idle_mb=[38.0, 39.0]
+            ),
+            _raw(rnd, "nginx", "http-1000", p99_ms=0.5, cpu_s_per_1000=0.1),
+            _raw(rnd, "meshproxy", "http-sat", actual_qps=mesh_qps),
+            _raw(rnd, "traefik", "http-sat", actual_qps=7000.0),
+        ]
+    return rows
+
+
+def test_each_round_is_judged_alone_so_one_disturbed_round_shows() -> None:
+    got = report.targets_by_round(two_rounds())
+    assert got[CPU] == [pytest.approx(2.5), pytest.approx(5.0)]
+    assert got[SAT] == [pytest.approx(8 / 7), pytest.approx(4 / 7)]
+    assert got[NGINX] == [pytest.approx(5.0), pytest.approx(5.0)]  # (1.3 - 0.3) / (0.5 - 0.3)
+    assert got[RSS] == [39.0, 39.0]
+    assert got[HAPROXY] == [None, None]  # HAProxy did not run
+
+
+def test_the_table_lists_the_rounds_of_a_result_file() -> None:
+    # The round-by-round column comes from the file's raw rows (files before it existed too).
+    rows = two_rounds()
+    summary = report.summarize(rows)
+    table = _target_rows(_markdown(summary, rows=rows))
+    assert table[CPU][:3] == ["3.75x", "2.50x, 5.00x", "**no**"]
+    assert table[SAT][:3] == ["0.86x", "1.14x, 0.57x", "**no**"]
+    assert table[HAPROXY][:3] == ["", "-, -", "not measured"]
