@@ -12,7 +12,7 @@ export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 COMPILE ?= 1  # the data path compiled with mypyc (see compile:); 0 keeps it interpreted
 
-.PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins
+.PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins jaeger
 
 help:
 	@echo "make demo         install and run the local demo mesh (no cluster needed; root for network namespaces)"
@@ -69,6 +69,11 @@ k8s-bins: $(VENV)/.installed
 system-deps:
 	./scripts/system-deps.sh
 
+# The real Jaeger the trace tests export to (tests/integration/test_telemetry_jaeger.py),
+# built from its Go module into $(CACHE); a no-op once built, and make e2e reuses it.
+jaeger:
+	./scripts/build-jaeger.sh >/dev/null
+
 demo: system-deps install
 	$(BIN)/meshproxy demo
 
@@ -87,10 +92,10 @@ test-unit: install
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 	$(INTERPRETED_UNIT)
 
-test-integration: install system-deps k8s-bins
+test-integration: install system-deps k8s-bins jaeger
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
-test: lint install system-deps k8s-bins
+test: lint install system-deps k8s-bins jaeger
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests $(PYTEST_ARGS)
 	$(INTERPRETED_UNIT)
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Jaeger v2 (the all-in-one `jaeger` binary) from its Go module at a pinned version into
 # the cache outside the repo, and prints the binary's path. Reuses the binary when it is there.
-# Used only by the optional real-Jaeger trace test (tests/integration/test_telemetry_jaeger.py).
+# Used by the real-Jaeger trace tests (tests/integration/test_telemetry_jaeger.py; `make test`
+# builds it first) and by make e2e's Jaeger (scripts/e2e/addons.sh).
 #
 # Jaeger's go.mod has a replace directive, so `go install module/cmd@version` refuses it; a
 # throw-away wrapper module requires Jaeger at the pinned version, repeats its replace, and
