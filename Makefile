@@ -12,7 +12,7 @@ export MESHPROXY_CACHE := $(CACHE)
 PYTEST_ARGS ?=
 COMPILE ?= 1  # the data path compiled with mypyc (see compile:); 0 keeps it interpreted
 
-.PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins jaeger
+.PHONY: FORCE bench bench-telemetry all install demo test test-unit test-integration lint proto system-deps clean help k8s-bins jaeger bench-deps
 
 help:
 	@echo "make demo         install and run the local demo mesh (no cluster needed; root for network namespaces)"
@@ -69,6 +69,12 @@ k8s-bins: $(VENV)/.installed
 system-deps:
 	./scripts/system-deps.sh
 
+# What the benchmark-config and plot tests check against (tests/unit/test_bench_peers.py,
+# test_bench_report.py): Debian's HAProxy, nginx and iperf3, and matplotlib (the bench extra).
+bench-deps: $(VENV)/.installed
+	./scripts/system-deps.sh --bench
+	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+
 # The real Jaeger the trace tests export to (tests/integration/test_telemetry_jaeger.py),
 # built from its Go module into $(CACHE); a no-op once built, and make e2e reuses it.
 jaeger:
@@ -88,14 +94,14 @@ lint: install
 BUILD := $(if $(filter 1,$(COMPILE)),compiled,interpreted)
 INTERPRETED_UNIT = $(if $(filter 1,$(COMPILE)),MESHPROXY_INTERPRETED=1 MESHPROXY_EXPECT_BUILD=interpreted $(BIN)/pytest -q tests/unit $(PYTEST_ARGS))
 
-test-unit: install
+test-unit: install bench-deps
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 	$(INTERPRETED_UNIT)
 
-test-integration: install system-deps k8s-bins jaeger
+test-integration: install system-deps bench-deps k8s-bins jaeger
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/integration $(PYTEST_ARGS)
 
-test: lint install system-deps k8s-bins jaeger
+test: lint install system-deps bench-deps k8s-bins jaeger
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests $(PYTEST_ARGS)
 	$(INTERPRETED_UNIT)
 
@@ -121,9 +127,7 @@ bench-telemetry: install
 # meshproxy vs HAProxy, nginx, Traefik and direct (docs/benchmarks.md). Full mode ~20 min;
 # bench-peers-quick is the CI-sized smoke (~2.5 min). Traefik is built once into $(CACHE).
 .PHONY: bench-peers bench-peers-quick
-bench-peers: install
-	./scripts/system-deps.sh --bench
-	$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'
+bench-peers: install bench-deps
 	$(BIN)/python -m bench.compare $(BENCH_ARGS)
 
 bench-peers-quick: install

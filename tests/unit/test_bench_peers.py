@@ -1,12 +1,14 @@
 """The peer benchmark's proxy configs (bench/peers.py): what each sidecar is told to do.
 
-The configs are checked by the tools that will read them where those are installed
-(``haproxy -c``, ``nginx -t``), by meshproxy's own config loader, and structurally (Traefik's
-YAML), so a broken config fails here rather than half-way through a 25-minute benchmark.
+The configs are checked by the tools that will read them (``haproxy -c``, ``nginx -t``; make
+test installs them, and under CI a missing one fails the test instead of skipping it), by
+meshproxy's own config loader, and structurally (Traefik's YAML), so a broken config fails
+here rather than half-way through a 25-minute benchmark.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +21,15 @@ from meshproxy.config.load import load_dict
 from meshproxy.config.model import Protocol
 
 SERVER = "198.18.0.3"
+
+
+def require(what: str, present: bool) -> None:
+    """Skip without ``what`` (a Debian package of ``system-deps.sh --bench``); fail under CI."""
+    if not present:
+        reason = f"{what} not installed (scripts/system-deps.sh --bench; make test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
 
 
 def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:
@@ -71,9 +82,9 @@ def test_haproxy_conf_two_listeners_and_mode(workload: peers.Workload) -> None:
     assert ("proto h2" in conf) == (workload.kind is peers.Kind.GRPC)
 
 
-@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (system-deps --bench)")
 @pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
 def test_haproxy_accepts_the_conf(workload: peers.Workload, tmp_path: Path) -> None:
+    require("haproxy", shutil.which("haproxy") is not None)
     path = tmp_path / "haproxy.cfg"
     path.write_text(peers.haproxy_conf(workload, SERVER))
     done = subprocess.run(["haproxy", "-c", "-f", str(path)], capture_output=True, text=True, check=False)
@@ -91,11 +102,11 @@ def test_nginx_conf_upstreams(workload: peers.Workload, tmp_path: Path) -> None:
         assert ("grpc_pass" in conf) == (workload.kind is peers.Kind.GRPC)
 
 
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed (system-deps --bench)")
 @pytest.mark.parametrize("workload", peers.WORKLOADS, ids=lambda w: w.kind.value)
 def test_nginx_accepts_the_conf(workload: peers.Workload, tmp_path: Path) -> None:
-    if workload.kind is peers.Kind.TCP and not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
-        pytest.skip("libnginx-mod-stream not installed")
+    require("nginx-light", shutil.which("nginx") is not None)
+    if workload.kind is peers.Kind.TCP:
+        require("libnginx-mod-stream", Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists())
     path = tmp_path / "nginx.conf"
     path.write_text(peers.nginx_conf(workload, SERVER, str(tmp_path)))
     done = subprocess.run(["nginx", "-t", "-c", str(path)], capture_output=True, text=True, check=False)
