@@ -8,7 +8,6 @@ the reason, except under CI (``CI`` set), where the lab is required and the test
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,14 +15,13 @@ from pathlib import Path
 import pytest
 
 from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason
+from tests.support.require import missing
 
 
 def _require(reason: str | None) -> None:
     if reason is None:
         return
-    if os.environ.get("CI"):
-        pytest.fail(f"network-namespace lab required in CI but unavailable: {reason}")
-    pytest.skip(f"network-namespace lab unavailable: {reason}")
+    missing(f"network-namespace lab unavailable: {reason}")
 
 
 @pytest.fixture

@@ -64,15 +64,12 @@ def mesh_lab() -> Iterator[Any]:
     """
     import shutil
 
-    import pytest
-
     from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason
+    from tests.support.require import missing
 
     reason = unavailable_reason() or (None if shutil.which("iptables-restore") else "needs iptables")
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"network-namespace lab required in CI but unavailable: {reason}")
-        pytest.skip(f"network-namespace lab unavailable: {reason}")
+        missing(f"network-namespace lab unavailable: {reason}")
     cleanup_stale()
     with Lab() as lab:
         yield lab

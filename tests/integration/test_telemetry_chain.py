@@ -12,7 +12,6 @@ with the mesh attributes set, and the server-side sidecars' metrics must name th
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ from meshproxy.lab.demo import Demo
 from meshproxy.lab.mesh import admin_get
 from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason, wait_until
 from meshproxy.lab.spanlog import read_spans
+from tests.support.require import missing
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -37,9 +37,7 @@ def world_readable_lab() -> Iterator[Lab]:
     """
     reason = unavailable_reason()
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"network-namespace lab required in CI but unavailable: {reason}")
-        pytest.skip(f"network-namespace lab unavailable: {reason}")
+        missing(f"network-namespace lab unavailable: {reason}")
     if shutil.which("iptables-restore") is None:
         pytest.skip("needs iptables (make system-deps)")
     cleanup_stale()

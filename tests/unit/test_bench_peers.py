@@ -8,7 +8,6 @@ here rather than half-way through a 25-minute benchmark.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 from bench import peers
 from meshproxy.config.load import load_dict
 from meshproxy.config.model import Protocol
+from tests.support.require import missing
 
 SERVER = "198.18.0.3"
 
@@ -27,9 +27,7 @@ def require(what: str, present: bool) -> None:
     """Skip without ``what`` (a Debian package of ``system-deps.sh --bench``); fail under CI."""
     if not present:
         reason = f"{what} not installed (scripts/system-deps.sh --bench; make test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(reason)
 
 
 def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:

@@ -6,13 +6,13 @@ Rows are built by hand with round numbers so every expected value can be checked
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench import report
+from tests.support.require import missing
 
 
 def row(scenario: str, test: str, rnd: int, p99: float, **extra: Any) -> dict[str, Any]:
@@ -218,9 +218,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     if importlib.util.find_spec("matplotlib") is None:
         # The optional `bench` extra; make test installs it, so under CI its absence is a bug.
         reason = "matplotlib not installed (pip install -e '.[bench]'; make test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(reason)
     rows = [
         row(s, "http-1000", 0, p, cpu_s_per_1000=c)
         for s, p, c in (("direct", 1.0, None), ("meshproxy", 3.0, 0.2), ("nginx", 2.0, 0.05))

@@ -1,0 +1,21 @@
+"""What a test does when a tool or facility it needs is missing.
+
+Owns one rule: on a developer's machine the test is skipped, with the reason; under CI (the
+``CI`` environment variable set) it fails. ``make test`` installs or builds everything a test
+needs (Debian packages, Go programs, the venv's extras), so under CI a missing one is a bug in
+the project's own setup, never a reason to report a green run that did not test.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NoReturn
+
+import pytest
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test for ``reason``; under CI, fail it."""
+    if os.environ.get("CI"):
+        pytest.fail(f"required under CI: {reason}")
+    pytest.skip(reason)
