@@ -425,12 +425,12 @@ def markdown(report: Row) -> str:
             "| target | measured | round by round | met | missed by | what limits it |",
             "|---|---|---|---|---|---|",
         ]
-        # Older result files have no "by_round": derive it from their rows.
+        # From the raw rows, so result files written before "by_round" existed get it too.
         by_round = targets_by_round(report.get("rows", []))
         for t in ts:
             fmt = "{:.1f} MB" if t["unit"] == "MB" else "{:.2f}x"
             value = _f(t["value"], fmt)
-            rounds = ", ".join(_f(v, fmt) or "-" for v in t.get("by_round", by_round.get(t["target"], [])))
+            rounds = ", ".join(_f(v, fmt) or "-" for v in by_round.get(t["target"], []))
             met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
             miss = misses.get(t["target"], {})
             why = "; this run: ".join(x for x in (miss.get("limited_by"), miss.get("evidence")) if x)
