@@ -94,7 +94,7 @@ lint: install
 BUILD := $(if $(filter 1,$(COMPILE)),compiled,interpreted)
 INTERPRETED_UNIT = $(if $(filter 1,$(COMPILE)),MESHPROXY_INTERPRETED=1 MESHPROXY_EXPECT_BUILD=interpreted $(BIN)/pytest -q tests/unit $(PYTEST_ARGS))
 
-test-unit: install bench-deps
+test-unit: install
 	MESHPROXY_EXPECT_BUILD=$(BUILD) $(BIN)/pytest -q tests/unit $(PYTEST_ARGS)
 	$(INTERPRETED_UNIT)
 
