@@ -15,7 +15,9 @@ Every scenario but ``direct`` gets the same interception, installed by
 ``meshproxy iptables install`` in both pods, exactly as the init container does.
 
 Scenarios: direct, meshproxy (metrics + spans at 100%, exported over OTLP/HTTP to the span
-sink ``bench.spancount`` in a third pod), meshproxy-notel,
+sink ``bench.spancount`` in a third pod), meshproxy-notel, meshproxy-l4 (the floor: the same two
+sidecars with every port declared opaque TCP and telemetry off, so they relay bytes and read no
+HTTP; its opaque TCP test would repeat meshproxy-notel's and is not run),
 haproxy (HTTP mode, ``http-reuse always``; TCP mode for opaque), nginx (proxy_pass/grpc_pass
 with upstream keep-alive; stream module for opaque), traefik (file provider, entrypoints
 15001/15006; built from its Go module by scripts/go-tool.sh).
@@ -64,7 +66,8 @@ CONNECTIONS = 16
 # Saturation: enough requests in flight that the proxies, not the round trip of 16 connections, are
 # the limit (with 16, nginx and HAProxy saturated at well under half their core).
 SAT_CONNECTIONS = 64
-SCENARIOS = ("direct", "meshproxy", "meshproxy-notel", "haproxy", "nginx", "traefik")
+L4 = "meshproxy-l4"
+SCENARIOS = ("direct", "meshproxy", "meshproxy-notel", L4, "haproxy", "nginx", "traefik")
 PEERS = ("haproxy", "nginx", "traefik")
 
 
@@ -224,7 +227,9 @@ class Compare:
             d = self._dir(f"{scenario}-{workload.kind.value}-{pod.name}")
             if scenario.startswith("meshproxy"):
                 configs = peers.meshproxy_configs(
-                    ip, peers.meshproxy_telemetry(scenario == "meshproxy", self.telemetry_pod.ip)
+                    ip,
+                    peers.meshproxy_telemetry(scenario == "meshproxy", self.telemetry_pod.ip),
+                    opaque=scenario == L4,
                 )
                 conf = d / "sidecar.yaml"
                 conf.write_text(configs[0] if pod is self.client else configs[1])
@@ -420,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             order = scenarios[rnd % len(scenarios) :] + scenarios[: rnd % len(scenarios)]
             for scenario in order:
                 for workload in peers.WORKLOADS:
-                    if not tests[workload.kind]:
+                    if not tests[workload.kind] or (scenario == L4 and workload.kind is peers.Kind.TCP):
                         continue
                     try:
                         sidecars = cmp.start(scenario, workload)

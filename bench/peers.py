@@ -80,15 +80,28 @@ def meshproxy_telemetry(enabled: bool, collector_ip: str) -> Telemetry:
 
 
 def meshproxy_configs(
-    server_ip: str, telemetry: Telemetry, workloads: tuple[Workload, ...] = WORKLOADS
+    server_ip: str,
+    telemetry: Telemetry,
+    workloads: tuple[Workload, ...] = WORKLOADS,
+    *,
+    opaque: bool = False,
 ) -> tuple[str, str]:
-    """Static YAML for the client-side and the server-side sidecar, one service per workload."""
+    """Static YAML for the client-side and the server-side sidecar, one service per workload.
+
+    ``opaque``: every port declared opaque TCP, so both sidecars relay bytes without reading
+    HTTP (the ``meshproxy-l4`` floor scenario: what the same two Python processes on uvloop cost
+    before any layer-7 work).
+    """
+
+    def protocol(w: Workload) -> Protocol:
+        return Protocol.TCP if opaque else _MESH_PROTOCOL[w.kind]
+
     services = tuple(
         Service(
             name=f"server-{w.kind.value}",
             namespace="bench",
             port=w.port,
-            protocol=_MESH_PROTOCOL[w.kind],
+            protocol=protocol(w),
             vips=(server_ip,),
             hostnames=("server", "server.bench"),
             endpoints=(Endpoint(address=server_ip, port=w.port, pod="server", workload="server"),),
@@ -105,11 +118,11 @@ def meshproxy_configs(
         services=services,
         inbound=Inbound(
             ports=tuple(
-                InboundPort(port=w.port, protocol=_MESH_PROTOCOL[w.kind], service=f"server-{w.kind.value}")
+                InboundPort(port=w.port, protocol=protocol(w), service=f"server-{w.kind.value}")
                 for w in workloads
             ),
             # Declared opaque so the sidecar never waits to sniff a protocol on it.
-            opaque_ports=frozenset(w.port for w in workloads if w.kind is Kind.TCP),
+            opaque_ports=frozenset(w.port for w in workloads if protocol(w) is Protocol.TCP),
         ),
         telemetry=telemetry,
     )

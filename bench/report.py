@@ -23,7 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MESH = ("meshproxy", "meshproxy-notel")
+# meshproxy-l4 is the floor: the same two sidecars relaying bytes (every port opaque TCP,
+# telemetry off), so what a Python process on uvloop costs before it reads any HTTP.
+FLOOR = "meshproxy-l4"
+MESH = ("meshproxy", "meshproxy-notel", FLOOR)
 PEERS = ("haproxy", "nginx", "traefik")
 ORDER = ("direct", *MESH, *PEERS)
 LATENCY = ("p50_ms", "p90_ms", "p99_ms", "max_ms")
@@ -281,6 +284,8 @@ def _evidence(t: Target, by: dict[tuple[str, str], Row]) -> str:
         off = ratio(_entry(by, t.test, "meshproxy-notel", t.metric), _entry(by, t.test, t.peer, t.metric))
         if off is not None:
             notes.append(f"with telemetry off {off:.2f}x {t.peer}'s")
+    if t.metric in ("added_p99_ms", "cpu_s_per_1000") and t.peer is not None:
+        notes.extend(_floor(t, by))
     elif t.metric == "actual_qps" and t.peer is not None:
         mine = _entry(by, t.test, "meshproxy", "proxy_cpu_util")
         theirs = _entry(by, t.test, t.peer, "proxy_cpu_util")
@@ -294,6 +299,22 @@ def _evidence(t: Target, by: dict[tuple[str, str], Row]) -> str:
         if off is not None:
             notes.append(f"with telemetry off {off:.1f} MB")
     return "; ".join(notes)
+
+
+def _floor(t: Target, by: dict[tuple[str, str], Row]) -> list[str]:
+    """What the floor scenario says: how much of the gap remains with no HTTP work at all."""
+    floor = _entry(by, t.test, FLOOR, t.metric)
+    theirs = _entry(by, t.test, t.peer or "", t.metric)
+    if floor is None or theirs is None:
+        return []
+    unit, fmt = _UNITS.get(t.metric, ("", "{:.3f}"))
+    share = ratio(floor, _entry(by, t.test, "meshproxy", t.metric))
+    versus = ratio(floor, theirs)
+    measured = f"{versus:.2f}x {t.peer}'s" if versus is not None else f"{fmt.format(floor)} {unit}"
+    text = f"the same two sidecars relaying bytes only ({FLOOR}: no HTTP parsing, no telemetry): {measured}"
+    if share is not None:
+        text += f", {share:.0%} of meshproxy's"
+    return [text]
 
 
 def explain_misses(summary: Sequence[Row], targets: Sequence[Target] = TARGETS) -> list[Row]:

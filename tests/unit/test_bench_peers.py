@@ -50,6 +50,17 @@ def test_meshproxy_configs_declare_each_workload_with_its_protocol() -> None:
     assert client.version and client.version != server.version
 
 
+def test_the_floor_scenario_declares_every_port_opaque_so_no_http_is_read() -> None:
+    client_yaml, server_yaml = peers.meshproxy_configs(
+        SERVER, peers.meshproxy_telemetry(False, "198.18.0.4"), opaque=True
+    )
+    client = load_dict(yaml.safe_load(client_yaml))
+    server = load_dict(yaml.safe_load(server_yaml))
+    assert {s.port: s.protocol for s in client.services} == dict.fromkeys((8080, 8079, 5201), Protocol.TCP)
+    assert {p.port: p.protocol for p in server.inbound.ports} == dict.fromkeys((8080, 8079, 5201), Protocol.TCP)
+    assert server.inbound.opaque_ports == frozenset({8080, 8079, 5201})
+
+
 def test_meshproxy_telemetry_on_and_off() -> None:
     on = peers.meshproxy_telemetry(True, "198.18.0.4")
     off = peers.meshproxy_telemetry(False, "198.18.0.4")

@@ -124,15 +124,19 @@ def test_ratios_mesh_over_each_peer() -> None:
             "cpu_s_per_1000": 0.1,
             "actual_qps": 1000.0,
         },
+        {"test": "http-1000", "scenario": "meshproxy-l4", "added_p99_ms": 2.0, "cpu_s_per_1000": 0.2},
         {"test": "http-sat", "scenario": "meshproxy", "actual_qps": 3000.0},
         {"test": "http-sat", "scenario": "traefik", "actual_qps": 6000.0},
     ]
-    got = {(r["test"], r["peer"], r["metric"]): r["ratio"] for r in report.ratios(summary)}
+    got = {(r["test"], r["scenario"], r["peer"], r["metric"]): r["ratio"] for r in report.ratios(summary)}
     assert got == {
-        ("http-1000", "nginx", "added_p99_ms"): pytest.approx(3.0),
-        ("http-1000", "nginx", "cpu_s_per_1000"): pytest.approx(3.0),
+        ("http-1000", "meshproxy", "nginx", "added_p99_ms"): pytest.approx(3.0),
+        ("http-1000", "meshproxy", "nginx", "cpu_s_per_1000"): pytest.approx(3.0),
+        # the byte-relay floor gets its ratios too
+        ("http-1000", "meshproxy-l4", "nginx", "added_p99_ms"): pytest.approx(2.0),
+        ("http-1000", "meshproxy-l4", "nginx", "cpu_s_per_1000"): pytest.approx(2.0),
         # fixed-rate runs all reach the same qps: that ratio would say nothing, so it is left out
-        ("http-sat", "traefik", "actual_qps"): pytest.approx(0.5),
+        ("http-sat", "meshproxy", "traefik", "actual_qps"): pytest.approx(0.5),
     }
 
 

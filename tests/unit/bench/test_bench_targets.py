@@ -126,6 +126,29 @@ def test_each_miss_says_by_how_much_and_what_limits_it() -> None:
     assert misses[RSS]["evidence"] == "with telemetry off 35.0 MB"
 
 
+def test_a_miss_says_how_much_of_the_gap_the_byte_relay_floor_already_has() -> None:
+    floor = {
+        "test": "http-1000",
+        "scenario": "meshproxy-l4",
+        "actual_qps": 1000.0,
+        "added_p99_ms": 6.0,
+        "cpu_s_per_1000": 0.3,
+    }
+    misses = {m["target"]: m for m in report.explain_misses([*full_run(), floor])}
+    # 6 ms of meshproxy's 12 against nginx's 3; 0.3 CPU s of its 0.6 against nginx's 0.1.
+    assert misses[NGINX]["evidence"].endswith(
+        "the same two sidecars relaying bytes only (meshproxy-l4: no HTTP parsing, no telemetry): "
+        "2.00x nginx's, 50% of meshproxy's"
+    )
+    assert misses[CPU]["evidence"] == (
+        "with telemetry off 4.00x nginx's; the same two sidecars relaying bytes only "
+        "(meshproxy-l4: no HTTP parsing, no telemetry): 3.00x nginx's, 50% of meshproxy's"
+    )
+    assert "meshproxy-l4" not in misses[SAT]["evidence"]  # not a per-request cost comparison
+    # Without the floor scenario, nothing is said about it.
+    assert not any("meshproxy-l4" in m["evidence"] for m in report.explain_misses(full_run()))
+
+
 def test_met_targets_are_not_explained() -> None:
     summary = full_run()
     summary[1] = {**summary[1], "added_p99_ms": 2.0, "rss_idle_mb": 30.0}
