@@ -57,7 +57,9 @@ def test_the_floor_scenario_declares_every_port_opaque_so_no_http_is_read() -> N
     client = load_dict(yaml.safe_load(client_yaml))
     server = load_dict(yaml.safe_load(server_yaml))
     assert {s.port: s.protocol for s in client.services} == dict.fromkeys((8080, 8079, 5201), Protocol.TCP)
-    assert {p.port: p.protocol for p in server.inbound.ports} == dict.fromkeys((8080, 8079, 5201), Protocol.TCP)
+    assert {p.port: p.protocol for p in server.inbound.ports} == dict.fromkeys(
+        (8080, 8079, 5201), Protocol.TCP
+    )
     assert server.inbound.opaque_ports == frozenset({8080, 8079, 5201})
 
 
