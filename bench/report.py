@@ -284,8 +284,6 @@ def _evidence(t: Target, by: dict[tuple[str, str], Row]) -> str:
         off = ratio(_entry(by, t.test, "meshproxy-notel", t.metric), _entry(by, t.test, t.peer, t.metric))
         if off is not None:
             notes.append(f"with telemetry off {off:.2f}x {t.peer}'s")
-    if t.metric in ("added_p99_ms", "cpu_s_per_1000") and t.peer is not None:
-        notes.extend(_floor(t, by))
     elif t.metric == "actual_qps" and t.peer is not None:
         mine = _entry(by, t.test, "meshproxy", "proxy_cpu_util")
         theirs = _entry(by, t.test, t.peer, "proxy_cpu_util")
@@ -298,19 +296,21 @@ def _evidence(t: Target, by: dict[tuple[str, str], Row]) -> str:
         off = _entry(by, t.test, "meshproxy-notel", t.metric)
         if off is not None:
             notes.append(f"with telemetry off {off:.1f} MB")
+    if t.metric in ("added_p99_ms", "cpu_s_per_1000") and t.peer is not None:
+        notes.extend(_floor(t, t.peer, by))
     return "; ".join(notes)
 
 
-def _floor(t: Target, by: dict[tuple[str, str], Row]) -> list[str]:
+def _floor(t: Target, peer: str, by: dict[tuple[str, str], Row]) -> list[str]:
     """What the floor scenario says: how much of the gap remains with no HTTP work at all."""
     floor = _entry(by, t.test, FLOOR, t.metric)
-    theirs = _entry(by, t.test, t.peer or "", t.metric)
+    theirs = _entry(by, t.test, peer, t.metric)
     if floor is None or theirs is None:
         return []
     unit, fmt = _UNITS.get(t.metric, ("", "{:.3f}"))
     share = ratio(floor, _entry(by, t.test, "meshproxy", t.metric))
     versus = ratio(floor, theirs)
-    measured = f"{versus:.2f}x {t.peer}'s" if versus is not None else f"{fmt.format(floor)} {unit}"
+    measured = f"{versus:.2f}x {peer}'s" if versus is not None else f"{fmt.format(floor)} {unit}"
     text = f"the same two sidecars relaying bytes only ({FLOOR}: no HTTP parsing, no telemetry): {measured}"
     if share is not None:
         text += f", {share:.0%} of meshproxy's"
