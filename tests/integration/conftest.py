@@ -14,24 +14,18 @@ from pathlib import Path
 
 import pytest
 
-from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason
-from tests.support.require import missing
-
-
-def _require(reason: str | None) -> None:
-    if reason is None:
-        return
-    missing(f"network-namespace lab unavailable: {reason}")
+from meshproxy.lab.netns import Lab
+from tests.support.require import missing, require_lab
 
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    _require(unavailable_reason())
-    cleanup_stale()  # namespaces left by an earlier run that crashed
+    require_lab()
     with Lab(workdir=tmp_path / "lab") as the_lab:
         yield the_lab
 
 
 @pytest.fixture
 def iptables_available() -> None:
-    _require(None if shutil.which("iptables-restore") else "needs iptables (make system-deps)")
+    if shutil.which("iptables-restore") is None:
+        missing("network-namespace lab unavailable: needs iptables (make system-deps)")

@@ -62,15 +62,10 @@ def mesh_lab() -> Iterator[Any]:
     The workdir is made by ``Lab`` itself under /tmp (mode 0755), because the sidecars run as
     the proxy UID and must read their configs there (pytest's tmp_path parents are 0700).
     """
-    import shutil
+    from meshproxy.lab.netns import Lab
+    from tests.support.require import require_lab
 
-    from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason
-    from tests.support.require import missing
-
-    reason = unavailable_reason() or (None if shutil.which("iptables-restore") else "needs iptables")
-    if reason is not None:
-        missing(f"network-namespace lab unavailable: {reason}")
-    cleanup_stale()
+    require_lab(iptables=True)
     with Lab() as lab:
         yield lab
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from meshproxy.lab.netns import NETNS_ETC, PREFIX, Lab, cleanup_stale, stale_namespaces, wait_until
+from tests.support.require import require_lab
 
 pytestmark = pytest.mark.netns
 
@@ -53,11 +54,7 @@ def test_spawned_process_output_goes_to_its_log(lab: Lab) -> None:
 
 
 def test_close_kills_processes_and_removes_everything(tmp_path: Path) -> None:
-    from meshproxy.lab.netns import unavailable_reason
-
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    require_lab()
     lab = Lab(workdir=tmp_path / "lab")
     pod = lab.add_pod("p", hosts={"198.19.0.1": ["x.demo"]})
     # A process that ignores SIGTERM and a stray one outside our process group.

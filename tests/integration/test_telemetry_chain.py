@@ -12,7 +12,6 @@ with the mesh attributes set, and the server-side sidecars' metrics must name th
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -20,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshproxy.lab.demo import Demo
 from meshproxy.lab.mesh import admin_get
-from meshproxy.lab.netns import Lab, cleanup_stale, unavailable_reason, wait_until
+from meshproxy.lab.netns import Lab, wait_until
 from meshproxy.lab.spanlog import read_spans
-from tests.support.require import missing
+from tests.support.require import require_lab
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
@@ -35,12 +34,7 @@ def world_readable_lab() -> Iterator[Lab]:
     mode 0700, so a sidecar running as the proxy UID cannot read its config there. ``Lab()``
     without a workdir makes its own under /tmp (and removes it on close).
     """
-    reason = unavailable_reason()
-    if reason is not None:
-        missing(f"network-namespace lab unavailable: {reason}")
-    if shutil.which("iptables-restore") is None:
-        pytest.skip("needs iptables (make system-deps)")
-    cleanup_stale()
+    require_lab(iptables=True)
     with Lab() as lab:
         yield lab
 

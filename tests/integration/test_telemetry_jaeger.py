@@ -21,7 +21,6 @@ import asyncio
 import importlib.util
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -37,8 +36,8 @@ from tel_chain import run_chain
 
 from meshproxy.lab import demo
 from meshproxy.lab.mesh import intercept, start_sidecar, wait_sidecar
-from meshproxy.lab.netns import Lab, Pod, cleanup_stale, unavailable_reason, wait_until
-from tests.support.require import missing
+from meshproxy.lab.netns import Lab, Pod, wait_until
+from tests.support.require import missing, require_lab
 
 pytestmark = [pytest.mark.slow]
 
@@ -211,12 +210,7 @@ async def test_chain_reads_back_from_jaeger(jaeger: Jaeger, transport: str) -> N
 @pytest.fixture
 def lab_with_jaeger() -> Iterator[tuple[Lab, Pod]]:
     binary = _require_binary()
-    reason = unavailable_reason()
-    if reason is not None:
-        missing(f"network-namespace lab unavailable: {reason}")
-    if shutil.which("iptables-restore") is None:
-        pytest.skip("needs iptables (make system-deps)")
-    cleanup_stale()
+    require_lab(iptables=True)
     # Lab() makes its own world-readable workdir: the sidecars run as the proxy UID.
     with Lab() as lab:
         pod = lab.add_pod("jaeger")

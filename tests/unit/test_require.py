@@ -17,3 +17,14 @@ def test_a_missing_tool_fails_the_test_under_ci(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CI", "1")
     with pytest.raises(pytest.fail.Exception, match=r"^required under CI: haproxy not installed$"):
         missing("haproxy not installed")
+
+
+def test_a_lab_test_without_iptables_fails_under_ci_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import meshproxy.lab.netns
+    import tests.support.require as require
+
+    monkeypatch.setenv("CI", "1")
+    monkeypatch.setattr(meshproxy.lab.netns, "unavailable_reason", lambda: None)  # namespaces work
+    monkeypatch.setattr(require.shutil, "which", lambda _name: None)  # iptables-restore does not
+    with pytest.raises(pytest.fail.Exception, match=r"needs iptables \(make system-deps\)$"):
+        require.require_lab(iptables=True)
